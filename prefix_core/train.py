@@ -1,0 +1,309 @@
+"""The prefix training loop (a copyable recipe over library parts, built on accelerate).
+
+One optimizer step consumes ``batch_size`` examples in total, split over processes and
+``grad_accum`` micro-batches; the loss is the sum of target-token cross-entropies over the whole
+step divided by the step's target-token count, so the result does not depend on how the step is
+split (1 process or N, any accumulation). Data order is a pure function of (seed, step), which is
+what makes resuming from a checkpoint exact.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from transformers import get_linear_schedule_with_warmup
+
+from . import checkpoint as ckpt
+from .data import Encoded, Example, collate, encode, length_grouped_batches, target_token_count
+from .model import PrefixModel
+
+Callback = Callable[[dict], None]
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training run. ``batch_size`` is examples per optimizer step, over
+    all processes and accumulation steps; it must divide by processes x grad_accum."""
+
+    max_steps: int = 300
+    batch_size: int = 8
+    grad_accum: int = 1
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    max_length: int = 256
+    eval_every: int = 0
+    eval_batch_size: int = 16
+    early_stopping_patience: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    group_by_length: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    stopped_early: bool
+    best_eval_loss: float | None
+    final_train_loss: float | None
+    resumed_from: int | None
+    train_tokens: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def _token_loss_sum(model, batch: dict, encoder_decoder: bool) -> tuple[torch.Tensor, int]:
+    """Sum of cross-entropy over target tokens, and their count."""
+    labels = batch["labels"]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                **({"labels": labels} if encoder_decoder else {}))
+    logits = out.logits
+    if not encoder_decoder:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+    return loss, int((labels != -100).sum())
+
+
+class Trainer:
+    """Trains ``model.prefix`` on encoded examples. Use :func:`train_prefix` for the common case."""
+
+    def __init__(self, model: PrefixModel, tokenizer, train: Sequence[Encoded], config: TrainConfig,
+                 eval_set: Sequence[Encoded] = (), checkpoint_dir: str | Path | None = None,
+                 callbacks: Sequence[Callback] = (), accelerator: Accelerator | None = None) -> None:
+        self.config = config
+        self.acc = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+        self.world = self.acc.num_processes
+        per_step = self.world * config.grad_accum
+        if config.batch_size % per_step:
+            raise ValueError(
+                f"batch_size {config.batch_size} must be a multiple of processes x grad_accum = {per_step}"
+            )
+        if len(train) < config.batch_size:
+            raise ValueError(f"{len(train)} training examples is fewer than one batch ({config.batch_size})")
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.train_set, self.eval_set = list(train), list(eval_set)
+        self.encoder_decoder = bool(model.base.config.is_encoder_decoder)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.callbacks = list(callbacks)
+        self.model = model
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        params = [p for p in model.prefix.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
+        self.wrapped, self.optimizer = self.acc.prepare(model, optimizer)
+        self.lengths = [len(e) for e in self.train_set]
+        self.batches_per_epoch = len(self.train_set) // config.batch_size
+        self.step = 0
+        self.history: list[dict] = []
+        self.best_eval: float | None = None
+        self.best_state: dict | None = None
+        self.bad_evals = 0
+        self.resumed_from: int | None = None
+
+    # --- data -----------------------------------------------------------------------------------
+    def global_batch(self, step: int) -> list[Encoded]:
+        epoch, index = divmod(step, self.batches_per_epoch)
+        batches = length_grouped_batches(self.lengths, self.config.batch_size, self.config.seed, epoch,
+                                         self.config.group_by_length)
+        return [self.train_set[i] for i in batches[index]]
+
+    def micro_batches(self, batch: list[Encoded]) -> list[list[Encoded]]:
+        mine = batch[self.acc.process_index :: self.world]
+        n = self.config.grad_accum
+        size = len(mine) // n
+        return [mine[i * size : (i + 1) * size] for i in range(n)]
+
+    # --- events ---------------------------------------------------------------------------------
+    def emit(self, event: dict) -> None:
+        if self.acc.is_main_process:
+            for cb in self.callbacks:
+                cb(event)
+
+    # --- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.wrapped.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.acc.device)
+        mine = self.eval_set[self.acc.process_index :: self.world]
+        bs = self.config.eval_batch_size
+        for i in range(0, len(mine), bs):
+            batch = {k: v.to(self.acc.device) for k, v in collate(mine[i : i + bs], self.pad_id, self.encoder_decoder).items()}
+            loss, count = _token_loss_sum(self.wrapped, batch, self.encoder_decoder)
+            total += torch.tensor([loss.item(), count], dtype=torch.float64, device=self.acc.device)
+        if self.world > 1:
+            total = self.acc.reduce(total, reduction="sum")
+        self.wrapped.train()
+        return float(total[0] / max(total[1], 1))
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        if self.checkpoint_dir is None:
+            return None
+        self.acc.wait_for_everyone()
+        tmp = self.checkpoint_dir / f".step-{self.step:08d}.tmp"
+        if self.acc.is_main_process:
+            ckpt.begin(self.checkpoint_dir, self.step)
+        self.acc.wait_for_everyone()
+        ckpt.save_tree(ckpt.rng_state(), tmp, f"rng-rank{self.acc.process_index}")
+        self.acc.wait_for_everyone()
+        final = None
+        if self.acc.is_main_process:
+            ckpt.save_tree(self.model.prefix.state_dict(), tmp, "trainable")
+            ckpt.save_tree(ckpt.optimizer_state(self.optimizer.optimizer
+                                                 if hasattr(self.optimizer, "optimizer") else self.optimizer),
+                           tmp, "optimizer")
+            ckpt.save_tree(self.best_state or {}, tmp, "best")
+            (tmp / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
+            state = {"step": self.step, "world": self.world, "history": self.history, "best_eval": self.best_eval,
+                     "bad_evals": self.bad_evals, "config": self.config.to_dict()}
+            (tmp / "state.json").write_text(json.dumps(state))
+            final = ckpt.commit(self.checkpoint_dir, tmp, self.step, self.config.keep_checkpoints)
+        self.acc.wait_for_everyone()
+        final = final or ckpt.step_dir(self.checkpoint_dir, self.step)
+        self.emit({"event": "checkpoint", "step": self.step, "path": str(final)})
+        return final
+
+    def _load(self, path: Path) -> dict:
+        state = json.loads((path / "state.json").read_text())
+        rank_file = f"rng-rank{self.acc.process_index}"
+        return {
+            "state": state,
+            "trainable": ckpt.load_tree(path, "trainable"),
+            "optimizer": ckpt.load_tree(path, "optimizer"),
+            "best": ckpt.load_tree(path, "best"),
+            "scheduler": json.loads((path / "scheduler.json").read_text()),
+            "rng": ckpt.load_tree(path, rank_file) if (path / f"{rank_file}.json").exists() else None,
+        }
+
+    def resume(self) -> int | None:
+        """Restore the newest complete, loadable checkpoint; returns its step (None if none)."""
+        if self.checkpoint_dir is None:
+            return None
+        found = ckpt.newest_loadable(self.checkpoint_dir, self._load)
+        if found is None:
+            return None
+        path, data = found
+        self.model.prefix.load_state_dict(data["trainable"])
+        opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+        ckpt.load_optimizer_state(opt, data["optimizer"])
+        self.scheduler.load_state_dict(data["scheduler"])
+        if data["rng"] is not None:
+            ckpt.set_rng_state(data["rng"])
+        st = data["state"]
+        self.step, self.history, self.best_eval, self.bad_evals = (
+            st["step"], st["history"], st["best_eval"], st["bad_evals"])
+        self.best_state = data["best"] or None
+        self.resumed_from = self.step
+        self.emit({"event": "resume", "step": self.step, "path": str(path)})
+        return self.step
+
+    # --- the loop -------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg = self.config
+        self.resume()
+        self.wrapped.train()
+        start, tokens, window_tokens, window_start = time.time(), 0, 0, time.time()
+        stopped_early, last_loss = False, None
+        while self.step < cfg.max_steps and not stopped_early:
+            batch = self.global_batch(self.step)
+            step_tokens = target_token_count(batch)
+            total_loss = 0.0
+            micro = self.micro_batches(batch)
+            for i, part in enumerate(micro):
+                tensors = {k: v.to(self.acc.device) for k, v in collate(part, self.pad_id, self.encoder_decoder).items()}
+                sync = i == len(micro) - 1
+                ctx = self.acc.no_sync(self.wrapped) if not sync else nullcontext()
+                with ctx:
+                    loss_sum, _ = _token_loss_sum(self.wrapped, tensors, self.encoder_decoder)
+                    self.acc.backward(loss_sum * (self.world / step_tokens))
+                total_loss += loss_sum.item()
+            grad_norm = self.acc.clip_grad_norm_(self.model.prefix.parameters(), cfg.max_grad_norm) \
+                if cfg.max_grad_norm > 0 else None
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            if self.world > 1:
+                total_loss = float(self.acc.reduce(torch.tensor(total_loss, device=self.acc.device), "sum"))
+            last_loss = total_loss / step_tokens
+            tokens += sum(len(e) for e in batch)
+            window_tokens += sum(len(e) for e in batch)
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                elapsed = time.time() - window_start
+                rate = self.step - (self.resumed_from or 0)
+                eta = (time.time() - start) / max(rate, 1) * (cfg.max_steps - self.step)
+                record = {"event": "step", "step": self.step, "max_steps": cfg.max_steps, "loss": last_loss,
+                          "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                          "grad_norm": float(grad_norm) if grad_norm is not None else None, "eta_s": eta}
+                self.history.append({k: v for k, v in record.items() if k != "event"})
+                self.emit(record)
+                window_tokens, window_start = 0, time.time()
+            if self.eval_set and cfg.eval_every and self.step % cfg.eval_every == 0:
+                stopped_early = self._eval_and_track()
+            if self.checkpoint_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+        if self.eval_set and (not cfg.eval_every or self.step % cfg.eval_every):
+            self._eval_and_track()
+        if self.checkpoint_dir and (not cfg.checkpoint_every or self.step % cfg.checkpoint_every):
+            self.save_checkpoint()
+        if self.best_state is not None:
+            self.model.prefix.load_state_dict(self.best_state)
+        result = TrainResult(self.step, stopped_early, self.best_eval, last_loss, self.resumed_from, tokens,
+                             time.time() - start, self.history)
+        self.emit({"event": "end", **{k: v for k, v in asdict(result).items() if k != "history"}})
+        return result
+
+    def _eval_and_track(self) -> bool:
+        loss = self.evaluate()
+        improved = self.best_eval is None or loss < self.best_eval
+        if improved:
+            self.best_eval, self.bad_evals = loss, 0
+            self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.prefix.state_dict().items()}
+        else:
+            self.bad_evals += 1
+        self.history.append({"step": self.step, "eval_loss": loss})
+        self.emit({"event": "eval", "step": self.step, "eval_loss": loss, "best_eval_loss": self.best_eval})
+        patience = self.config.early_stopping_patience
+        return bool(patience and self.bad_evals >= patience)
+
+
+def train_prefix(model: PrefixModel, tokenizer, train: Sequence[Example], template: str, config: TrainConfig,
+                 eval_examples: Sequence[Example] = (), checkpoint_dir: str | Path | None = None,
+                 callbacks: Sequence[Callback] = (), accelerator: Accelerator | None = None) -> TrainResult:
+    """Tokenize ``train``/``eval_examples`` with ``template`` and train ``model.prefix``.
+    Resumes from the newest complete checkpoint in ``checkpoint_dir`` if there is one."""
+    enc_dec = bool(model.base.config.is_encoder_decoder)
+    train_enc = encode(tokenizer, list(train), template, config.max_length, encoder_decoder=enc_dec)
+    eval_enc = encode(tokenizer, list(eval_examples), template, config.max_length, encoder_decoder=enc_dec) \
+        if eval_examples else []
+    trainer = Trainer(model, tokenizer, train_enc, config, eval_enc, checkpoint_dir, callbacks, accelerator)
+    return trainer.run()
+

@@ -1,0 +1,1 @@
+"""Prefect tasks over prefix_core and the services (see issue: pipeline)."""
