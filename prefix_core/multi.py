@@ -72,7 +72,10 @@ class MultiPrefixGenerator:
     def _inputs(self, requests: Sequence[tuple[str | None, str]], apply_template: bool) -> dict:
         names = [n for n, _ in requests]
         prompts = [self.render(n, p) if apply_template else p for n, p in requests]
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+        # Decoder-only prompts are left padded (generation appends on the right); encoder inputs are
+        # right padded (encoders with absolute positions expect it).
+        side = "right" if self.base.config.is_encoder_decoder else "left"
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, padding_side=side)
         device = self.bank.valid.device
         rows = self._rows(names)
         inputs = {
@@ -87,7 +90,7 @@ class MultiPrefixGenerator:
 
     @torch.no_grad()
     def forward(self, requests: Sequence[tuple[str | None, str]], apply_template: bool = False, **kwargs):
-        """One forward pass over mixed-prefix rows (left padded). Returns the HF output and the
+        """One forward pass over mixed-prefix rows (padded as in ``generate``). Returns the HF output and the
         attention mask, so callers can read each row's real-token logits."""
         ensure_prefix_attention(self.base)
         inputs = self._inputs(requests, apply_template)

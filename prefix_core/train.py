@@ -58,8 +58,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,7 +97,11 @@ class Trainer:
                  eval_set: Sequence[Encoded] = (), checkpoint_dir: str | Path | None = None,
                  callbacks: Sequence[Callback] = (), accelerator: Accelerator | None = None) -> None:
         self.config = config
-        self.acc = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+        # Mixed precision is our own autocast, not Accelerator(mixed_precision=...): accelerate's
+        # state is process-global and cannot change between runs in one process.
+        self.acc = accelerator or Accelerator()
+        self.autocast = torch.autocast(self.acc.device.type, dtype=torch.bfloat16,
+                                       enabled=config.mixed_precision == "bf16")
         self.world = self.acc.num_processes
         per_step = self.world * config.grad_accum
         if config.batch_size % per_step:
@@ -156,7 +160,8 @@ class Trainer:
         bs = self.config.eval_batch_size
         for i in range(0, len(mine), bs):
             batch = {k: v.to(self.acc.device) for k, v in collate(mine[i : i + bs], self.pad_id, self.encoder_decoder).items()}
-            loss, count = _token_loss_sum(self.wrapped, batch, self.encoder_decoder)
+            with self.autocast:
+                loss, count = _token_loss_sum(self.wrapped, batch, self.encoder_decoder)
             total += torch.tensor([loss.item(), count], dtype=torch.float64, device=self.acc.device)
         if self.world > 1:
             total = self.acc.reduce(total, reduction="sum")
@@ -242,7 +247,8 @@ class Trainer:
                 sync = i == len(micro) - 1
                 ctx = self.acc.no_sync(self.wrapped) if not sync else nullcontext()
                 with ctx:
-                    loss_sum, _ = _token_loss_sum(self.wrapped, tensors, self.encoder_decoder)
+                    with self.autocast:
+                        loss_sum, _ = _token_loss_sum(self.wrapped, tensors, self.encoder_decoder)
                     self.acc.backward(loss_sum * (self.world / step_tokens))
                 total_loss += loss_sum.item()
             grad_norm = self.acc.clip_grad_norm_(self.model.prefix.parameters(), cfg.max_grad_norm) \

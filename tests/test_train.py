@@ -1,0 +1,131 @@
+"""The training loop: learning, exact resume, checkpoint safety, accumulation, early stopping."""
+
+import json
+import logging
+
+import pytest
+import torch
+from conftest import make_base
+
+from prefix_core import Example, PrefixConfig, PrefixModel, TrainConfig, train_prefix
+from prefix_core import checkpoint as ckpt
+from prefix_core.data import encode, length_grouped_batches
+
+TEMPLATE = "n {source} :"
+EXAMPLES = [Example(f"{i}", ["aaa", "bbb", "ccc"][i % 3] + " " * (i % 4)) for i in range(48)]
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(step):
+    def cb(event):
+        if event["event"] == "checkpoint" and event["step"] == step:
+            raise Crash
+
+    return cb
+
+
+def run(tok, family="llama", ckdir=None, callbacks=(), **overrides):
+    model = PrefixModel(make_base(family), PrefixConfig(num_virtual_tokens=3, projection_hidden=16))
+    cfg = TrainConfig(**{"max_steps": 12, "batch_size": 8, "learning_rate": 1e-2, "log_every": 2,
+                         "checkpoint_every": 4, **overrides})
+    result = train_prefix(model, tok, EXAMPLES, TEMPLATE, cfg, eval_examples=EXAMPLES[:8], checkpoint_dir=ckdir,
+                          callbacks=callbacks)
+    return model, result
+
+
+def test_training_lowers_loss_and_reports_progress(tok):
+    events = []
+    model, result = run(tok, max_steps=30, eval_every=10, learning_rate=5e-2, callbacks=[events.append])
+    losses = [e["loss"] for e in events if e["event"] == "step"]
+    assert losses[-1] < losses[0] - 0.3
+    step = next(e for e in events if e["event"] == "step")
+    assert {"step", "max_steps", "loss", "lr", "tokens_per_s", "eta_s", "grad_norm"} <= step.keys()
+    assert [e["step"] for e in events if e["event"] == "eval"] == [10, 20, 30]
+    assert events[-1]["event"] == "end" and result.steps == 30
+
+
+@pytest.mark.parametrize("family", ["llama", "bart"])
+def test_resume_after_crash_gives_identical_prefix(tmp_path, tok, family):
+    uninterrupted, _ = run(tok, family, eval_every=4)
+    with pytest.raises(Crash):
+        run(tok, family, tmp_path, [crash_at(8)], eval_every=4)
+    resumed, result = run(tok, family, tmp_path, eval_every=4)
+    assert result.resumed_from == 8
+    assert torch.equal(resumed.prefix.fold(), uninterrupted.prefix.fold())
+
+
+def test_incomplete_and_corrupt_checkpoints_are_skipped(tmp_path, tok, caplog):
+    with pytest.raises(Crash):
+        run(tok, ckdir=tmp_path, callbacks=[crash_at(8)], keep_checkpoints=5)
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["step-00000008", "step-00000004"]
+    # A half-written checkpoint (no marker) and a corrupt newest one must not be loaded.
+    half = tmp_path / "step-00000012"
+    half.mkdir()
+    (half / "state.json").write_text(json.dumps({"step": 12}))
+    (tmp_path / "step-00000008" / "trainable.safetensors").write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING):
+        _, result = run(tok, ckdir=tmp_path, keep_checkpoints=5)
+    assert result.resumed_from == 4
+    assert "skipping checkpoint" in caplog.text
+
+
+def test_checkpoints_are_pruned(tmp_path, tok):
+    run(tok, ckdir=tmp_path, keep_checkpoints=2)
+    assert [p.name for p in tmp_path.iterdir()] == sorted(["step-00000012", "step-00000008"], reverse=True) or \
+        sorted(p.name for p in tmp_path.iterdir()) == ["step-00000008", "step-00000012"]
+
+
+def test_gradient_accumulation_matches_full_batch(tok):
+    full, _ = run(tok, max_steps=6)
+    accum, _ = run(tok, max_steps=6, grad_accum=4)
+    assert torch.allclose(full.prefix.fold(), accum.prefix.fold(), atol=1e-5)
+
+
+def test_gradient_checkpointing_and_bf16_train(tok):
+    gc, _ = run(tok, max_steps=4, gradient_checkpointing=True)
+    plain, _ = run(tok, max_steps=4)
+    assert torch.allclose(gc.prefix.fold(), plain.prefix.fold(), atol=1e-5)
+    _, result = run(tok, max_steps=4, mixed_precision="bf16")
+    assert result.final_train_loss is not None and result.final_train_loss == result.final_train_loss
+
+
+def test_early_stopping_restores_best(tok):
+    events = []
+    model, result = run(tok, max_steps=200, learning_rate=3.0, eval_every=2, early_stopping_patience=2,
+                        callbacks=[events.append])
+    evals = [e["eval_loss"] for e in events if e["event"] == "eval"]
+    assert result.stopped_early and result.steps < 200
+    assert result.best_eval_loss == min(evals)
+
+
+def test_length_grouped_batches_are_deterministic_and_reduce_padding():
+    lengths = [((i * 37) % 50) + 1 for i in range(400)]
+    a = length_grouped_batches(lengths, 8, seed=1, epoch=0)
+    assert a == length_grouped_batches(lengths, 8, seed=1, epoch=0)
+    assert a != length_grouped_batches(lengths, 8, seed=1, epoch=1)
+    assert sorted(i for b in a for i in b) == list(range(400))
+    random_ = length_grouped_batches(lengths, 8, seed=1, epoch=0, group=False)
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert padding(a) < padding(random_) / 3
+
+
+def test_truncation_keeps_target_and_flags(tok):
+    [e] = encode(tok, [Example("x" * 100, "abcdef")], TEMPLATE, max_length=20)
+    assert e.truncated and len(e) <= 20 and e.target[0] == tok.convert_tokens_to_ids(" ")
+
+
+def test_bad_settings(tok):
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainConfig(max_steps=0)
+    with pytest.raises(ValueError, match="multiple"):
+        run(tok, batch_size=6, grad_accum=4)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        run(tok, batch_size=64)
+    with pytest.raises(ValueError, match="source"):
+        encode(tok, EXAMPLES, "no placeholder", 32)
