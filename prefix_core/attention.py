@@ -70,10 +70,8 @@ class PrefixKV:
             mask = real[None, None].expand(batch, 1, q_len, kv_len)
             if additive is not None:
                 mask = _to_additive(mask, additive)
-        if mask.dtype == torch.bool:
-            cols = cols.to(mask.device)
-        else:
-            cols = _to_additive(cols, mask.dtype).to(mask.device)
+        cols = cols if mask.dtype == torch.bool else _to_additive(cols, mask.dtype)
+        cols = cols.to(mask.device)
         mask = mask.expand(batch, -1, q_len, -1)
         out = torch.cat([cols, mask], dim=-1)
         if len(self._mask_cache) > 8:

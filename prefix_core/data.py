@@ -35,12 +35,15 @@ class Encoded:
 
 def check_template(template: str) -> str:
     if "{source}" not in template:
-        raise ValueError(f"prompt template {template!r} has no {{source}} placeholder, e.g. 'Table: {{source}}\\nSentence:'")
+        raise ValueError(
+            f"prompt template {template!r} has no {{source}} placeholder, e.g. 'Table: {{source}}\\nSentence:'"
+        )
     try:
         template.format(source="")
     except (KeyError, IndexError, ValueError) as err:
         raise ValueError(
-            f"prompt template {template!r} may only use the {{source}} placeholder (write literal braces as {{{{ }}}}): {err}"
+            f"prompt template {template!r} may only use the {{source}} placeholder "
+            f"(write literal braces as {{{{ }}}}): {err}"
         ) from err
     return template
 
@@ -107,7 +110,8 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch
     rng.shuffle(order)
     if group:
         chunk = mega * batch_size
-        order = [i for s in range(0, len(order), chunk) for i in sorted(order[s : s + chunk], key=lambda j: -lengths[j])]
+        order = [i for s in range(0, len(order), chunk)
+                 for i in sorted(order[s : s + chunk], key=lambda j: -lengths[j])]
     batches = [order[s : s + batch_size] for s in range(0, len(order) - batch_size + 1, batch_size)]
     rng.shuffle(batches)
     return batches

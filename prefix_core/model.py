@@ -216,7 +216,8 @@ def text_table(base: nn.Module, tokenizer, text: str, num_tokens: int) -> torch.
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     if ids.shape[1] < num_tokens:
         raise ValueError(
-            f"init_text has {ids.shape[1]} tokens but the prefix needs {num_tokens}: use a longer text or a shorter prefix"
+            f"init_text has {ids.shape[1]} tokens but the prefix needs {num_tokens}: "
+            "use a longer text or a shorter prefix"
         )
     capture = run_capture(base, ids[:, :num_tokens])
     geometry = geometry_from_config(base.config)

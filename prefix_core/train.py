@@ -145,6 +145,10 @@ class Trainer:
         size = len(mine) // n
         return [mine[i * size : (i + 1) * size] for i in range(n)]
 
+    def _tensors(self, examples: list[Encoded]) -> dict[str, torch.Tensor]:
+        batch = collate(examples, self.pad_id, self.encoder_decoder)
+        return {k: v.to(self.acc.device) for k, v in batch.items()}
+
     # --- events ---------------------------------------------------------------------------------
     def emit(self, event: dict) -> None:
         if self.acc.is_main_process:
@@ -159,7 +163,7 @@ class Trainer:
         mine = self.eval_set[self.acc.process_index :: self.world]
         bs = self.config.eval_batch_size
         for i in range(0, len(mine), bs):
-            batch = {k: v.to(self.acc.device) for k, v in collate(mine[i : i + bs], self.pad_id, self.encoder_decoder).items()}
+            batch = self._tensors(mine[i : i + bs])
             with self.autocast:
                 loss, count = _token_loss_sum(self.wrapped, batch, self.encoder_decoder)
             total += torch.tensor([loss.item(), count], dtype=torch.float64, device=self.acc.device)
@@ -243,7 +247,7 @@ class Trainer:
             total_loss = 0.0
             micro = self.micro_batches(batch)
             for i, part in enumerate(micro):
-                tensors = {k: v.to(self.acc.device) for k, v in collate(part, self.pad_id, self.encoder_decoder).items()}
+                tensors = self._tensors(part)
                 sync = i == len(micro) - 1
                 ctx = self.acc.no_sync(self.wrapped) if not sync else nullcontext()
                 with ctx:

@@ -78,7 +78,7 @@ def test_corrupt_artifact_is_refused(tmp_path, damage):
 
 
 def test_not_an_artifact(tmp_path):
-    with pytest.raises(ArtifactError, match="no manifest.json"):
+    with pytest.raises(ArtifactError, match=r"no manifest\.json"):
         PrefixArtifact.load(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "prefixflow.prefix", "format_version": 99}))
     with pytest.raises(ArtifactError, match="Upgrade"):

@@ -9,7 +9,8 @@ from conftest import make_base
 
 from prefix_core import Example, PrefixConfig, PrefixModel, TrainConfig, train_prefix
 from prefix_core import checkpoint as ckpt
-from prefix_core.data import encode, length_grouped_batches
+from prefix_core.data import collate, encode, length_grouped_batches
+from prefix_core.train import _token_loss_sum
 
 TEMPLATE = "n {source} :"
 EXAMPLES = [Example(f"{i}", ["aaa", "bbb", "ccc"][i % 3] + " " * (i % 4)) for i in range(48)]
@@ -38,7 +39,7 @@ def run(tok, family="llama", ckdir=None, callbacks=(), **overrides):
 
 def test_training_lowers_loss_and_reports_progress(tok):
     events = []
-    model, result = run(tok, max_steps=30, eval_every=10, learning_rate=5e-2, callbacks=[events.append])
+    _, result = run(tok, max_steps=30, eval_every=10, learning_rate=5e-2, callbacks=[events.append])
     losses = [e["loss"] for e in events if e["event"] == "step"]
     assert losses[-1] < losses[0] - 0.3
     step = next(e for e in events if e["event"] == "step")
@@ -98,7 +99,11 @@ def test_early_stopping_restores_best(tok):
                         callbacks=[events.append])
     evals = [e["eval_loss"] for e in events if e["event"] == "eval"]
     assert result.stopped_early and result.steps < 200
-    assert result.best_eval_loss == min(evals)
+    assert result.best_eval_loss == min(evals) and evals[-1] > min(evals)
+    batch = collate(encode(tok, EXAMPLES[:8], TEMPLATE, 256), pad_id=0)
+    with torch.no_grad():
+        loss, count = _token_loss_sum(model, batch, encoder_decoder=False)
+    assert abs(loss.item() / count - result.best_eval_loss) < 1e-4  # the best prefix was restored
 
 
 def test_length_grouped_batches_are_deterministic_and_reduce_padding():
