@@ -46,12 +46,10 @@ class PrefixKV:
         return self.valid.sum(-1)
 
     def select(self, site: int, rows: torch.Tensor | None, batch: int, dtype: torch.dtype):
-        k, v = self.keys[site], self.values[site]
+        k, v = self.keys[site].to(dtype), self.values[site].to(dtype)  # no-op when already in dtype
         if rows is None:
-            k, v = k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
-        else:
-            k, v = k.index_select(0, rows), v.index_select(0, rows)
-        return k.to(dtype), v.to(dtype)
+            return k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
+        return k.index_select(0, rows), v.index_select(0, rows)
 
     def extend_mask(self, mask, rows, causal: bool, q_len: int, kv_len: int, batch: int,
                     additive: torch.dtype | None) -> torch.Tensor:

@@ -14,7 +14,8 @@ class PrefixConfig:
     num_virtual_tokens: P, the prefix length (virtual tokens at every attention site).
     projection_hidden: hidden width of the 2-layer reparameterization MLP used during training
         (Li & Liang); None trains the per-site K/V table directly. The MLP is folded away on export.
-    projection_input: width of the MLP's input embedding; None uses the model's hidden size.
+    projection_input: width of the MLP's input embedding; None uses the width of one layer's keys
+        (kv_heads * head_dim), as PEFT does, so both train the same number of parameters.
     init: "random" (PEFT's defaults), "zero" (the prefix starts at zero keys/values) or "text"
         (keys/values of the first P tokens of ``init_text`` run through the frozen base: the paper's
         low-data trick).

@@ -33,7 +33,8 @@ class PrefixEncoder(nn.Module):
             if config.projection_hidden is None:
                 self.table = nn.Parameter(torch.randn(p, width))
             else:
-                d_in = config.projection_input or geometry.hidden_size
+                site = geometry.sites[0]
+                d_in = config.projection_input or site.kv_heads * site.head_dim
                 self.embedding = nn.Parameter(torch.randn(p, d_in))
                 self.mlp = nn.Sequential(
                     nn.Linear(d_in, config.projection_hidden), nn.Tanh(), nn.Linear(config.projection_hidden, width)

@@ -43,7 +43,7 @@ class Site:
 @dataclass(frozen=True)
 class Geometry:
     """All sites of a model, in table order: decoder sites first (layer order), then encoder,
-    then cross. ``hidden_size`` is the model width (input size of the reparameterization MLP)."""
+    then cross. ``hidden_size`` is the model width."""
 
     model_type: str
     is_encoder_decoder: bool

@@ -130,7 +130,9 @@ class PrefixModel(nn.Module):
         base.requires_grad_(False)
         base.eval()
         self.geometry = attach(base)
-        self.prefix = PrefixEncoder(config, self.geometry).to(base.device)
+        first = next(base.parameters())
+        self.base_dtype, self.prefix_device = first.dtype, first.device
+        self.prefix = PrefixEncoder(config, self.geometry).to(first.device)
         self._checkpointing = CheckpointedLayers(base)
         if config.init == "text":
             if tokenizer is None:
@@ -159,8 +161,11 @@ class PrefixModel(nn.Module):
 
     # --- prefix ---------------------------------------------------------------------------------
     def prefix_kv(self) -> PrefixKV:
-        """Current prefix as per-site K/V (runs the MLP once, over P rows)."""
-        return table_to_kv(self.prefix(), self.geometry)
+        """Current prefix as per-site K/V (runs the MLP once, over P rows), cast once to the dtype
+        attention computes in (the base dtype, or the autocast dtype)."""
+        device = self.prefix_device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.base_dtype
+        return table_to_kv(self.prefix().to(dtype), self.geometry)
 
     def _prefix_kwargs(self, kv: PrefixKV, input_ids, attention_mask, position_ids, kwargs) -> dict:
         ensure_prefix_attention(self.base)
