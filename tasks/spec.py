@@ -1,0 +1,169 @@
+"""The pipeline spec: one YAML file per (client, task), and the flow's parameter model.
+
+The same pydantic model is the Prefect flow's parameter, so the Prefect UI renders it as a form.
+Names (client, task) end up in paths, bucket keys and registry names, so they are restricted to
+lowercase letters, digits and inner hyphens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from prefix_core.data import check_template
+
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN, description="lowercase letters, digits and inner hyphens; 1-40")]
+Metric = Literal["bleu", "chrf", "rougeL", "exact_match", "accuracy"]
+Strategy = Literal["single", "ddp", "deepspeed-zero2", "deepspeed-zero3"]
+
+
+class SpecError(ValueError):
+    """A pipeline spec is invalid; the message lists every problem and where it is."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSpec(_Strict):
+    source: str = Field(description="local path or s3:// URI (csv, jsonl, parquet), or a saved datasets folder")
+    source_column: str = "source"
+    target_column: str = "target"
+    group_column: str | None = Field(None, description="split by this column: no group in two splits")
+    template: str = Field("{source}", description="prompt template with a {source} placeholder")
+    validation_fraction: float = Field(0.1, gt=0, lt=1)
+    test_source: str | None = Field(None, description="held-out test data; else split off with test_fraction")
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+    max_length: int = Field(256, ge=8)
+    seed: int = 0
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        return check_template(value)
+
+
+class PrefixSpec(_Strict):
+    num_virtual_tokens: int = Field(10, ge=1, le=512)
+    projection_hidden: int | None = Field(512, ge=1)
+    init: Literal["random", "zero", "text"] = "random"
+    init_text: str | None = None
+
+    @model_validator(mode="after")
+    def _init_text(self) -> PrefixSpec:
+        if self.init == "text" and not self.init_text:
+            raise ValueError("init: text needs init_text (a sentence typical of the task)")
+        return self
+
+
+class TrainSpec(_Strict):
+    max_steps: int = Field(300, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    learning_rate: float = Field(5e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    mixed_precision: Literal["no", "bf16"] = "bf16"
+    gradient_checkpointing: bool = False
+    eval_every: int = Field(50, ge=0)
+    early_stopping_patience: int = Field(0, ge=0)
+    checkpoint_every: int = Field(50, ge=0)
+    seed: int = 0
+    strategy: Strategy = "single"
+    processes_per_machine: int = Field(1, ge=1)
+    machines: int = Field(1, ge=1)
+
+
+class GateSpec(_Strict):
+    metric: Metric = "bleu"
+    min_gain_over_baseline: float = 0.0
+    min_gain_over_champion: float = 0.0
+
+
+class EvaluateSpec(_Strict):
+    metrics: list[Metric] = Field(default_factory=lambda: ["bleu", "rougeL"], min_length=1)
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(16, ge=1)
+    gate: GateSpec = Field(default_factory=GateSpec)
+
+    @model_validator(mode="after")
+    def _gate_metric_is_computed(self) -> EvaluateSpec:
+        if self.gate.metric not in self.metrics:
+            raise ValueError(f"gate.metric {self.gate.metric!r} must be one of the computed metrics {self.metrics}")
+        return self
+
+
+class PipelineSpec(_Strict):
+    """Everything one pipeline run needs, for one (client, task)."""
+
+    client: Name
+    task: Name
+    base_model: str = "smollm2-135m"
+    data: DataSpec
+    prefix: PrefixSpec = Field(default_factory=PrefixSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    schedule: str | None = Field(None, description="cron schedule used by `prefixflow deploy`")
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None and len(value.split()) != 5:
+            raise ValueError(f"schedule {value!r} is not a 5-field cron expression, e.g. '0 3 * * 1'")
+        return value
+
+    @property
+    def registered_model(self) -> str:
+        """MLflow registered-model name: one per (client, task)."""
+        return f"{self.client}-{self.task}"
+
+    @property
+    def experiment(self) -> str:
+        """MLflow experiment name: one per client."""
+        return f"prefixflow-{self.client}"
+
+    def spec_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see docs for the fields)"
+        elif e["type"] == "string_pattern_mismatch":
+            msg = f"{e['input']!r} is not a valid name: use lowercase letters, digits and inner hyphens (1-40)"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: dict, origin: str = "spec") -> PipelineSpec:
+    try:
+        return PipelineSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(f"{origin} is invalid:\n{format_errors(err)}") from None
+
+
+def load_spec(path: str | Path) -> PipelineSpec:
+    """Read a YAML spec; relative data paths are resolved against the spec's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path} must hold a mapping with at least client, task and data")
+    for key in ("source", "test_source"):
+        value = (data.get("data") or {}).get(key)
+        if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
+            data["data"][key] = str((path.parent / value).resolve())
+    return parse_spec(data, str(path))

@@ -1,0 +1,72 @@
+"""The pipeline spec: valid specs parse; every kind of mistake gets one clear message."""
+
+import pytest
+
+from tasks.spec import PipelineSpec, SpecError, load_spec, parse_spec
+
+GOOD = {
+    "client": "acme",
+    "task": "e2e",
+    "data": {"source": "data.csv", "source_column": "mr", "target_column": "ref", "group_column": "mr",
+             "template": "Table: {source}\nSentence:"},
+    "prefix": {"num_virtual_tokens": 10, "projection_hidden": 512},
+    "train": {"max_steps": 300, "batch_size": 8, "learning_rate": 8.0e-5, "strategy": "single"},
+    "evaluate": {"metrics": ["bleu", "rougeL"], "gate": {"metric": "bleu", "min_gain_over_baseline": 5.0}},
+    "schedule": "0 3 * * 1",
+}
+
+
+def with_(path: str, value):
+    import copy
+
+    data = copy.deepcopy(GOOD)
+    *parents, leaf = path.split(".")
+    node = data
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    return data
+
+
+def test_good_spec():
+    spec = parse_spec(GOOD)
+    assert isinstance(spec, PipelineSpec) and spec.registered_model == "acme-e2e"
+    assert spec.experiment == "prefixflow-acme" and len(spec.spec_hash()) == 16
+    assert parse_spec(GOOD).spec_hash() == spec.spec_hash() != parse_spec(with_("train.max_steps", 1)).spec_hash()
+
+
+@pytest.mark.parametrize(("path", "value", "message"), [
+    ("client", "Acme Corp", "not a valid name"),
+    ("task", "../etc", "not a valid name"),
+    ("data.template", "no placeholder", "{source}"),
+    ("data.template", "{source} {other}", "only use the {source}"),
+    ("train.batch_size", 0, "train.batch_size"),
+    ("train.max_steps", -5, "train.max_steps"),
+    ("prefix.num_virtual_tokens", 0, "prefix.num_virtual_tokens"),
+    ("train.strategy", "magic", "train.strategy"),
+    ("evaluate.gate", {"metric": "chrf"}, "computed metrics"),
+    ("schedule", "every monday", "cron"),
+    ("data.validation_fraction", 1.5, "data.validation_fraction"),
+])
+def test_bad_values(path, value, message):
+    with pytest.raises(SpecError) as err:
+        parse_spec(with_(path, value))
+    assert message in str(err.value)
+
+
+def test_unknown_field_named():
+    with pytest.raises(SpecError, match=r"train\.max_stpes: unknown field"):
+        parse_spec(with_("train.max_stpes", 3))
+
+
+def test_load_yaml_resolves_relative_paths(tmp_path):
+    import yaml
+
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(GOOD))
+    spec = load_spec(tmp_path / "spec.yaml")
+    assert spec.data.source == str(tmp_path / "data.csv")
+    (tmp_path / "bad.yaml").write_text("client: [unclosed")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(tmp_path / "bad.yaml")
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "missing.yaml")
