@@ -59,6 +59,7 @@ class PrefixKV:
         hit = self._mask_cache.get(key)
         if hit is not None and hit[0] is mask and hit[1] is rows:
             return hit[2]
+        source = mask
         valid = self.valid.expand(batch, -1) if rows is None else self.valid.index_select(0, rows)
         cols = valid[:, None, None, :].expand(batch, 1, q_len, valid.shape[-1])
         if mask is None:
@@ -74,7 +75,7 @@ class PrefixKV:
         out = torch.cat([cols, mask], dim=-1)
         if len(self._mask_cache) > 8:
             self._mask_cache.clear()
-        self._mask_cache[key] = (mask, rows, out)
+        self._mask_cache[key] = (source, rows, out)
         return out
 
 

@@ -74,13 +74,18 @@ def table_to_kv(table: torch.Tensor, geometry: Geometry) -> PrefixKV:
     """Split a ``[P, W]`` table (or ``[N, P, W]`` bank) into per-site keys/values ``[N, H, P, D]``."""
     bank = table if table.dim() == 3 else table.unsqueeze(0)
     n, p, _ = bank.shape
+    valid = torch.ones(n, p, dtype=torch.bool, device=bank.device)
+    first = geometry.sites[0]
+    if all((s.kv_heads, s.head_dim) == (first.kv_heads, first.head_dim) for s in geometry.sites):
+        # One view for all sites: backward is a single stack instead of one scatter per site.
+        kv = bank.view(n, p, len(geometry.sites), 2, first.kv_heads, first.head_dim).permute(2, 3, 0, 4, 1, 5)
+        return PrefixKV(list(kv[:, 0].unbind(0)), list(kv[:, 1].unbind(0)), valid)
     keys, values, start = [], [], 0
     for site in geometry.sites:
         chunk = bank[..., start : start + site.width].reshape(n, p, 2, site.kv_heads, site.head_dim)
         keys.append(chunk[:, :, 0].permute(0, 2, 1, 3))
         values.append(chunk[:, :, 1].permute(0, 2, 1, 3))
         start += site.width
-    valid = torch.ones(n, p, dtype=torch.bool, device=bank.device)
     return PrefixKV(keys, values, valid)
 
 

@@ -169,3 +169,43 @@ def test_eager_matches_sdpa(tok, family):
         real = kw["attention_mask"].bool()
         outs.append(model(**kw).logits[real])
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_sites_with_different_head_layouts(tok, tmp_path):
+    """Encoder and decoder with different head counts: per-site shapes differ, all still exact."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from conftest import CONFIGS
+    from prefix_core import PrefixArtifact
+
+    config = CONFIGS["bart"]()
+    config.encoder_attention_heads = 2
+    base = AutoModelForSeq2SeqLM.from_config(config, attn_implementation="sdpa").eval()
+    model = PrefixModel(base, PrefixConfig(num_virtual_tokens=3, projection_hidden=8))
+    shapes = {(s.kind, s.kv_heads, s.head_dim) for s in model.geometry.sites}
+    assert shapes == {("encoder", 2, 32), ("decoder", 4, 16), ("cross", 4, 16)}
+    kw = inputs(tok, "bart")
+    want = model(**kw).logits
+    art = PrefixArtifact.load(model.export().save(tmp_path / "a"))
+    assert torch.allclose(PrefixModel.from_artifact(base, art)(**kw).logits, want, atol=1e-6)
+
+
+def test_prefix_mask_is_built_once_per_forward(tok):
+    from prefix_core.attention import PrefixKV
+
+    model = PrefixModel(make_base("llama"), PrefixConfig(num_virtual_tokens=3))
+    builds = []
+    original = PrefixKV.extend_mask
+
+    def counting(self, mask, *args):
+        before = len(self._mask_cache)
+        out = original(self, mask, *args)
+        builds.append(len(self._mask_cache) > before)
+        return out
+
+    PrefixKV.extend_mask = counting
+    try:
+        model(**inputs(tok, "llama"))
+    finally:
+        PrefixKV.extend_mask = original
+    assert len(builds) == 2 and builds == [True, False]  # 2 layers, one build
