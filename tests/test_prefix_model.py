@@ -173,9 +173,9 @@ def test_eager_matches_sdpa(tok, family):
 
 def test_sites_with_different_head_layouts(tok, tmp_path):
     """Encoder and decoder with different head counts: per-site shapes differ, all still exact."""
+    from conftest import CONFIGS
     from transformers import AutoModelForSeq2SeqLM
 
-    from conftest import CONFIGS
     from prefix_core import PrefixArtifact
 
     config = CONFIGS["bart"]()
