@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
-QUIET := grep -v "is ignored: it is neither a file nor a directory" || true
+QUIET := sed "/is ignored: it is neither a file nor a directory/d"
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
