@@ -11,14 +11,24 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 app = typer.Typer(help="prefixflow: train, evaluate, register and serve prefixes on frozen LLMs.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console()
+errors = Console(stderr=True, soft_wrap=True)
+
+
+@app.callback()
+def _quiet_libraries() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    errors.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(2)
 
 
