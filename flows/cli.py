@@ -52,6 +52,8 @@ def demo(
             if event["event"] == "step":
                 info = f"loss {event['loss']:.3f}  {event['tokens_per_s']:.0f} tok/s"
                 progress.update(task, completed=event["step"], info=info)
+                if not console.is_terminal:  # logs and CI: a plain line instead of a live bar
+                    progress.console.print(f"step {event['step']}/{steps}: {info}, eta {event['eta_s']:.0f} s")
             elif event["event"] == "eval":
                 progress.console.print(f"step {event['step']}: eval loss {event['eval_loss']:.3f}")
             elif event["event"] == "resume":
