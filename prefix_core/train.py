@@ -67,6 +67,9 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
+    """Outcome of a run. ``seconds`` is the wall time of ``run()`` (this process's part), including the
+    final evaluation and checkpoint; ``history`` holds the logged step and eval records."""
+
     steps: int
     stopped_early: bool
     best_eval_loss: float | None
