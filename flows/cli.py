@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -67,7 +68,7 @@ def demo(
     for col in ("record", "no prefix", "with prefix", "reference"):
         table.add_column(col, overflow="fold")
     for row in result.rows[:6]:
-        table.add_row(*row)
+        table.add_row(*(escape(cell) for cell in row))  # records contain [brackets]: not markup
     console.print(table)
     console.print(
         f"exact match on {len(result.rows)} held-out records: no prefix {result.exact_before:.0%}, "

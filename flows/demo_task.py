@@ -27,7 +27,8 @@ def make_examples(n: int, seed: int = 0) -> list[Example]:
         name, food = rng.choice(NAMES), rng.choice(FOODS)
         price, area, rating = rng.choice(list(PRICES)), rng.choice(list(AREAS)), rng.choice(list(RATINGS))
         source = f"name[{name}], food[{food}], price[{price}], area[{area}], rating[{rating}]"
-        target = f"{name} is a {PRICES[price]}, {RATINGS[rating]} {food} restaurant {AREAS[area]}."
+        article = "an" if PRICES[price][0] in "aeiou" else "a"
+        target = f"{name} is {article} {PRICES[price]}, {RATINGS[rating]} {food} restaurant {AREAS[area]}."
         out.append(Example(source, target))
     return out
 
