@@ -73,7 +73,8 @@ def demo(
     console.print(
         f"exact match on {len(result.rows)} held-out records: no prefix {result.exact_before:.0%}, "
         f"with prefix [bold green]{result.exact_after:.0%}[/]; training {result.train_seconds:.0f} s; "
-        f"trainable share {result.trainable_share:.2%} of the base; prefix saved to {result.artifact_dir}"
+        f"trained {result.trainable_share:.2%} of the base's size (embedding + MLP), folded prefix "
+        f"{result.folded_share:.3%} of it; prefix saved to {result.artifact_dir}"
     )
 
 

@@ -28,7 +28,8 @@ class DemoResult:
     exact_after: float
     rows: list[tuple[str, str, str, str]]  # source, before, after, reference
     train_seconds: float
-    trainable_share: float
+    trainable_share: float  # trainable parameters (embedding + MLP) / base parameters
+    folded_share: float  # values in the folded prefix (what is served and stored) / base parameters
 
 
 def run_demo(state_dir: Path, steps: int = 150, model_name: str = DEFAULT_MODEL, on_event=None) -> DemoResult:
@@ -51,8 +52,9 @@ def run_demo(state_dir: Path, steps: int = 150, model_name: str = DEFAULT_MODEL,
                                              max_new_tokens=40, do_sample=False)]
     before, after = texts[: len(test)], texts[len(test) :]
     rows = [(e.source, b, a, e.target) for e, b, a in zip(test, before, after, strict=True)]
-    share = model.trainable_parameters() / sum(p.numel() for p in base.parameters())
-    return DemoResult(path, _exact(before, test), _exact(after, test), rows, seconds, share)
+    base_params = sum(p.numel() for p in base.parameters())
+    return DemoResult(path, _exact(before, test), _exact(after, test), rows, seconds,
+                      model.trainable_parameters() / base_params, art.table().numel() / base_params)
 
 
 def _exact(texts, examples) -> float:
