@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .base_model import base_identity
-from .encoder import kv_to_table
+from .encoder import kv_to_table, table_to_kv
 from .errors import ArtifactError, BaseModelMismatchError
 from .geometry import Geometry, geometry_from_config
 
@@ -96,12 +96,11 @@ class PrefixArtifact:
             raise ArtifactError(
                 f"prefix table has width {table.shape[1]} but {geometry.describe()} needs {geometry.width}"
             )
-        tensors, start = {}, 0
-        for site in geometry.sites:
-            chunk = table[:, start : start + site.width].reshape(p, 2, site.kv_heads, site.head_dim)
-            tensors[f"{site.name}.key"] = chunk[:, 0].permute(1, 0, 2).to(dtype).contiguous()
-            tensors[f"{site.name}.value"] = chunk[:, 1].permute(1, 0, 2).to(dtype).contiguous()
-            start += site.width
+        kv = table_to_kv(table, geometry)
+        tensors = {}
+        for site, key, value in zip(geometry.sites, kv.keys, kv.values, strict=True):
+            tensors[f"{site.name}.key"] = key[0].to(dtype).contiguous()
+            tensors[f"{site.name}.value"] = value[0].to(dtype).contiguous()
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
