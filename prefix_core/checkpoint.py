@@ -64,10 +64,6 @@ def load_tree(directory: Path, name: str):
     return _join(json.loads((directory / f"{name}.json").read_text()), tensors)
 
 
-def optimizer_state(optimizer) -> dict:
-    return optimizer.state_dict()
-
-
 def load_optimizer_state(optimizer, tree: dict) -> None:
     state = {int(k): v for k, v in tree["state"].items()}
     optimizer.load_state_dict({"state": state, "param_groups": tree["param_groups"]})

@@ -125,6 +125,7 @@ class Trainer:
         params = [p for p in model.prefix.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
+        self.torch_optimizer = optimizer  # the AdamW inside accelerate's wrapper: its state is checkpointed
         self.wrapped, self.optimizer = self.acc.prepare(model, optimizer)
         self.lengths = [len(e) for e in self.train_set]
         self.batches_per_epoch = len(self.train_set) // config.batch_size
@@ -189,9 +190,7 @@ class Trainer:
         final = None
         if self.acc.is_main_process:
             ckpt.save_tree(self.model.prefix.state_dict(), tmp, "trainable")
-            ckpt.save_tree(ckpt.optimizer_state(self.optimizer.optimizer
-                                                 if hasattr(self.optimizer, "optimizer") else self.optimizer),
-                           tmp, "optimizer")
+            ckpt.save_tree(self.torch_optimizer.state_dict(), tmp, "optimizer")
             ckpt.save_tree(self.best_state or {}, tmp, "best")
             (tmp / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
             state = {"step": self.step, "world": self.world, "history": self.history, "best_eval": self.best_eval,
@@ -224,8 +223,7 @@ class Trainer:
             return None
         path, data = found
         self.model.prefix.load_state_dict(data["trainable"])
-        opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-        ckpt.load_optimizer_state(opt, data["optimizer"])
+        ckpt.load_optimizer_state(self.torch_optimizer, data["optimizer"])
         self.scheduler.load_state_dict(data["scheduler"])
         if data["rng"] is not None:
             ckpt.set_rng_state(data["rng"])
