@@ -1,7 +1,13 @@
-"""The ``prefixflow`` command line."""
+"""The ``prefixflow`` command line.
+
+Without ``PREFECT_API_URL`` / ``MLFLOW_TRACKING_URI`` everything runs embedded under the state folder
+(``$PREFIXFLOW_HOME``, default ``./state``): an ephemeral Prefect API and a local MLflow store. With
+them set (``eval "$(prefixflow stack env)"``) the same commands use the servers.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -11,86 +17,246 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from infra import stack
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 app = typer.Typer(help="prefixflow: train, evaluate, register and serve prefixes on frozen LLMs.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
+app.add_typer(stack.app, name="stack", help="the local server stack: Prefect, MLflow and S3 (SeaweedFS)")
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
 
 
 @app.callback()
-def _quiet_libraries() -> None:
+def _setup() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
 
-def _fail(message: str) -> None:
-    errors.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(2)
+def _embedded_prefect() -> None:
+    """Without a Prefect server, keep the ephemeral API's files next to the rest of the state."""
+    if not os.environ.get("PREFECT_API_URL"):
+        home = Path(os.environ.get("PREFIXFLOW_HOME", "state")).expanduser().resolve()
+        os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+        Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect does not create parents
+
+
+def _fail(message: str, code: int = 2) -> None:
+    errors.print(f"[bold red]error:[/] {escape(message)}")
+    raise typer.Exit(code)
+
+
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """Prefect logs failed runs with their traceback; for bad input the message is the whole story."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from tasks.errors import is_user_error
+
+        if record.exc_info and record.exc_info[1] is not None and is_user_error(record.exc_info[1]):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_user_errors() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
+
+
+def _run_guarded(fn, *args, **kwargs):
+    """Run a pipeline call; input errors end in one message (exit 2), others in a one-line summary (exit 1)."""
+    from tasks.errors import is_user_error
+
+    _quiet_user_errors()
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        if is_user_error(exc):
+            _fail(str(exc))
+        _fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              "(the Prefect logs above have the details)", code=1)
+
+
+def _progress_bar():
+    """A rich progress bar fed by training events of every pipeline in this process."""
+    from tasks import train_prefix
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                        TimeRemainingColumn(), console=console, transient=False)
+    bars: dict[str, int] = {}
+
+    def on_event(spec, event: dict) -> None:
+        if event.get("event") != "step":
+            return
+        name = f"{spec.client}/{spec.task}"
+        if name not in bars:
+            bars[name] = progress.add_task(f"training {name}", total=event["max_steps"], info="")
+        info = f"loss {event['loss']:.3f}  {event['tokens_per_s']:.0f} tok/s"
+        progress.update(bars[name], completed=event["step"], info=info)
+
+    train_prefix.LISTENERS[:] = [on_event]
+    return progress
+
+
+def _load_spec(path: Path):
+    from tasks.spec import SpecError, load_spec
+
+    try:
+        return load_spec(path)
+    except SpecError as err:
+        _fail(str(err))
+
+
+def _metrics_table(report) -> Table:
+    table = Table(title="test metrics")
+    metrics = list(next(iter(report.metrics.values())))
+    table.add_column("system")
+    for m in metrics:
+        table.add_column(m, justify="right")
+    for system, values in report.metrics.items():
+        label = f"champion (v{report.champion_version})" if system == "champion" else system
+        table.add_row(label, *(f"{values[m]:.2f}" for m in metrics))
+    return table
+
+
+def _print_result(result) -> None:
+    reg, report = result.registration, result.report
+    console.print(_metrics_table(report))
+    verdict = "[green]passed[/]" if report.gate.passed else "[yellow]refused[/]"
+    console.print(f"gate {verdict}: {escape(report.gate.reason)}")
+    console.print(f"registered [bold]{reg.name}[/] v{reg.version} (@candidate); @champion = v{reg.champion or '-'}, "
+                  f"@previous = v{reg.previous or '-'}")
+    t = result.timings
+    console.print(f"time: total {t['total']:.0f} s = prepare {t['prepare']:.1f} + train {t['train']:.1f} + "
+                  f"evaluate {t['evaluate']:.1f} + orchestration {t['orchestration']:.1f} "
+                  f"({t['orchestration'] / t['total']:.1%}); MLflow run: {escape(result.mlflow_link)}")
 
 
 @app.command()
 def demo(
     steps: int = typer.Option(150, min=1, help="training steps"),
-    state: Path = typer.Option(Path("state/demo"), help="folder for checkpoints and the prefix"),
+    state: Path = typer.Option(Path("state/demo"), help="state folder: data, runs, Prefect and MLflow stores"),
     model: str = typer.Option("smollm2-135m", help="base model: embedded name, local folder or HF id"),
+    fresh: bool = typer.Option(False, help="train a new version even if this demo already ran"),
 ) -> None:
-    """Train a prefix for a generated task on the embedded model; show generations before/after."""
-    from prefix_core import PrefixError
-
+    """The whole pipeline on a generated task and the embedded model, then generations with and without."""
     from .demo import run_demo
 
-    console.print(f"[bold]prefixflow demo[/]: base model [cyan]{model}[/], {steps} steps, state in {state}")
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                  TimeRemainingColumn(), console=console) as progress:
-        task = progress.add_task("training", total=steps, info="")
-
-        def on_event(event: dict) -> None:
-            if event["event"] == "step":
-                info = f"loss {event['loss']:.3f}  {event['tokens_per_s']:.0f} tok/s"
-                progress.update(task, completed=event["step"], info=info)
-                if not console.is_terminal:  # logs and CI: a plain line instead of a live bar
-                    progress.console.print(f"step {event['step']}/{steps}: {info}, eta {event['eta_s']:.0f} s")
-            elif event["event"] == "eval":
-                progress.console.print(f"step {event['step']}: eval loss {event['eval_loss']:.3f}")
-            elif event["event"] == "resume":
-                progress.console.print(f"resumed from {event['path']}")
-
-        try:
-            result = run_demo(state, steps=steps, model_name=model, on_event=on_event)
-        except PrefixError as err:
-            _fail(str(err))
-    table = Table(title="held-out records: greedy generations", show_lines=True)
+    console.print(f"[bold]prefixflow demo[/]: pipeline on base model [cyan]{model}[/], {steps} steps, "
+                  f"state in {state} (Prefect and MLflow embedded unless PREFECT_API_URL/MLFLOW_TRACKING_URI)")
+    with _progress_bar():
+        result = _run_guarded(run_demo, state, steps=steps, model=model, fresh=fresh)
+    _print_result(result.pipeline)
+    table = Table(title=f"held-out records: greedy generations (prefix pulled from @{result.pulled_alias})",
+                  show_lines=True)
     for col in ("record", "no prefix", "with prefix", "reference"):
         table.add_column(col, overflow="fold")
     for row in result.rows[:6]:
         table.add_row(*(escape(cell) for cell in row))  # records contain [brackets]: not markup
     console.print(table)
-    console.print(
-        f"exact match on {len(result.rows)} held-out records: no prefix {result.exact_before:.0%}, "
-        f"with prefix [bold green]{result.exact_after:.0%}[/]; training {result.train_seconds:.0f} s; "
-        f"trained {result.trainable_share:.2%} of the base's size (embedding + MLP), folded prefix "
-        f"{result.folded_share:.3%} of it; prefix saved to {result.artifact_dir}"
-    )
+    console.print(f"exact match on {len(result.rows)} held-out records: no prefix {result.exact_before:.0%}, with "
+                  f"the pulled prefix [bold green]{result.exact_after:.0%}[/]; prefix pulled to {result.pulled}")
+
+
+@app.command()
+def run(
+    spec: Path = typer.Argument(..., help="pipeline spec (YAML)"),
+    run_key: str | None = typer.Option(None, help="resume or re-run this pipeline run (default: a new run)"),
+) -> None:
+    """Run the pipeline for one spec: prepare data, train, evaluate, gate, register."""
+    _embedded_prefect()
+    from .pipeline import prefix_pipeline
+
+    parsed = _load_spec(spec)
+    with _progress_bar():
+        result = _run_guarded(prefix_pipeline, parsed, run_key=run_key)
+    _print_result(result)
+
+
+@app.command()
+def fleet(
+    folder: Path = typer.Argument(..., help="folder of pipeline specs (*.yaml, *.yml)"),
+    max_concurrent: int = typer.Option(1, min=1, help="trainings allowed to run at once"),
+) -> None:
+    """Run the pipeline for every spec in a folder, at most N trainings at a time."""
+    _embedded_prefect()
+    from .fleet import retrain_fleet
+
+    specs = [_load_spec(p) for p in _spec_files(folder)]
+    with _progress_bar():
+        entries = _run_guarded(retrain_fleet, specs, max_concurrent_trainings=max_concurrent)
+    table = Table(title="fleet")
+    for col in ("client/task", "status", "version", "champion", "gate", "detail"):
+        table.add_column(col)
+    for e in entries:
+        detail = ", ".join(f"{k} {v:.2f}" for k, v in (e.metrics or {}).items()) if e.ok else e.error or ""
+        table.add_row(f"{e.client}/{e.task}", "[green]ok[/]" if e.ok else "[red]failed[/]", e.version or "-",
+                      e.champion or "-", {True: "passed", False: "refused"}.get(e.gate_passed, "-"), escape(detail))
+    console.print(table)
+    if not all(e.ok for e in entries):
+        raise typer.Exit(1)
+
+
+def _spec_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        _fail(f"{folder} is not a folder of specs")
+    files = sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")])
+    if not files:
+        _fail(f"no *.yaml specs in {folder}")
+    return files
+
+
+@app.command()
+def deploy(
+    folder: Path = typer.Argument(..., help="folder of pipeline specs (*.yaml); each becomes a deployment"),
+) -> None:
+    """Serve one deployment per spec, on its cron schedule, with the spec editable in the Prefect UI."""
+    if not os.environ.get("PREFECT_API_URL"):
+        _fail('deploy needs a Prefect server: run `prefixflow stack up` and `eval "$(prefixflow stack env)"` '
+              "(or set PREFECT_API_URL)")
+    from .deploy import deployment_name, serve_specs
+
+    specs = [_load_spec(p) for p in _spec_files(folder)]
+    for s in specs:
+        console.print(f"deployment prefix-pipeline/{deployment_name(s)}: schedule {s.schedule or 'none (manual)'}")
+    serve_specs(specs)
+
+
+@app.command()
+def pull(
+    ref: str = typer.Argument(..., help="models:/NAME@ALIAS, models:/NAME/VERSION, CLIENT/TASK@ALIAS"),
+    out: Path = typer.Option(..., help="folder to write the prefix to (replaced atomically)"),
+) -> None:
+    """Download a registered prefix and check it loads."""
+    from tasks import registry
+
+    path = _run_guarded(registry.download, ref, out)
+    mv = registry.resolve(ref)
+    console.print(f"pulled {mv.name} v{mv.version} ({escape(ref)}) to {path}")
 
 
 @app.command()
 def generate(
     prompt: list[str] = typer.Argument(..., help="one or more prompts"),
-    prefix: Path | None = typer.Option(None, help="prefix artifact folder; omit to use the bare base model"),
+    prefix: str | None = typer.Option(None, help="prefix folder or registry reference (CLIENT/TASK@ALIAS, "
+                                                 "models:/...); omit to use the bare base model"),
     model: str | None = typer.Option(None, help="base model (default: the one recorded in the prefix)"),
     template: bool = typer.Option(True, help="render prompts through the prefix's prompt template"),
     max_new_tokens: int = typer.Option(48, min=1),
 ) -> None:
     """Generate with a prefix (or none, for comparison)."""
     from prefix_core import MultiPrefixGenerator, PrefixArtifact, PrefixError, load_base_model
+    from tasks import registry
 
     try:
-        art = PrefixArtifact.load(prefix) if prefix else None
+        art = None
+        if prefix:
+            path = registry.download(prefix) if registry.is_ref(prefix) else Path(prefix)
+            art = PrefixArtifact.load(path)
         name = model or (art.manifest["base_model"]["name"] if art else "smollm2-135m")
         base, tok = load_base_model(name)
         gen = MultiPrefixGenerator(base, tok, {"p": art} if art else {})
@@ -99,7 +265,32 @@ def generate(
     except PrefixError as err:
         _fail(str(err))
     for p, t in zip(prompt, texts, strict=True):
-        console.print(f"[dim]{p}[/]\n{t.strip()}\n")
+        console.print(f"[dim]{escape(p)}[/]\n{escape(t.strip())}\n")
+
+
+@app.command()
+def promote(
+    ref: str = typer.Argument(..., help="the version to serve: models:/NAME/VERSION or CLIENT/TASK/VERSION "
+                                        "(or an alias, e.g. acme/e2e@candidate)"),
+) -> None:
+    """Make a version the @champion; the old champion becomes @previous."""
+    from tasks import registry
+
+    mv = _run_guarded(registry.resolve, ref)
+    old, new = registry.promote(mv.name, mv.version)
+    console.print(f"{mv.name}: @champion v{old or '-'} -> v{new}" + (f"; @previous = v{old}" if old else ""))
+
+
+@app.command()
+def rollback(
+    name: str = typer.Argument(..., help="registered model (CLIENT-TASK) or CLIENT/TASK"),
+) -> None:
+    """Swap @champion and @previous (run again to undo)."""
+    from tasks import registry
+
+    full = name.replace("/", "-")
+    old, new = _run_guarded(registry.rollback, full)
+    console.print(f"{full}: @champion v{old} -> v{new}; @previous = v{old}")
 
 
 if __name__ == "__main__":

@@ -1,61 +1,87 @@
-"""The main job on embedded defaults: train a prefix for the demo task on SmolLM2-135M and show
-generations before and after. No server, no GPU, no account."""
+"""The main job on embedded defaults: the whole pipeline (data → training → evaluation → registry) for
+a generated task on SmolLM2-135M, with an ephemeral Prefect API and a local MLflow store under one
+state folder; then ``@champion`` is pulled from the registry and compared with the bare model.
+No server, no GPU, no account."""
 
 from __future__ import annotations
 
-import time
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefix_core import (
-    DEFAULT_MODEL,
-    MultiPrefixGenerator,
-    PrefixArtifact,
-    PrefixConfig,
-    PrefixModel,
-    TrainConfig,
-    load_base_model,
-    train_prefix,
-)
+from prefix_core import DEFAULT_MODEL
 
 from .demo_task import TEMPLATE, split
+
+CLIENT, TASK = "demo", "restaurants"
+
+
+def embedded_environment(state: Path) -> None:
+    """Point Prefect, MLflow and the pipeline at ``state`` unless servers are configured."""
+    state = state.resolve()
+    os.environ["PREFIXFLOW_HOME"] = str(state)
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
+        Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def demo_spec(state: Path, steps: int, model: str):
+    from tasks.spec import parse_spec
+
+    train, val, test = split(seed=0)
+    folder = state / "input"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("records.jsonl", train + val), ("held_out.jsonl", test)):
+        with open(folder / name, "w") as fh:
+            fh.writelines(json.dumps({"record": e.source, "description": e.target}) + "\n" for e in rows)
+    return parse_spec({
+        "client": CLIENT, "task": TASK, "base_model": model,
+        "data": {"source": str(folder / "records.jsonl"), "test_source": str(folder / "held_out.jsonl"),
+                 "source_column": "record", "target_column": "description", "template": TEMPLATE,
+                 "validation_fraction": 0.1},
+        "prefix": {"num_virtual_tokens": 10, "projection_hidden": 512},
+        "train": {"max_steps": steps, "batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 10,
+                  "mixed_precision": "bf16", "eval_every": max(steps // 3, 1), "checkpoint_every": 50},
+        "evaluate": {"metrics": ["bleu", "exact_match"], "max_new_tokens": 40, "batch_size": 30,
+                     "gate": {"metric": "bleu", "min_gain_over_baseline": 10.0, "min_gain_over_champion": 0.0}},
+    }, "demo spec")
 
 
 @dataclass
 class DemoResult:
-    artifact_dir: Path
+    pipeline: object  # flows.pipeline.PipelineResult
+    pulled: Path
+    pulled_alias: str
+    rows: list[tuple[str, str, str, str]]  # source, no prefix, pulled prefix, reference
     exact_before: float
     exact_after: float
-    rows: list[tuple[str, str, str, str]]  # source, before, after, reference
-    train_seconds: float
-    trainable_share: float  # trainable parameters (embedding + MLP) / base parameters
-    folded_share: float  # values in the folded prefix (what is served and stored) / base parameters
 
 
-def run_demo(state_dir: Path, steps: int = 150, model_name: str = DEFAULT_MODEL, on_event=None) -> DemoResult:
-    """Train on the generated demo task, save the artifact under ``state_dir``, and compare greedy
-    generations on held-out records without and with the prefix."""
-    train, val, test = split(seed=0)
-    base, tok = load_base_model(model_name)
-    model = PrefixModel(base, PrefixConfig(num_virtual_tokens=10, projection_hidden=512))
-    config = TrainConfig(max_steps=steps, batch_size=8, learning_rate=3e-3, warmup_steps=10,
-                         mixed_precision="bf16", log_every=10, eval_every=max(steps // 3, 1))
-    t0 = time.time()
-    train_prefix(model, tok, train, TEMPLATE, config, eval_examples=val,
-                 checkpoint_dir=state_dir / "checkpoints", callbacks=[on_event] if on_event else [])
-    seconds = time.time() - t0
-    art = model.export(prompt_template=TEMPLATE, training={"steps": steps, **config.to_dict()})
-    path = art.save(state_dir / "prefix")
-    gen = MultiPrefixGenerator(base, tok, {"demo": PrefixArtifact.load(path)})
-    requests = [(name, e.source) for name in (None, "demo") for e in test]
-    texts = [t.strip() for t in gen.generate([(n, TEMPLATE.format(source=s)) for n, s in requests],
-                                             max_new_tokens=40, do_sample=False)]
+def run_demo(state: Path, steps: int = 150, model: str = DEFAULT_MODEL, fresh: bool = False) -> DemoResult:
+    """Run the pipeline on the demo task, pull the registered prefix and generate with and without it.
+    Reruns reuse the finished run (``fresh=True`` trains a new version)."""
+    import uuid
+
+    embedded_environment(state)
+    from prefix_core import MultiPrefixGenerator, PrefixArtifact, load_base_model
+    from tasks import registry
+
+    from .pipeline import prefix_pipeline
+
+    spec = demo_spec(state, steps, model)
+    run_key = f"demo-{spec.spec_hash()}" + (f"-{uuid.uuid4().hex[:8]}" if fresh else "")
+    result = prefix_pipeline(spec, run_key=run_key)
+    alias = "champion" if result.registration.champion else "candidate"
+    pulled = registry.download(f"{CLIENT}/{TASK}@{alias}", state / alias)
+    _, _, test = split(seed=0)
+    base, tok = load_base_model(model)
+    gen = MultiPrefixGenerator(base, tok, {"pulled": PrefixArtifact.load(pulled)})
+    texts = [t.strip().split("\n")[0] for t in gen.generate(
+        [(n, TEMPLATE.format(source=e.source)) for n in (None, "pulled") for e in test], max_new_tokens=40,
+        do_sample=False)]
     before, after = texts[: len(test)], texts[len(test) :]
     rows = [(e.source, b, a, e.target) for e, b, a in zip(test, before, after, strict=True)]
-    base_params = sum(p.numel() for p in base.parameters())
-    return DemoResult(path, _exact(before, test), _exact(after, test), rows, seconds,
-                      model.trainable_parameters() / base_params, art.table().numel() / base_params)
-
-
-def _exact(texts, examples) -> float:
-    return sum(t == e.target for t, e in zip(texts, examples, strict=True)) / len(examples)
+    exact = [sum(t == e.target for t, e in zip(x, test, strict=True)) / len(test) for x in (before, after)]
+    return DemoResult(result, pulled, alias, rows, *exact)

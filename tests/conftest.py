@@ -79,3 +79,17 @@ def decoder_family(request):
 
 def batch(tok, texts: list[str], side: str = "right"):
     return tok(texts, return_tensors="pt", padding=True, padding_side=side)
+
+
+@pytest.fixture(scope="session")
+def live_stack(tmp_path_factory):
+    """The real local stack (SeaweedFS S3, MLflow, Prefect) on free ports for the whole session.
+
+    Yields the client env dict (PREFECT_API_URL, MLFLOW_TRACKING_URI, AWS_*, ...); it does not touch os.environ:
+    set it per test, e.g. ``for k, v in live_stack.items(): monkeypatch.setenv(k, v)``. Mark such tests slow.
+    """
+    from infra.stack import StackConfig, running_stack
+
+    config = StackConfig.with_free_ports(tmp_path_factory.mktemp("stack"))
+    with running_stack(config) as env:
+        yield env

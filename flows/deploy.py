@@ -1,0 +1,31 @@
+"""Deployments: serve the pipeline for each spec on its cron schedule, with the spec as an editable
+parameter (the Prefect UI renders PipelineSpec as a form, so a retrain with changed settings is a
+click away). Needs a Prefect server (``PREFECT_API_URL``, e.g. from ``prefixflow stack env``)."""
+
+from __future__ import annotations
+
+from tasks.spec import PipelineSpec
+
+from .pipeline import prefix_pipeline
+
+
+def deployment_name(spec: PipelineSpec) -> str:
+    return f"{spec.client}-{spec.task}"
+
+
+def deployments(specs: list[PipelineSpec]) -> list:
+    return [
+        prefix_pipeline.to_deployment(
+            name=deployment_name(s), cron=s.schedule, parameters={"spec": s.model_dump(mode="json")},
+            tags=["prefixflow", f"client:{s.client}"],
+            description=f"Prefix pipeline for {s.client}/{s.task} on {s.base_model}",
+        )
+        for s in specs
+    ]
+
+
+def serve_specs(specs: list[PipelineSpec], limit: int | None = None) -> None:
+    """Serve every spec's deployment from this process until interrupted (runs flows as subprocesses)."""
+    from prefect import serve
+
+    serve(*deployments(specs), limit=limit)

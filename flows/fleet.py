@@ -1,0 +1,64 @@
+"""retrain_fleet: run the pipeline for many (client, task) specs at once, with at most N trainings
+running at a time (a Prefect global concurrency limit that every training acquires), and one failed
+pipeline not stopping the others."""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel
+
+from tasks.errors import is_user_error
+from tasks.spec import PipelineSpec
+from tasks.train_prefix import TRAINING_LIMIT
+
+from .pipeline import prefix_pipeline
+
+
+class FleetEntry(BaseModel):
+    client: str
+    task: str
+    ok: bool
+    version: str | None = None
+    champion: str | None = None
+    gate_passed: bool | None = None
+    metrics: dict[str, float] | None = None
+    launched_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+
+
+def set_training_limit(limit: int) -> None:
+    """Create or update the global limit on concurrent trainings."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(TRAINING_LIMIT, limit)
+        client.update_global_concurrency_limit(TRAINING_LIMIT, GlobalConcurrencyLimitUpdate(limit=limit, active=True))
+
+
+@task(name="pipeline", task_run_name="{spec.client}-{spec.task}")
+def run_pipeline(spec: PipelineSpec) -> FleetEntry:
+    """One pipeline as a subflow; its failure becomes an entry, not an exception."""
+    try:
+        r = prefix_pipeline(spec)
+    except Exception as exc:
+        error = str(exc) if is_user_error(exc) else f"{type(exc).__name__}: {exc}"
+        return FleetEntry(client=spec.client, task=spec.task, ok=False, error=error.splitlines()[0])
+    return FleetEntry(client=spec.client, task=spec.task, ok=True, version=r.registration.version,
+                      champion=r.registration.champion, gate_passed=r.report.gate.passed,
+                      metrics=r.report.metrics["candidate"], launched_at=r.trained.launched_at,
+                      finished_at=r.trained.finished_at)
+
+
+@flow(name="retrain-fleet", task_runner=ThreadPoolTaskRunner(max_workers=8))
+def retrain_fleet(specs: list[PipelineSpec], max_concurrent_trainings: int = 1) -> list[FleetEntry]:
+    """Run every spec's pipeline; trainings wait for one of ``max_concurrent_trainings`` slots."""
+    names = [f"{s.client}/{s.task}" for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"each (client, task) may appear once in a fleet; duplicates: "
+                         f"{sorted({n for n in names if names.count(n) > 1})}")
+    set_training_limit(max_concurrent_trainings)
+    futures = [run_pipeline.submit(spec) for spec in specs]
+    return [f.result() for f in futures]

@@ -1,0 +1,73 @@
+"""The pipeline: one flow run per (client, task) that prepares data, trains, evaluates, gates and
+registers a prefix.
+
+Retries: I/O tasks retry with exponential backoff, training retries by relaunching every rank from
+the newest checkpoint, and the flow itself retries once; results are persisted and cached per
+pipeline run (``run_key``, the flow run id unless given), so a retried flow skips finished work.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from prefect import flow
+from prefect.runtime import flow_run
+from pydantic import BaseModel
+
+from tasks import tracking
+from tasks.evaluate_prefix import EvalReport, evaluate_prefix
+from tasks.prepare_data import PreparedData, prepare_data
+from tasks.register_prefix import Registration, register_prefix
+from tasks.spec import PipelineSpec
+from tasks.summary import publish_summary
+from tasks.tracking import open_tracking_run
+from tasks.train_prefix import TrainOutcome, train_prefix
+
+
+class PipelineResult(BaseModel):
+    client: str
+    task: str
+    run_key: str
+    mlflow_run_id: str
+    mlflow_link: str
+    data: PreparedData
+    trained: TrainOutcome
+    report: EvalReport
+    registration: Registration
+    timings: dict[str, float]  # seconds: total, prepare, train, evaluate, orchestration (the rest)
+
+
+def _mark_failed(flow, flow_run_obj, state) -> None:
+    """on_failure hook: mark this run's MLflow run FAILED (nothing is registered from a failed run)."""
+    try:
+        spec = PipelineSpec.model_validate(flow_run_obj.parameters["spec"])
+        run_key = flow_run_obj.parameters.get("run_key") or str(flow_run_obj.id)
+        exp = tracking.client().get_experiment_by_name(spec.experiment)
+        run = tracking.find_run(exp.experiment_id, run_key) if exp else None
+        if run is not None:
+            tracking.close_run(run.info.run_id, "FAILED")
+    except Exception:  # the hook must never mask the flow's own error
+        pass
+
+
+@flow(name="prefix-pipeline", retries=1, retry_delay_seconds=5, persist_result=True, on_failure=[_mark_failed],
+      flow_run_name="{spec.client}-{spec.task}")
+def prefix_pipeline(spec: PipelineSpec, run_key: str | None = None) -> PipelineResult:
+    """Prepare data → train → evaluate (candidate vs baseline vs champion) → register, for one spec."""
+    t0 = time.time()
+    key = run_key or str(flow_run.id or uuid.uuid4())
+    data = prepare_data(spec)
+    mlflow_run_id = open_tracking_run(spec, key, data.fingerprint)
+    trained = train_prefix(spec, data, key, mlflow_run_id)
+    report = evaluate_prefix(spec, data, trained, key, mlflow_run_id)
+    registration = register_prefix(spec, data, trained, report, key, mlflow_run_id)
+    link = tracking.run_link(mlflow_run_id)
+    publish_summary(spec, data, trained, report, registration, link)
+    tracking.close_run(mlflow_run_id)
+    total = time.time() - t0
+    work = {"prepare": data.seconds, "train": trained.seconds, "evaluate": report.seconds}
+    timings = {"total": total, **work, "orchestration": total - sum(work.values())}
+    return PipelineResult(client=spec.client, task=spec.task, run_key=key, mlflow_run_id=mlflow_run_id,
+                          mlflow_link=link, data=data, trained=trained, report=report, registration=registration,
+                          timings=timings)

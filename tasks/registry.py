@@ -1,0 +1,143 @@
+"""The MLflow model registry for prefixes: one registered model per (client, task), named
+``CLIENT-TASK``; versions carry tags; aliases ``candidate`` (newest evaluated), ``champion`` (served)
+and ``previous`` (the champion before, for rollback).
+
+References accepted everywhere: ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``CLIENT/TASK@ALIAS``,
+``CLIENT/TASK/VERSION``.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from prefix_core import PrefixArtifact
+
+from . import tracking
+from .errors import RegistryError
+
+ALIASES = ("candidate", "champion", "previous")
+_REF = re.compile(r"^(?:models:/(?P<name>[^/@]+)|(?P<client>[a-z0-9-]+)/(?P<task>[a-z0-9-]+))"
+                  r"(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))$")
+
+
+def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """``(registered model name, alias, version)`` of a reference; exactly one of alias/version is set."""
+    m = _REF.match(ref.strip())
+    if not m:
+        raise RegistryError(f"{ref!r} is not a registry reference: use models:/NAME@ALIAS, models:/NAME/VERSION, "
+                            "CLIENT/TASK@ALIAS or CLIENT/TASK/VERSION (e.g. acme/e2e@champion)")
+    name = m["name"] or f"{m['client']}-{m['task']}"
+    return name, m["alias"], m["version"]
+
+
+def is_ref(text: str) -> bool:
+    return text.startswith("models:/") or (bool(_REF.match(text)) and not Path(text).exists())
+
+
+def _missing(err: Exception) -> bool:
+    return "RESOURCE_DOES_NOT_EXIST" in str(getattr(err, "error_code", "")) or "not found" in str(err).lower()
+
+
+def resolve(ref: str):
+    """The ModelVersion a reference points at (RegistryError with the choices if none)."""
+    from mlflow.exceptions import MlflowException
+
+    name, alias, version = parse_ref(ref)
+    c = tracking.client()
+    try:
+        return c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version)
+    except MlflowException as err:
+        if not _missing(err):
+            raise
+    try:
+        model = c.get_registered_model(name)
+    except MlflowException as err:
+        if not _missing(err):
+            raise
+        raise RegistryError(f"no registered model {name!r} in {tracking.tracking_uri()} (run the pipeline for it "
+                            "first, or check MLFLOW_TRACKING_URI)") from None
+    aliases = ", ".join(f"@{a}=v{v}" for a, v in sorted(model.aliases.items())) or "none"
+    raise RegistryError(f"{ref}: {name!r} has no {'alias @' + alias if alias else 'version ' + version} "
+                        f"(aliases: {aliases})")
+
+
+def alias_version(name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(tracking.client().get_model_version_by_alias(name, alias).version)
+    except MlflowException as err:
+        if _missing(err):
+            return None
+        raise
+
+
+def download(ref: str, out: Path | None = None) -> Path:
+    """Download the prefix a reference points at, check it loads, and place it at ``out`` atomically
+    (a temporary folder when ``out`` is None). Returns the folder."""
+    import mlflow.artifacts
+
+    mv = resolve(ref)
+    uri = tracking.tracking_uri()
+    tmp = Path(tempfile.mkdtemp(prefix="prefixflow-pull-"))
+    try:
+        source = tracking.client().get_model_version_download_uri(mv.name, mv.version)
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=uri))
+        PrefixArtifact.load(got)  # checksums and format before anything is replaced
+        if out is None:
+            return got
+        out = Path(out)
+        if out.exists() and not (out / "manifest.json").exists():
+            raise RegistryError(f"{out} exists and is not a prefix folder; choose another --out")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staged = out.parent / f".{out.name}.pull"
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(got, staged)
+        if out.exists():
+            shutil.rmtree(out)
+        staged.rename(out)
+        return out
+    finally:
+        if out is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def versions_for_run(name: str, run_key: str) -> list:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = tracking.client().search_model_versions(f"name = '{name}'")
+    except MlflowException as err:
+        if _missing(err):
+            return []
+        raise
+    return [v for v in found if v.tags.get(tracking.RUN_KEY_TAG) == run_key]
+
+
+def promote(name: str, version: str) -> tuple[str | None, str]:
+    """Make ``version`` the champion; the old champion becomes ``previous``. Returns (old, new)."""
+    c = tracking.client()
+    c.get_model_version(name, version)  # raises if missing
+    old = alias_version(name, "champion")
+    if old == str(version):
+        return old, str(version)
+    if old is not None:
+        c.set_registered_model_alias(name, "previous", old)
+    c.set_registered_model_alias(name, "champion", str(version))
+    return old, str(version)
+
+
+def rollback(name: str) -> tuple[str, str]:
+    """Swap ``champion`` and ``previous`` (so a second rollback undoes the first). Returns (from, to)."""
+    current, previous = alias_version(name, "champion"), alias_version(name, "previous")
+    if previous is None:
+        raise RegistryError(f"{name!r} has no @previous version to roll back to (champion is "
+                            f"{'v' + current if current else 'unset'})")
+    c = tracking.client()
+    c.set_registered_model_alias(name, "champion", previous)
+    if current is not None:
+        c.set_registered_model_alias(name, "previous", current)
+    return current or "-", previous

@@ -1,0 +1,112 @@
+"""Where the pipeline keeps things, and reading/writing local paths or ``s3://`` URIs.
+
+Everything local lives under one state folder, ``$PREFIXFLOW_HOME`` (default ``./state``):
+``data/`` (prepared data, cached by content), ``runs/`` (one folder per pipeline run: training job,
+logs, checkpoints, the prefix), ``mlflow/`` (the embedded MLflow store when no server is configured)
+and ``prefect/`` (the embedded Prefect home). S3 access goes through boto3, which reads the endpoint
+and credentials from the environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from .errors import DataError
+
+
+def home() -> Path:
+    """The state folder (created on demand), as an absolute path."""
+    path = Path(os.environ.get("PREFIXFLOW_HOME", "state")).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_dir(client: str, task: str, run_key: str) -> Path:
+    return home() / "runs" / client / task / run_key
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not bucket or not key:
+        raise DataError(f"{uri!r} is not a full S3 object URI: expected s3://BUCKET/KEY")
+    return bucket, key
+
+
+def s3_client():
+    import boto3
+
+    return boto3.client("s3")
+
+
+def _s3_call(uri: str, fn):
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return fn()
+    except ClientError as err:
+        code = err.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
+            raise DataError(f"{uri} does not exist (S3 said {code}); check the bucket and key") from None
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            raise DataError(f"access to {uri} was denied ({code}): check AWS_ACCESS_KEY_ID / "
+                            "AWS_SECRET_ACCESS_KEY (`prefixflow stack env` prints them for the local stack)") from None
+        raise
+    except BotoCoreError as err:
+        raise DataError(f"cannot reach the S3 server for {uri}: {err}. Is AWS_ENDPOINT_URL set and the server up "
+                        "(`prefixflow stack status`)?") from None
+
+
+def file_fingerprint(path: Path) -> str:
+    """sha256 of a file's bytes, or of a folder's files (names and bytes)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def source_fingerprint(uri: str) -> str:
+    """A cheap identity of a data source's content: sha256 of local bytes, or the S3 ETag and size."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        head = _s3_call(uri, lambda: s3_client().head_object(Bucket=bucket, Key=key))
+        return hashlib.sha256(f"{uri}|{head['ETag']}|{head['ContentLength']}".encode()).hexdigest()
+    path = Path(uri)
+    if path.exists():
+        return file_fingerprint(path)
+    return hashlib.sha256(f"name:{uri}".encode()).hexdigest()  # a datasets name: identified by the name
+
+
+def fetch(uri: str) -> Path:
+    """A local path for ``uri``: local paths as they are, S3 objects downloaded once into the state
+    folder's download cache (keyed by ETag)."""
+    if not is_s3(uri):
+        return Path(uri)
+    bucket, key = split_s3(uri)
+    target = home() / "downloads" / source_fingerprint(uri)[:16] / Path(key).name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.part")
+        _s3_call(uri, lambda: s3_client().download_file(bucket, key, str(tmp)))
+        os.replace(tmp, target)
+    return target
+
+
+def upload_dir(local: Path, uri: str) -> list[str]:
+    """Upload every file under ``local`` to ``s3://BUCKET/PREFIX/...``; returns the object keys."""
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    client, keys = s3_client(), []
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        key = f"{prefix.rstrip('/')}/{f.relative_to(local).as_posix()}".lstrip("/")
+        _s3_call(uri, lambda f=f, key=key: client.upload_file(str(f), bucket, key))
+        keys.append(key)
+    return keys

@@ -1,0 +1,65 @@
+"""The pipeline run's summary: a Prefect markdown artifact comparing candidate, baseline and champion,
+with sample generations and a link to the MLflow run."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from .evaluate_prefix import EvalReport
+from .prepare_data import PreparedData
+from .register_prefix import Registration
+from .spec import PipelineSpec
+from .train_prefix import TrainOutcome
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    text = text.replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def summary_markdown(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, report: EvalReport,
+                     reg: Registration, link: str) -> str:
+    systems = list(report.metrics)
+    metrics = spec.evaluate.metrics
+    lines = [
+        f"# {spec.client}/{spec.task}: {reg.name} v{reg.version}",
+        "",
+        f"**Gate {'passed' if report.gate.passed else 'refused'}**: {report.gate.reason}. "
+        f"Champion: v{reg.champion or '-'}, previous: v{reg.previous or '-'}.",
+        "",
+        "| system | " + " | ".join(metrics) + " |",
+        "|---|" + "---|" * len(metrics),
+    ]
+    for s in systems:
+        label = f"champion (v{report.champion_version})" if s == "champion" else s
+        lines.append(f"| {label} | " + " | ".join(f"{report.metrics[s][m]:.2f}" for m in metrics) + " |")
+    c = data.counts
+    lines += [
+        "",
+        f"Data: {c['read']} rows read, {c['rejected']} rejected, {c['duplicates']} duplicates; train {c['train']}, "
+        f"validation {c['validation']}, test {c['test']} ({report.test_sources} test sources scored); "
+        f"fingerprint `{data.fingerprint[:12]}`{' (cached)' if data.reused else ''}.",
+        f"Training: {trained.steps} steps, final loss {trained.final_train_loss or float('nan'):.4f}, best validation "
+        f"loss {trained.best_eval_loss or float('nan'):.4f}, {trained.seconds:.0f} s"
+        f"{f', resumed from step {trained.resumed_from}' if trained.resumed_from else ''}.",
+        f"MLflow run: {link}",
+    ]
+    if report.champion_note:
+        lines.append(f"Note: {report.champion_note}")
+    lines += ["", "## Samples", "", "| source | reference | " + " | ".join(systems) + " |",
+              "|---|---|" + "---|" * len(systems)]
+    for s in report.samples[:8]:
+        lines.append(f"| {_cell(s['source'])} | {_cell(s['reference'])} | "
+                     + " | ".join(_cell(s[n]) for n in systems) + " |")
+    return "\n".join(lines)
+
+
+@task(name="publish_summary")
+def publish_summary(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, report: EvalReport,
+                    reg: Registration, link: str) -> str:
+    from prefect.artifacts import create_markdown_artifact
+
+    markdown = summary_markdown(spec, data, trained, report, reg, link)
+    create_markdown_artifact(markdown, key=f"{spec.client}-{spec.task}-summary",
+                             description=f"{reg.name} v{reg.version}: candidate vs baseline vs champion")
+    return markdown

@@ -1,0 +1,129 @@
+"""MLflow: which server (or the embedded store), one experiment per client, one run per pipeline run.
+
+With ``MLFLOW_TRACKING_URI`` set (e.g. by ``prefixflow stack env``) everything goes to that server,
+whose artifact store may be S3. Without it, an embedded store under the state folder is used:
+``$PREFIXFLOW_HOME/mlflow/mlflow.db`` (SQLite, tracking and registry) and ``mlflow/artifacts/``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import task
+from prefect.tasks import exponential_backoff
+
+from .errors import retry_on_io
+from .storage import home
+
+RUN_KEY_TAG = "prefixflow.run_key"
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    folder = home() / "mlflow"
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def is_embedded() -> bool:
+    return not os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def client():
+    """An MlflowClient for the configured tracking server and registry."""
+    import logging
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # SQLite migrations on first use
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)  # helpers that use the global client (artifact downloads) must agree
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(name: str) -> str:
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = (home() / "mlflow" / "artifacts").as_uri() if is_embedded() else None
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another flow of the same client
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def find_run(experiment_id: str, run_key: str):
+    runs = client().search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
+    return runs[0] if runs else None
+
+
+def open_run(experiment: str, run_key: str, run_name: str, tags: dict[str, str], params: dict[str, str]) -> str:
+    """The MLflow run of pipeline run ``run_key``: found by tag if a retry already created it."""
+    from mlflow.entities import Param
+
+    exp_id = ensure_experiment(experiment)
+    existing = find_run(exp_id, run_key)
+    if existing is not None:
+        return existing.info.run_id
+    c = client()
+    run = c.create_run(exp_id, run_name=run_name, tags={RUN_KEY_TAG: run_key, **tags})
+    c.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    return run.info.run_id
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None])
+
+
+def run_link(run_id: str) -> str:
+    """A link to the run in the MLflow UI (or the embedded store's path)."""
+    uri = tracking_uri()
+    if uri.startswith("http"):
+        run = client().get_run(run_id)
+        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return f"{uri} (run {run_id}; browse with `mlflow ui --backend-store-uri {uri}`)"
+
+
+def flatten(prefix: str, obj) -> dict[str, str]:
+    """``{"train.max_steps": "300", ...}`` from nested dicts, for run params."""
+    if isinstance(obj, dict):
+        out: dict[str, str] = {}
+        for k, v in obj.items():
+            out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    return {prefix: str(obj)}
+
+
+def local_path(uri: str) -> Path:
+    return Path(uri.removeprefix("file://"))
+
+
+def close_run(run_id: str, status: str = "FINISHED") -> None:
+    client().set_terminated(run_id, status=status)
+
+
+@task(name="open_tracking_run", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
+      retry_condition_fn=retry_on_io)
+def open_tracking_run(spec, run_key: str, data_fingerprint: str) -> str:
+    """Prefect task: the MLflow run of this pipeline run (idempotent by run key)."""
+    from prefect.runtime import flow_run
+
+    tags = {"client": spec.client, "task": spec.task, "prefect.flow_run_id": str(flow_run.id or ""),
+            "prefect.flow_run_name": str(flow_run.name or ""), "data_fingerprint": data_fingerprint,
+            "spec_hash": spec.spec_hash(), "base_model": spec.base_model}
+    return open_run(spec.experiment, run_key, f"{spec.task}-{run_key[:8]}", tags,
+                    flatten("", spec.model_dump(mode="json")))

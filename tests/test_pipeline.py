@@ -1,0 +1,146 @@
+"""The pipeline flow, embedded (a Prefect test server, a local MLflow store) on a tiny model:
+end to end, cache reuse, idempotent registration, the gate, bad input, fleet concurrency."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+from pipeline_fixtures import save_tiny_model, spec_dict, write_task
+from typer.testing import CliRunner
+
+from tasks.spec import parse_spec
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A state folder of its own (embedded MLflow) and a Prefect test server for this module."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    root = tmp_path_factory.mktemp("pipeline")
+    saved = {k: os.environ.get(k) for k in ("PREFIXFLOW_HOME", "MLFLOW_TRACKING_URI")}
+    os.environ["PREFIXFLOW_HOME"] = str(root / "state")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    with prefect_test_harness(server_startup_timeout=120):
+        yield {"root": root, "model": save_tiny_model(root / "tiny-llama"),
+               "data": write_task(root / "rev.jsonl", n=120)}
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _versions(name: str) -> list:
+    from tasks import tracking
+
+    return sorted(tracking.client().search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+
+
+def test_pipeline_registers_a_champion_that_generates_as_evaluated(env):
+    from flows.pipeline import prefix_pipeline
+    from prefix_core import MultiPrefixGenerator, PrefixArtifact, load_base_model
+    from tasks import registry, tracking
+
+    spec = parse_spec(spec_dict(env["model"], env["data"]))
+    result = prefix_pipeline(spec, run_key="run-one")
+    reg = result.registration
+    assert reg.created and reg.version == "1" and reg.champion == "1" and reg.previous is None
+    mv = tracking.client().get_model_version(spec.registered_model, "1")
+    assert mv.tags[tracking.RUN_KEY_TAG] == "run-one" and mv.tags["data_fingerprint"] == result.data.fingerprint
+    assert mv.tags["spec_hash"] == spec.spec_hash() and mv.tags["gate"] == "passed"
+    assert mv.tags["base_model"] == str(env["model"]) and len(mv.tags["base_fingerprint"]) > 8
+    assert {"candidate.bleu", "baseline.bleu"} <= set(mv.tags)
+    assert registry.alias_version(spec.registered_model, "candidate") == "1"
+    run = tracking.client().get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and "test_bleu" in run.data.metrics and "train_loss" in run.data.metrics
+    artifacts = {a.path for a in tracking.client().list_artifacts(result.mlflow_run_id, "eval")}
+    assert {"eval/samples.json", "eval/loss_curve.png", "eval/report.json"} <= artifacts
+    # pulled @champion generates exactly what the evaluation generated before registration
+    pulled = registry.download(f"{spec.client}/{spec.task}@champion", env["root"] / "pulled")
+    art = PrefixArtifact.load(pulled)
+    assert art.manifest["pipeline"]["run_key"] == "run-one"
+    base, tok = load_base_model(str(env["model"]))
+    gen = MultiPrefixGenerator(base, tok, {"p": art})
+    samples = result.report.samples
+    texts = gen.generate([("p", gen.render("p", s["source"])) for s in samples], max_new_tokens=12, do_sample=False)
+    assert [t.strip().split("\n")[0].strip() for t in texts] == [s["candidate"] for s in samples]
+    assert result.timings["total"] >= result.timings["train"] > 0
+
+
+def test_rerun_reuses_cached_work_and_registration_is_idempotent(env):
+    from flows.pipeline import prefix_pipeline
+    from tasks.register_prefix import register
+
+    spec = parse_spec(spec_dict(env["model"], env["data"]))
+    first = prefix_pipeline(spec, run_key="run-one")  # same run: every task cached
+    assert first.data.reused
+    assert first.registration.version == "1" and len(_versions(spec.registered_model)) == 1
+    again = register(spec, first.data, first.trained, first.report, "run-one", first.mlflow_run_id)
+    assert not again.created and again.version == "1" and len(_versions(spec.registered_model)) == 1
+
+
+def test_gate_refuses_a_worse_candidate_and_keeps_the_champion(env):
+    from flows.pipeline import prefix_pipeline
+    from tasks import registry
+
+    d = spec_dict(env["model"], env["data"])
+    d["evaluate"]["gate"]["min_gain_over_champion"] = 1000.0  # no candidate can pass
+    spec = parse_spec(d)
+    result = prefix_pipeline(spec, run_key="run-two")
+    assert not result.report.gate.passed and "champion" in result.report.metrics
+    assert result.report.champion_version == "1"
+    assert result.registration.version == "2" and result.registration.champion == "1"
+    assert registry.alias_version(spec.registered_model, "candidate") == "2"
+    assert registry.alias_version(spec.registered_model, "champion") == "1"
+    # promote and roll back by hand
+    assert registry.promote(spec.registered_model, "2") == ("1", "2")
+    assert registry.alias_version(spec.registered_model, "previous") == "1"
+    assert registry.rollback(spec.registered_model) == ("2", "1")
+    assert registry.alias_version(spec.registered_model, "champion") == "1"
+
+
+@pytest.mark.parametrize("problem,message", [
+    ("missing", "does not exist"),
+    ("column", "no column 'text'"),
+])
+def test_bad_input_fails_cleanly_and_touches_nothing_registered(env, tmp_path, problem, message):
+    from flows.cli import app
+
+    d = spec_dict(env["model"], env["data"])
+    if problem == "missing":
+        d["data"]["source"] = str(tmp_path / "nope.jsonl")
+    else:
+        d["data"]["source_column"] = "text"
+    spec_file = tmp_path / "spec.yaml"
+    import yaml
+
+    spec_file.write_text(yaml.safe_dump(d))
+    before = [(v.version, v.aliases) for v in _versions("acme-rev")]
+    result = CliRunner().invoke(app, ["run", str(spec_file)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert [(v.version, v.aliases) for v in _versions("acme-rev")] == before
+
+
+def test_bad_spec_is_one_message(tmp_path):
+    from flows.cli import app
+
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text("client: Acme!\ntask: e2e\ndata: {source: x.csv, template: 'no placeholder'}\nbogus: 1\n")
+    result = CliRunner().invoke(app, ["run", str(spec_file)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    for needle in ("client", "data.template", "bogus: unknown field"):
+        assert needle in result.output
+
+
+def test_fleet_runs_at_most_n_trainings_at_once(env):
+    from flows.fleet import retrain_fleet
+
+    specs = [parse_spec(spec_dict(env["model"], env["data"], client="fleet", task=f"t{i}")) for i in range(3)]
+    entries = retrain_fleet(specs, max_concurrent_trainings=1)
+    assert all(e.ok for e in entries), [e.error for e in entries]
+    spans = sorted((e.launched_at, e.finished_at) for e in entries)
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start >= end - 0.05, spans  # no two trainings overlapped

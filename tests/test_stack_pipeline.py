@@ -1,0 +1,119 @@
+"""The pipeline against the real stack (SeaweedFS S3, MLflow server with S3 artifacts, Prefect server),
+started by the test itself on 127.0.0.1: data read from S3, prefix objects in S3, registry versions,
+tags and aliases, pull + generate, and a served deployment triggered with `prefect deployment run`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from pipeline_fixtures import save_tiny_model, spec_dict, write_task
+from typer.testing import CliRunner
+
+from tasks.spec import parse_spec
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stack_env(live_stack, tmp_path_factory):
+    """os.environ pointed at the live stack (and a state folder of its own) for this module."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    root = tmp_path_factory.mktemp("stackpipe")
+    env = {**live_stack, "PREFIXFLOW_HOME": str(root / "state")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        yield {"env": env, "root": root, "model": save_tiny_model(root / "tiny-llama"),
+               "data": write_task(root / "rev.jsonl", n=120)}
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _s3_keys(env: dict, prefix: str = "") -> list[str]:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=env["PREFIXFLOW_S3_BUCKET"], Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def test_pipeline_on_the_real_stack(stack_env, tmp_path):
+    import boto3
+
+    from flows.cli import app
+    from flows.pipeline import prefix_pipeline
+    from tasks import tracking
+
+    env = stack_env["env"]
+    bucket = env["PREFIXFLOW_S3_BUCKET"]
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).upload_file(str(stack_env["data"]), bucket,
+                                                                         "datasets/rev.jsonl")
+    spec = parse_spec(spec_dict(stack_env["model"], f"s3://{bucket}/datasets/rev.jsonl", client="stack"))
+    result = prefix_pipeline(spec)
+    assert result.registration.version == "1" and result.registration.champion == "1"
+    assert result.mlflow_link.startswith("http://127.0.0.1")
+    # the prefix went to S3 through the MLflow server
+    keys = _s3_keys(env)
+    assert any(k.endswith(f"{result.mlflow_run_id}/artifacts/prefix/prefix.safetensors") for k in keys), keys
+    assert any(k.endswith("prefix/manifest.json") for k in keys)
+    c = tracking.client()
+    mv = c.get_model_version_by_alias(spec.registered_model, "champion")
+    assert mv.version == "1" and mv.tags["data_fingerprint"] == result.data.fingerprint
+    assert mv.tags[tracking.RUN_KEY_TAG] == result.run_key and mv.tags["gate"] == "passed"
+    assert set(c.get_registered_model(spec.registered_model).aliases) >= {"candidate", "champion"}
+    # pull @champion through the CLI; it generates what the evaluation generated before registration
+    runner = CliRunner()
+    out = tmp_path / "pulled"
+    pulled = runner.invoke(app, ["pull", f"models:/{spec.registered_model}@champion", "--out", str(out)])
+    assert pulled.exit_code == 0, pulled.output
+    sample = result.report.samples[0]
+    gen = runner.invoke(app, ["generate", "--prefix", str(out), "--max-new-tokens", "12", sample["source"]])
+    assert gen.exit_code == 0, gen.output
+    assert sample["candidate"] in gen.output.split("\n", 1)[1]
+
+
+def test_served_deployment_runs_when_triggered(stack_env, tmp_path):
+    from tasks import registry
+
+    env = {**os.environ, **stack_env["env"], "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    d = spec_dict(stack_env["model"], stack_env["data"], client="served", task="rev")
+    d["schedule"] = "0 3 * * 1"
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    (specs / "rev.yaml").write_text(yaml.safe_dump(d))
+    prefixflow = [sys.executable, "-m", "flows.cli"]
+    server = subprocess.Popen([*prefixflow, "deploy", str(specs)], env=env, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        prefect = [sys.executable, "-m", "prefect"]
+        deadline = time.time() + 120
+        while time.time() < deadline:  # wait until the deployment is registered
+            check = subprocess.run([*prefect, "deployment", "inspect", "prefix-pipeline/served-rev"], env=env,
+                                   capture_output=True, text=True)
+            if check.returncode == 0:
+                break
+            assert server.poll() is None, server.stdout.read()
+            time.sleep(2)
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert "0 3 * * 1" in check.stdout
+        run = subprocess.run([*prefect, "deployment", "run", "prefix-pipeline/served-rev", "--watch",
+                              "--watch-timeout", "400"], env=env, capture_output=True, text=True, timeout=450)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert "Completed" in run.stdout + run.stderr
+        assert registry.alias_version("served-rev", "champion") == "1"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # stop serving before the stack goes down
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
