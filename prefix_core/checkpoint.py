@@ -6,15 +6,19 @@ A checkpoint is a directory ``step-00000100/`` holding::
     best.safetensors        best-so-far prefix       scheduler.json, state.json (step, history ...)
     rng-rank{r}.safetensors + rng-rank{r}.json       every rank's RNG state
     COMPLETE                written last: only directories with it are ever loaded
+    deepspeed/              DeepSpeed runs only: the engine's ZeRO shards (each rank's optimizer
+                            partition; torch-pickled by DeepSpeed), ``optimizer.*`` is then absent
 
 It is written under a temporary name and renamed into place, so a crash never leaves a
 half-written checkpoint that looks complete. Older checkpoints are pruned to the newest K.
+``trainable`` is always the full prefix (gathered from the shards under ZeRO-3).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -24,9 +28,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import PrefixError
+
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
+DEEPSPEED_DIR = "deepspeed"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+_TMP_DIR = re.compile(r"^\.step-(\d{8})\.tmp$")
+
+
+class IncompatibleCheckpointError(PrefixError):
+    """A complete checkpoint exists but was written by a run this one cannot continue (e.g. another
+    DeepSpeed stage or process count). Not skipped: resuming from an older one would be wrong too."""
 
 
 def _split(obj, prefix: str, tensors: dict):
@@ -112,23 +125,67 @@ def begin(root: Path, step: int) -> Path:
     return tmp
 
 
+def _fsync_tree(path: Path) -> None:
+    """Flush every file under ``path`` (and the directories) to disk."""
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def commit(root: Path, tmp: Path, step: int, keep: int) -> Path:
-    """Mark ``tmp`` complete, rename it into place and prune to the newest ``keep``."""
+    """Mark ``tmp`` complete (the marker is the last file written, after everything else is on
+    disk), rename it into place and prune to the newest ``keep``; leftover temporary directories
+    of interrupted saves are removed."""
+    root = Path(root)
+    _fsync_tree(tmp)
     (tmp / MARKER).write_text(str(step))
+    _fsync_tree(tmp)
     final = step_dir(root, step)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     for old in complete_checkpoints(root)[max(keep, 1) :]:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in root.iterdir():
+        if _TMP_DIR.match(stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
-def newest_loadable(root: Path, load) -> tuple[Path, object] | None:
+def check_deepspeed_shards(tag_dir: Path, rank: int) -> None:
+    """Raise unless ``tag_dir`` (a DeepSpeed checkpoint tag folder) holds non-empty files for ``rank``."""
+    mine = [f for f in Path(tag_dir).glob(f"*zero_pp_rank_{rank}_*") if f.is_file() and f.stat().st_size > 0]
+    if not mine:
+        raise FileNotFoundError(f"{tag_dir} holds no DeepSpeed shard of rank {rank}")
+
+
+def newest_loadable(root: Path, load, agree=None) -> tuple[Path, object] | None:
     """Try ``load(path)`` on complete checkpoints, newest first; a corrupt one is skipped with a
-    warning. Incomplete ones (no marker) are never considered."""
+    warning. Incomplete ones (no marker) are never considered. With several processes, ``agree(ok)``
+    returns whether every process loaded its part, so all of them pick the same checkpoint.
+    :class:`IncompatibleCheckpointError` is raised, not skipped."""
     for path in complete_checkpoints(root):
         try:
-            return path, load(path)
+            data, error = load(path), None
+        except IncompatibleCheckpointError:
+            raise
         except Exception as err:
-            log.warning("skipping checkpoint %s: it cannot be loaded (%s)", path, err)
+            data, error = None, err
+        ok = error is None
+        if agree is not None:
+            ok = agree(ok)
+        if ok:
+            return path, data
+        reason = error if error is not None else "another process could not load its part of it"
+        log.warning("skipping checkpoint %s: it cannot be loaded (%s)", path, reason)
     return None

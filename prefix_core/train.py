@@ -5,11 +5,19 @@ One optimizer step consumes ``batch_size`` examples in total, split over process
 step divided by the step's target-token count, so the result does not depend on how the step is
 split (1 process or N, any accumulation). Data order is a pure function of (seed, step), which is
 what makes resuming from a checkpoint exact.
+
+The same loop runs in one process, under DDP and under DeepSpeed ZeRO-2/3 (one process per rank,
+started by ``accelerate launch``; see ``tasks/launch.py``). Under DeepSpeed the engine does the
+gradient reduction, clipping and the optimizer step; under ZeRO-3 the prefix parameters are
+partitioned too, so every read of them (checkpoints, best state, export) gathers them first, and
+at the end the trained prefix is consolidated into an ordinary, unpartitioned ``model.prefix``.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -19,13 +27,26 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from transformers import get_linear_schedule_with_warmup
 
 from . import checkpoint as ckpt
+from .base_model import weight_fingerprint
 from .data import Encoded, Example, collate, encode, length_grouped_batches, target_token_count
+from .encoder import PrefixEncoder
 from .model import PrefixModel
 
 Callback = Callable[[dict], None]
+DS_TAG = "state"  # the DeepSpeed checkpoint tag inside a checkpoint's ``deepspeed/`` folder
+
+
+def make_accelerator() -> Accelerator:
+    """The Accelerator for the current (launched) process. DeepSpeed on a machine without CUDA
+    needs the gloo backend named explicitly (it would otherwise ask for ccl/nccl)."""
+    handlers = []
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not torch.cuda.is_available():
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    return Accelerator(kwargs_handlers=handlers)
 
 
 @dataclass
@@ -126,7 +147,14 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = get_linear_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
         self.torch_optimizer = optimizer  # the AdamW inside accelerate's wrapper: its state is checkpointed
+        self.deepspeed = self.acc.distributed_type == DistributedType.DEEPSPEED
+        self.zero_stage = self.acc.state.deepspeed_plugin.zero_stage if self.deepspeed else 0
+        if self.deepspeed:
+            self._configure_deepspeed()
+        # The base's identity is read now: under ZeRO-3 its weights are partitioned after prepare.
+        weight_fingerprint(model.base)
         self.wrapped, self.optimizer = self.acc.prepare(model, optimizer)
+        self.step_hooks: list[Callable[[Trainer], None]] = []  # run on every rank after each step
         self.lengths = [len(e) for e in self.train_set]
         self.batches_per_epoch = len(self.train_set) // config.batch_size
         self.step = 0
@@ -135,6 +163,25 @@ class Trainer:
         self.best_state: dict | None = None
         self.bad_evals = 0
         self.resumed_from: int | None = None
+
+    def _configure_deepspeed(self) -> None:
+        """Fill the DeepSpeed config from this run: the engine accumulates ``grad_accum`` micro-batches
+        of ``batch_size / (world x grad_accum)`` rows and clips at ``max_grad_norm``. Mixed precision
+        stays our own autocast (DeepSpeed's bf16 mode would cast the frozen base to bf16)."""
+        cfg = self.acc.state.deepspeed_plugin.deepspeed_config
+        c = self.config
+        cfg["train_micro_batch_size_per_gpu"] = c.batch_size // (self.world * c.grad_accum)
+        cfg["gradient_accumulation_steps"] = c.grad_accum
+        cfg["train_batch_size"] = c.batch_size
+        cfg["gradient_clipping"] = float(c.max_grad_norm)
+        for key in ("bf16", "fp16"):
+            if cfg.get(key, {}).get("enabled") is True:
+                raise ValueError(
+                    f"the DeepSpeed config enables {key}; prefix training keeps the frozen base in its own dtype "
+                    "and uses TrainConfig.mixed_precision (autocast) instead: set it to false or 'auto'"
+                )
+            cfg[key] = {**cfg.get(key, {}), "enabled": False}
+        cfg["zero_allow_untested_optimizer"] = True
 
     # --- data -----------------------------------------------------------------------------------
     def global_batch(self, step: int) -> list[Encoded]:
@@ -166,18 +213,52 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64, device=self.acc.device)
         mine = self.eval_set[self.acc.process_index :: self.world]
         bs = self.config.eval_batch_size
-        for i in range(0, len(mine), bs):
-            batch = self._tensors(mine[i : i + bs])
+        # Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively in
+        # each one); a rank with fewer rows runs a throw-away batch.
+        batches = math.ceil(math.ceil(len(self.eval_set) / self.world) / bs)
+        for b in range(batches):
+            part = mine[b * bs : (b + 1) * bs]
+            batch = self._tensors(part or self.eval_set[:1])
             with self.autocast:
                 loss, count = _token_loss_sum(self.wrapped, batch, self.encoder_decoder)
-            total += torch.tensor([loss.item(), count], dtype=torch.float64, device=self.acc.device)
+            if part:
+                total += torch.tensor([loss.item(), count], dtype=torch.float64, device=self.acc.device)
         if self.world > 1:
             total = self.acc.reduce(total, reduction="sum")
         self.wrapped.train()
         return float(total[0] / max(total[1], 1))
 
+    # --- prefix state (gathered under ZeRO-3) -----------------------------------------------------
+    def prefix_state(self) -> dict[str, torch.Tensor]:
+        """The full prefix parameters as float32 CPU copies. Collective under ZeRO-3 (every rank
+        must call it), where each rank holds only a shard of every parameter."""
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.model.prefix.parameters()), modifier_rank=None):
+                return {k: v.detach().float().cpu().clone() for k, v in self.model.prefix.state_dict().items()}
+        return {k: v.detach().float().cpu().clone() for k, v in self.model.prefix.state_dict().items()}
+
+    def consolidate(self, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Leave ``model.prefix`` an ordinary module holding ``state`` (default: the trained prefix).
+        Under ZeRO-3 the partitioned encoder is replaced by an unpartitioned copy, so that
+        ``model.prefix.fold()`` / ``model.export()`` work on any rank afterwards. Collective."""
+        if self.zero_stage == 3:
+            state = state if state is not None else self.prefix_state()
+            plain = PrefixEncoder(self.model.config, self.model.geometry).to(self.model.prefix_device)
+            plain.load_state_dict(state)
+            self.model.prefix = plain
+        elif state is not None:
+            self.model.prefix.load_state_dict(state)
+
+    def _strategy(self) -> dict:
+        return {"deepspeed": self.deepspeed, "zero_stage": self.zero_stage, "world": self.world}
+
     # --- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint of the current step (collective: every rank calls it). Each rank writes
+        its RNG state (and, under DeepSpeed, its ZeRO shard); the main process writes the rest and
+        commits: COMPLETE marker last, then one rename, then pruning to ``keep_checkpoints``."""
         if self.checkpoint_dir is None:
             return None
         self.acc.wait_for_everyone()
@@ -186,15 +267,20 @@ class Trainer:
             ckpt.begin(self.checkpoint_dir, self.step)
         self.acc.wait_for_everyone()
         ckpt.save_tree(ckpt.rng_state(), tmp, f"rng-rank{self.acc.process_index}")
+        if self.deepspeed:
+            self.wrapped.save_checkpoint(str(tmp / ckpt.DEEPSPEED_DIR), tag=DS_TAG, client_state={},
+                                         save_latest=False, exclude_frozen_parameters=True)
+        trainable = self.prefix_state()
         self.acc.wait_for_everyone()
         final = None
         if self.acc.is_main_process:
-            ckpt.save_tree(self.model.prefix.state_dict(), tmp, "trainable")
-            ckpt.save_tree(self.torch_optimizer.state_dict(), tmp, "optimizer")
+            ckpt.save_tree(trainable, tmp, "trainable")
+            if not self.deepspeed:  # under DeepSpeed the optimizer state is in the ZeRO shards
+                ckpt.save_tree(self.torch_optimizer.state_dict(), tmp, "optimizer")
             ckpt.save_tree(self.best_state or {}, tmp, "best")
             (tmp / "scheduler.json").write_text(json.dumps(self.scheduler.state_dict()))
             state = {"step": self.step, "world": self.world, "history": self.history, "best_eval": self.best_eval,
-                     "bad_evals": self.bad_evals, "config": self.config.to_dict()}
+                     "bad_evals": self.bad_evals, "config": self.config.to_dict(), "strategy": self._strategy()}
             (tmp / "state.json").write_text(json.dumps(state))
             final = ckpt.commit(self.checkpoint_dir, tmp, self.step, self.config.keep_checkpoints)
         self.acc.wait_for_everyone()
@@ -202,29 +288,66 @@ class Trainer:
         self.emit({"event": "checkpoint", "step": self.step, "path": str(final)})
         return final
 
+    def _check_compatible(self, path: Path, state: dict) -> None:
+        saved = state.get("strategy") or {"deepspeed": False, "zero_stage": 0, "world": state.get("world")}
+        if bool(saved.get("deepspeed")) != self.deepspeed or (
+            self.deepspeed and (saved.get("zero_stage") != self.zero_stage or saved.get("world") != self.world)
+        ):
+            def describe(s: dict) -> str:
+                kind = f"DeepSpeed ZeRO-{s.get('zero_stage')}" if s.get("deepspeed") else "DDP/single"
+                return f"{kind} with {s.get('world')} process(es)"
+
+            raise ckpt.IncompatibleCheckpointError(
+                f"checkpoint {path} was written by {describe(saved)} but this run is {describe(self._strategy())}; "
+                "resume with the same strategy and process count (DeepSpeed) or use a new checkpoint_dir"
+            )
+
     def _load(self, path: Path) -> dict:
+        """Read this rank's part of a checkpoint (raises if any of it is missing or unreadable)."""
         state = json.loads((path / "state.json").read_text())
+        self._check_compatible(path, state)
         rank_file = f"rng-rank{self.acc.process_index}"
-        return {
+        data = {
             "state": state,
             "trainable": ckpt.load_tree(path, "trainable"),
-            "optimizer": ckpt.load_tree(path, "optimizer"),
             "best": ckpt.load_tree(path, "best"),
             "scheduler": json.loads((path / "scheduler.json").read_text()),
             "rng": ckpt.load_tree(path, rank_file) if (path / f"{rank_file}.json").exists() else None,
         }
+        if self.deepspeed:
+            ckpt.check_deepspeed_shards(path / ckpt.DEEPSPEED_DIR / DS_TAG, self.acc.process_index)
+        else:
+            data["optimizer"] = ckpt.load_tree(path, "optimizer")
+        return data
+
+    def _all_ranks(self, ok: bool) -> bool:
+        """True when ``ok`` holds on every rank (so all ranks resume from the same checkpoint)."""
+        if self.world == 1:
+            return ok
+        flags = self.acc.gather(torch.tensor([int(ok)], device=self.acc.device))
+        return bool(flags.min().item())
 
     def resume(self) -> int | None:
-        """Restore the newest complete, loadable checkpoint; returns its step (None if none)."""
+        """Restore the newest complete checkpoint that every rank can load; returns its step (None if
+        none). Incomplete ones are ignored; unreadable ones are skipped with a warning."""
         if self.checkpoint_dir is None:
             return None
-        found = ckpt.newest_loadable(self.checkpoint_dir, self._load)
+        found = ckpt.newest_loadable(self.checkpoint_dir, self._load, agree=self._all_ranks)
         if found is None:
             return None
         path, data = found
-        self.model.prefix.load_state_dict(data["trainable"])
-        ckpt.load_optimizer_state(self.torch_optimizer, data["optimizer"])
+        if self.deepspeed:
+            loaded, _ = self.wrapped.load_checkpoint(
+                str(path / ckpt.DEEPSPEED_DIR), tag=DS_TAG, load_module_strict=False, load_optimizer_states=True,
+                load_lr_scheduler_states=False)
+            if loaded is None:
+                raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path / ckpt.DEEPSPEED_DIR}")
+        else:
+            self.model.prefix.load_state_dict(data["trainable"])
+            ckpt.load_optimizer_state(self.torch_optimizer, data["optimizer"])
         self.scheduler.load_state_dict(data["scheduler"])
+        for group, lr in zip(self.torch_optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
         if data["rng"] is not None:
             ckpt.set_rng_state(data["rng"])
         st = data["state"]
@@ -236,6 +359,43 @@ class Trainer:
         return self.step
 
     # --- the loop -------------------------------------------------------------------------------
+    def _backward_and_step(self, micro: list[list[Encoded]], step_tokens: int) -> tuple[float, float | None]:
+        """One optimizer step over this rank's micro-batches; returns (this rank's loss sum, grad norm).
+        The loss is scaled by world/step_tokens: DDP and DeepSpeed average gradients over ranks, so
+        the update is that of sum(CE over the step's target tokens) / step_tokens."""
+        cfg = self.config
+        total_loss = 0.0
+        scale = self.world / step_tokens
+        for i, part in enumerate(micro):
+            tensors = self._tensors(part)
+            sync = i == len(micro) - 1
+            if self.deepspeed:
+                # The engine accumulates until the boundary; scale_wrt_gas=False because the scale
+                # above already accounts for the whole step.
+                self.wrapped.set_gradient_accumulation_boundary(sync)
+                with self.autocast:
+                    loss_sum, _ = _token_loss_sum(self.wrapped, tensors, self.encoder_decoder)
+                self.wrapped.backward(loss_sum * scale, scale_wrt_gas=False)
+            else:
+                ctx = self.acc.no_sync(self.wrapped) if not sync else nullcontext()
+                with ctx:
+                    with self.autocast:
+                        loss_sum, _ = _token_loss_sum(self.wrapped, tensors, self.encoder_decoder)
+                    self.acc.backward(loss_sum * scale)
+            total_loss += loss_sum.item()
+        if self.deepspeed:
+            self.wrapped.step()  # clip (gradient_clipping), optimizer step, zero grads
+            norm = self.wrapped.get_global_grad_norm()
+            grad_norm = float(norm) if norm is not None else None
+        else:
+            grad_norm = self.acc.clip_grad_norm_(self.model.prefix.parameters(), cfg.max_grad_norm) \
+                if cfg.max_grad_norm > 0 else None
+            grad_norm = float(grad_norm) if grad_norm is not None else None
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return total_loss, grad_norm
+
     def run(self) -> TrainResult:
         cfg = self.config
         self.resume()
@@ -245,22 +405,7 @@ class Trainer:
         while self.step < cfg.max_steps and not stopped_early:
             batch = self.global_batch(self.step)
             step_tokens = target_token_count(batch)
-            total_loss = 0.0
-            micro = self.micro_batches(batch)
-            for i, part in enumerate(micro):
-                tensors = self._tensors(part)
-                sync = i == len(micro) - 1
-                ctx = self.acc.no_sync(self.wrapped) if not sync else nullcontext()
-                with ctx:
-                    with self.autocast:
-                        loss_sum, _ = _token_loss_sum(self.wrapped, tensors, self.encoder_decoder)
-                    self.acc.backward(loss_sum * (self.world / step_tokens))
-                total_loss += loss_sum.item()
-            grad_norm = self.acc.clip_grad_norm_(self.model.prefix.parameters(), cfg.max_grad_norm) \
-                if cfg.max_grad_norm > 0 else None
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            total_loss, grad_norm = self._backward_and_step(self.micro_batches(batch), step_tokens)
             self.step += 1
             if self.world > 1:
                 total_loss = float(self.acc.reduce(torch.tensor(total_loss, device=self.acc.device), "sum"))
@@ -273,7 +418,7 @@ class Trainer:
                 eta = (time.time() - start) / max(rate, 1) * (cfg.max_steps - self.step)
                 record = {"event": "step", "step": self.step, "max_steps": cfg.max_steps, "loss": last_loss,
                           "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                          "grad_norm": float(grad_norm) if grad_norm is not None else None, "eta_s": eta}
+                          "grad_norm": grad_norm, "eta_s": eta}
                 self.history.append({k: v for k, v in record.items() if k != "event"})
                 self.emit(record)
                 window_tokens, window_start = 0, time.time()
@@ -281,12 +426,13 @@ class Trainer:
                 stopped_early = self._eval_and_track()
             if self.checkpoint_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
+            for hook in self.step_hooks:
+                hook(self)
         if self.eval_set and (not cfg.eval_every or self.step % cfg.eval_every):
             self._eval_and_track()
         if self.checkpoint_dir and (not cfg.checkpoint_every or self.step % cfg.checkpoint_every):
             self.save_checkpoint()
-        if self.best_state is not None:
-            self.model.prefix.load_state_dict(self.best_state)
+        self.consolidate(self.best_state)
         result = TrainResult(self.step, stopped_early, self.best_eval, last_loss, self.resumed_from, tokens,
                              time.time() - start, self.history)
         self.emit({"event": "end", **{k: v for k, v in asdict(result).items() if k != "history"}})
@@ -297,7 +443,7 @@ class Trainer:
         improved = self.best_eval is None or loss < self.best_eval
         if improved:
             self.best_eval, self.bad_evals = loss, 0
-            self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.prefix.state_dict().items()}
+            self.best_state = self.prefix_state()
         else:
             self.bad_evals += 1
         self.history.append({"step": self.step, "eval_loss": loss})

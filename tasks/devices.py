@@ -1,6 +1,6 @@
 """GPU slots: concurrent trainings on one machine never share a GPU.
 
-Each visible GPU has a lock file under ``$PREFIXFLOW_HOME/locks``; a training takes as many free GPUs
+Each visible GPU has a lock file under ``$PREFIXFLOW_HOME/locks/HOSTNAME``; a training takes as many free GPUs
 as it runs processes on this machine (waiting until they are free) and sees only those through
 ``CUDA_VISIBLE_DEVICES``. With no GPU it yields an empty environment and takes no lock.
 """
@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
+from .errors import TrainingError
 from .storage import home
 
 
@@ -37,9 +39,9 @@ def gpu_slots(count: int, poll_s: float = 2.0, timeout_s: float | None = None) -
         yield {}
         return
     if count > len(gpus):
-        raise ValueError(f"the training needs {count} GPUs on this machine but only {len(gpus)} are visible "
+        raise TrainingError(f"the training needs {count} GPUs on this machine but only {len(gpus)} are visible "
                          f"({','.join(gpus)}); lower train.processes_per_machine")
-    folder = home() / "locks"
+    folder = home() / "locks" / socket.gethostname()  # per host: the state folder may be shared
     folder.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with ExitStack() as stack:

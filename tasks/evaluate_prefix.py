@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import BaseModel
 
 from . import registry, tracking
+from .caching import PER_RUN
 from .errors import retry_on_io
 from .metrics import score_all
 from .prepare_data import PreparedData, read_split
@@ -161,7 +161,7 @@ def _log(run_id: str, report: EvalReport, samples: list[dict], trained: TrainOut
     c.set_tag(run_id, "gate", "passed" if report.gate.passed else "refused")
 
 
-@task(name="evaluate_prefix", cache_policy=INPUTS + TASK_SOURCE, persist_result=True, retries=1,
+@task(name="evaluate_prefix", cache_policy=PER_RUN, persist_result=True, retries=1,
       retry_delay_seconds=5, retry_condition_fn=retry_on_io)
 def evaluate_prefix(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, run_key: str,
                     mlflow_run_id: str | None) -> EvalReport:

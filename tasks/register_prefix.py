@@ -12,11 +12,11 @@ import json
 from pathlib import Path
 
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 
 from . import registry, tracking
+from .caching import PER_RUN
 from .errors import retry_on_io
 from .evaluate_prefix import EvalReport
 from .prepare_data import PreparedData
@@ -81,7 +81,7 @@ def register(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, repo
                         previous=registry.alias_version(name, "previous"), gate_passed=report.gate.passed)
 
 
-@task(name="register_prefix", cache_policy=INPUTS + TASK_SOURCE, persist_result=True, retries=3,
+@task(name="register_prefix", cache_policy=PER_RUN, persist_result=True, retries=3,
       retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_condition_fn=retry_on_io)
 def register_prefix(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, report: EvalReport, run_key: str,
                     mlflow_run_id: str) -> Registration:

@@ -77,6 +77,9 @@ class TrainSpec(_Strict):
     strategy: Strategy = "single"
     processes_per_machine: int = Field(1, ge=1)
     machines: int = Field(1, ge=1)
+    main_address: str = "127.0.0.1"
+    main_port: int | None = None
+    hang_timeout_s: float = 900
 
 
 class GateSpec(_Strict):
@@ -89,6 +92,7 @@ class EvaluateSpec(_Strict):
     metrics: list[Metric] = Field(default_factory=lambda: ["bleu", "rougeL"], min_length=1)
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(16, ge=1)
+    max_examples: int | None = Field(None, ge=1, description="evaluate on the first N test sources only")
     gate: GateSpec = Field(default_factory=GateSpec)
 
     @model_validator(mode="after")

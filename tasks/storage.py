@@ -39,9 +39,11 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 
 def s3_client():
+    """A client from a fresh session: endpoint and credentials are read from the environment now
+    (boto3's default session would keep the first credentials it saw)."""
     import boto3
 
-    return boto3.client("s3")
+    return boto3.session.Session().client("s3")
 
 
 def _s3_call(uri: str, fn):

@@ -17,6 +17,7 @@ from .errors import retry_on_io
 from .storage import home
 
 RUN_KEY_TAG = "prefixflow.run_key"
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def tracking_uri() -> str:

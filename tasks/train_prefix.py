@@ -15,14 +15,15 @@ import time
 from pathlib import Path
 
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 
 from . import tracking
+from .caching import PER_RUN
 from .devices import gpu_slots
 from .errors import TrainingError, retry_on_io
 from .prepare_data import PreparedData
+from .run_storage import CheckpointMirror, remote_checkpoints_uri
 from .spec import PipelineSpec
 from .storage import run_dir
 
@@ -103,6 +104,7 @@ class Progress:
         self.spec, self.run_id, self.logger = spec, mlflow_run_id, logger
         self.artifact_id = None
         self.end: dict = {}
+        self.on_checkpoint = None  # called with each complete checkpoint's path (the S3 mirror)
         try:
             from prefect.artifacts import create_progress_artifact
 
@@ -129,6 +131,8 @@ class Progress:
             self.logger.info("step %d: validation loss %.4f (best %.4f)", event["step"], event["eval_loss"],
                              event["best_eval_loss"])
             self._metrics({"eval_loss": event["eval_loss"]}, event["step"])
+        elif kind == "checkpoint" and self.on_checkpoint is not None:
+            self.on_checkpoint(Path(event["path"]))
         elif kind == "resume":
             self.logger.warning("resumed from checkpoint %s (step %d)", event["path"], event["step"])
         elif kind == "loaded":
@@ -144,11 +148,42 @@ class Progress:
                 self.logger.warning("could not log metrics to MLflow: %s", err)
 
 
+def _launch(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, progress: Progress,
+            logger) -> tuple[float, float]:
+    """Write the job, restore/mirror checkpoints, wait for a training slot and GPUs, run the launch.
+    Returns (launched_at, finished_at); raises TrainingError (bad input) or RuntimeError (retry)."""
+    from .launch import build_launch, run_launch
+
+    job = make_job(spec, data, run_key, folder)
+    job.to_json(folder / "job.json")
+    remote = remote_checkpoints_uri(spec.client, spec.task, run_key)
+    mirror = CheckpointMirror(folder / "checkpoints", remote, job.train["keep_checkpoints"]) if remote else None
+    if mirror is not None:
+        restored = mirror.restore()
+        if restored is not None:
+            logger.info("checkpoint %s restored from %s", restored.name, remote)
+        progress.on_checkpoint = mirror.push
+    with _training_slot(), gpu_slots(spec.train.processes_per_machine) as device_env:
+        launch = build_launch(spec.train, folder / "job.json")
+        launch.env.update(device_env)
+        launched = time.time()
+        logger.info("launching %s training: %s", spec.train.strategy, " ".join(launch.argv))
+        result = run_launch(launch, progress, log_file=folder / "train.log", hang_timeout_s=spec.train.hang_timeout_s)
+        landed = time.time()
+    for problem in mirror.close() if mirror is not None else []:
+        logger.warning("checkpoint not mirrored to %s: %s", remote, problem)
+    if result.reason == "user_error":
+        raise TrainingError(result.error or "training refused its input")
+    if result.reason != "ok":
+        tail = "\n".join(result.tail[-15:])
+        raise RuntimeError(f"training {result.reason} (exit code {result.returncode}): {result.error}; "
+                           f"full log: {folder / 'train.log'}\n{tail}")
+    return launched, landed
+
+
 def train(spec: PipelineSpec, data: PreparedData, run_key: str, mlflow_run_id: str | None = None,
           logger: logging.Logger | logging.LoggerAdapter = log) -> TrainOutcome:
     """Launch (or resume) the training of pipeline run ``run_key`` and wait for it."""
-    from .launch import build_launch, run_launch
-
     folder = run_dir(spec.client, spec.task, run_key)
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / "prefix"
@@ -157,23 +192,7 @@ def train(spec: PipelineSpec, data: PreparedData, run_key: str, mlflow_run_id: s
     if _finished(out):
         logger.info("prefix of run %s already trained: %s", run_key, out)
     else:
-        job = make_job(spec, data, run_key, folder)
-        job.to_json(folder / "job.json")
-        procs = spec.train.processes_per_machine
-        with _training_slot(), gpu_slots(procs) as device_env:
-            launch = build_launch(spec.train, folder / "job.json")
-            launch.env.update(device_env)
-            launched = time.time()
-            logger.info("launching %s training: %s", spec.train.strategy, " ".join(launch.argv))
-            result = run_launch(launch, progress, log_file=folder / "train.log",
-                                hang_timeout_s=spec.train.hang_timeout_s)
-            landed = time.time()
-        if result.reason == "user_error":
-            raise TrainingError(result.error or "training refused its input")
-        if result.reason != "ok":
-            tail = "\n".join(result.tail[-15:])
-            raise RuntimeError(f"training {result.reason} (exit code {result.returncode}): {result.error}; "
-                               f"full log: {folder / 'train.log'}\n{tail}")
+        launched, landed = _launch(spec, data, run_key, folder, progress, logger)
     history = _history(folder / "checkpoints")
     (folder / "history.json").write_text(json.dumps(history))
     end = progress.end
@@ -186,7 +205,7 @@ def train(spec: PipelineSpec, data: PreparedData, run_key: str, mlflow_run_id: s
         seconds=time.time() - started, launched_at=launched, finished_at=landed)
 
 
-@task(name="train_prefix", cache_policy=INPUTS + TASK_SOURCE, persist_result=True, retries=2,
+@task(name="train_prefix", cache_policy=PER_RUN, persist_result=True, retries=2,
       retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=retry_on_io)
 def train_prefix(spec: PipelineSpec, data: PreparedData, run_key: str, mlflow_run_id: str | None) -> TrainOutcome:
     """Prefect task over :func:`train`. Retried failures relaunch all ranks and resume from the newest

@@ -38,13 +38,20 @@ def _versions(name: str) -> list:
     return sorted(tracking.client().search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
 
 
-def test_pipeline_registers_a_champion_that_generates_as_evaluated(env):
+@pytest.fixture(scope="module")
+def first_run(env):
+    """The first, uninterrupted pipeline run of acme/rev (single process)."""
     from flows.pipeline import prefix_pipeline
+
+    return prefix_pipeline(parse_spec(spec_dict(env["model"], env["data"])), run_key="run-one")
+
+
+def test_pipeline_registers_a_champion_that_generates_as_evaluated(env, first_run):
     from prefix_core import MultiPrefixGenerator, PrefixArtifact, load_base_model
     from tasks import registry, tracking
 
     spec = parse_spec(spec_dict(env["model"], env["data"]))
-    result = prefix_pipeline(spec, run_key="run-one")
+    result = first_run
     reg = result.registration
     assert reg.created and reg.version == "1" and reg.champion == "1" and reg.previous is None
     mv = tracking.client().get_model_version(spec.registered_model, "1")
@@ -69,19 +76,20 @@ def test_pipeline_registers_a_champion_that_generates_as_evaluated(env):
     assert result.timings["total"] >= result.timings["train"] > 0
 
 
-def test_rerun_reuses_cached_work_and_registration_is_idempotent(env):
+def test_rerun_reuses_cached_work_and_registration_is_idempotent(env, first_run):
     from flows.pipeline import prefix_pipeline
     from tasks.register_prefix import register
 
     spec = parse_spec(spec_dict(env["model"], env["data"]))
-    first = prefix_pipeline(spec, run_key="run-one")  # same run: every task cached
+    first = prefix_pipeline(spec, run_key="run-one")  # same run again: data reused, later tasks cached
     assert first.data.reused
+    assert first.trained == first_run.trained and first.report == first_run.report  # not redone
     assert first.registration.version == "1" and len(_versions(spec.registered_model)) == 1
     again = register(spec, first.data, first.trained, first.report, "run-one", first.mlflow_run_id)
     assert not again.created and again.version == "1" and len(_versions(spec.registered_model)) == 1
 
 
-def test_gate_refuses_a_worse_candidate_and_keeps_the_champion(env):
+def test_gate_refuses_a_worse_candidate_and_keeps_the_champion(env, first_run):
     from flows.pipeline import prefix_pipeline
     from tasks import registry
 
@@ -144,3 +152,29 @@ def test_fleet_runs_at_most_n_trainings_at_once(env):
     spans = sorted((e.launched_at, e.finished_at) for e in entries)
     for (_, end), (start, _) in itertools.pairwise(spans):
         assert start >= end - 0.05, spans  # no two trainings overlapped
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["single", "ddp", "deepspeed-zero2"])
+def test_killed_rank_is_retried_by_prefect_and_resumes_exactly(env, first_run, strategy, monkeypatch, tmp_path):
+    """SIGKILL one rank after a random step past the step-3 checkpoint; Prefect retries the training task,
+    every rank is relaunched, training resumes from step 3 and ends with the uninterrupted run's prefix."""
+    import random
+
+    from flows.pipeline import prefix_pipeline
+    from prefix_core import PrefixArtifact
+
+    step = random.Random().choice([4, 5])  # after the step-3 checkpoint, before the last step
+    rank = 0 if strategy == "single" else random.Random().choice([0, 1])
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("PREFIXFLOW_FAULT", f"kill:{rank}:{step}:{marker}")
+    d = spec_dict(env["model"], env["data"], client="resume", task=strategy)
+    d["train"].update(strategy=strategy, processes_per_machine=1 if strategy == "single" else 2)
+    result = prefix_pipeline(parse_spec(d), run_key=f"kill-{strategy}")
+    assert marker.read_text() == str(step)  # the rank really died once
+    assert result.trained.resumed_from == 3 and result.trained.steps == 6
+    ours = PrefixArtifact.load(result.trained.artifact_uri).table()
+    reference = PrefixArtifact.load(first_run.trained.artifact_uri).table()
+    # exact for single; across strategies DDP/ZeRO all-reduce order gives ~2e-7 (the launch-level tests in
+    # test_distributed.py compare each strategy's resumed run with its own uninterrupted run at <= 1e-6)
+    assert (ours - reference).abs().max().item() <= (1e-6 if strategy == "single" else 1e-5)

@@ -39,25 +39,29 @@ def stack_env(live_stack, tmp_path_factory):
             os.environ[k] = v
 
 
-def _s3_keys(env: dict, prefix: str = "") -> list[str]:
+def _s3(env: dict):
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+    session = boto3.session.Session(aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                                    aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                                    region_name=env["AWS_DEFAULT_REGION"])
+    return session.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+
+
+def _s3_keys(env: dict, prefix: str = "") -> list[str]:
+    s3 = _s3(env)
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=env["PREFIXFLOW_S3_BUCKET"], Prefix=prefix)
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
 def test_pipeline_on_the_real_stack(stack_env, tmp_path):
-    import boto3
-
     from flows.cli import app
     from flows.pipeline import prefix_pipeline
     from tasks import tracking
 
     env = stack_env["env"]
     bucket = env["PREFIXFLOW_S3_BUCKET"]
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).upload_file(str(stack_env["data"]), bucket,
-                                                                         "datasets/rev.jsonl")
+    _s3(env).upload_file(str(stack_env["data"]), bucket, "datasets/rev.jsonl")
     spec = parse_spec(spec_dict(stack_env["model"], f"s3://{bucket}/datasets/rev.jsonl", client="stack"))
     result = prefix_pipeline(spec)
     assert result.registration.version == "1" and result.registration.champion == "1"
@@ -117,3 +121,34 @@ def test_served_deployment_runs_when_triggered(stack_env, tmp_path):
             server.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_checkpoints_in_s3_let_a_retry_on_another_machine_resume(stack_env, monkeypatch, tmp_path):
+    """PREFIXFLOW_RUN_STORAGE=s3://...: checkpoints are mirrored to S3; after the local run folder is
+    lost (another machine), the retry downloads the newest complete one and ends exactly as an
+    uninterrupted run."""
+    import shutil
+
+    from prefix_core import PrefixArtifact
+    from tasks.prepare_data import prepare
+    from tasks.storage import run_dir
+    from tasks.train_prefix import train
+
+    env = stack_env["env"]
+    monkeypatch.setenv("PREFIXFLOW_RUN_STORAGE", f"s3://{env['PREFIXFLOW_S3_BUCKET']}/runs")
+    spec = parse_spec(spec_dict(stack_env["model"], stack_env["data"], client="mirror"))
+    data = prepare(spec)
+    reference = train(spec, data, "reference")
+    monkeypatch.setenv("PREFIXFLOW_FAULT", f"kill:0:5:{tmp_path / 'killed'}")
+    with pytest.raises(RuntimeError, match="rank 0 died"):
+        train(spec, data, "crashing")
+    keys = _s3_keys(env, "runs/mirror/rev/crashing/checkpoints/")
+    assert any(k.endswith("step-00000003/COMPLETE") for k in keys), keys
+    assert any(k.endswith("step-00000003/trainable.safetensors") for k in keys)
+    shutil.rmtree(run_dir("mirror", "rev", "crashing"))  # the first machine and its disk are gone
+    resumed = train(spec, data, "crashing")
+    assert resumed.resumed_from == 3 and resumed.steps == 6
+    diff = PrefixArtifact.load(resumed.artifact_uri).table() - PrefixArtifact.load(reference.artifact_uri).table()
+    assert diff.abs().max().item() <= 1e-6
+    steps = {k.split("/")[-2] for k in _s3_keys(env, "runs/mirror/rev/crashing/checkpoints/")}
+    assert steps == {"step-00000003", "step-00000006"}  # pruned to the newest two

@@ -1,0 +1,272 @@
+"""The training job run inside every process that ``accelerate launch`` starts.
+
+    python -m tasks.train_job JOB.json
+
+``JOB.json`` is a :class:`TrainJob`. Every rank loads the base model and the prepared data and runs
+the same :class:`prefix_core.train.Trainer`; the main process prints one ``PREFIXFLOW_EVENT {json}``
+line per trainer event (plus ``loaded`` after the model is loaded and ``artifact`` at the end) and
+writes the folded prefix artifact to ``output_dir`` (atomically). A user error prints one line
+``PREFIXFLOW_ERROR <message>`` and exits with code 3 (retrying will not help); anything else
+propagates (traceback, exit code 1). ``tasks/launch.py`` builds the command and reads the output.
+
+Test-only fault injection: ``PREFIXFLOW_FAULT=kill:RANK:STEP[:ONCE_FILE]`` makes that rank SIGKILL
+itself after finishing STEP (after its checkpoint, if one is due at that step); with ONCE_FILE, only once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+EVENT_PREFIX = "PREFIXFLOW_EVENT "
+ERROR_PREFIX = "PREFIXFLOW_ERROR "
+USER_ERROR_EXIT = 3
+STRATEGIES = ("single", "ddp", "deepspeed-zero2", "deepspeed-zero3")
+FAULT_ENV = "PREFIXFLOW_FAULT"
+
+
+class UserError(Exception):
+    """A problem with the job itself (bad settings, missing data): reported, never retried."""
+
+
+@dataclass
+class TrainJob:
+    """Everything one training launch needs; written by the pipeline, read by every rank."""
+
+    base_model: str
+    data_dir: str
+    template: str
+    prefix: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    strategy: str = "single"
+    checkpoint_dir: str = ""
+    output_dir: str = ""
+    manifest_fields: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
+        if not self.output_dir:
+            raise ValueError("output_dir is required: the folded prefix artifact is written there")
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write the job atomically (a temporary file renamed into place)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> TrainJob:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"job file {path} does not exist") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"job file {path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"job file {path} must hold a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"job file {path} has unknown fields {unknown}; known: {sorted(known)}")
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise ValueError(f"job file {path}: {err}") from None
+
+
+# --- output protocol -------------------------------------------------------------------------------
+def print_event(event: dict) -> None:
+    """One ``PREFIXFLOW_EVENT`` line, flushed (so the launcher sees progress as it happens)."""
+    sys.stdout.write(EVENT_PREFIX + json.dumps(event, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def print_error(message: str) -> None:
+    line = " ".join(str(message).split())  # one line
+    sys.stdout.write(ERROR_PREFIX + line + "\n")
+    sys.stdout.flush()
+
+
+# --- data ------------------------------------------------------------------------------------------
+def read_examples(path: Path) -> list:
+    """Examples from a prepared jsonl file (one object per line with "source" and "target")."""
+    from prefix_core import Example
+
+    if not path.is_file():
+        raise UserError(f"prepared data file {path} does not exist")
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                out.append(Example(str(row["source"]), str(row["target"])))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise UserError(f"{path}:{n}: expected a JSON object with 'source' and 'target' ({err})") from None
+    return out
+
+
+def _configs(job: TrainJob):
+    from prefix_core import PrefixConfig
+    from prefix_core.data import check_template
+    from prefix_core.train import TrainConfig
+
+    check_template(job.template)
+    for name, cls, values in (("prefix", PrefixConfig, job.prefix), ("train", TrainConfig, job.train)):
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise UserError(f"job.{name} has unknown fields {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+    return PrefixConfig(**job.prefix), TrainConfig(**job.train)
+
+
+def _fault_hook():
+    """Test-only: ``PREFIXFLOW_FAULT=kill:RANK:STEP[:ONCE_FILE]`` kills that rank with SIGKILL after
+    STEP; with ONCE_FILE only the first time (the file records that it happened), so a retried
+    launch that passes STEP again survives."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    kind, rank, step, *once = spec.split(":", 3)
+    if kind != "kill":
+        raise ValueError(f"{FAULT_ENV}: unknown fault {kind!r}")
+
+    def hook(trainer) -> None:
+        if trainer.step == int(step) and trainer.acc.process_index == int(rank):
+            if once:
+                if os.path.exists(once[0]):
+                    return
+                Path(once[0]).write_text(str(trainer.step))
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+# --- the job ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _whole_model_loading(acc):
+    """Load the base model whole on every rank, also under ZeRO-3. Accelerate registers its DeepSpeed
+    config with transformers whatever ``zero3_init_flag`` says, and ``from_pretrained`` would then
+    build the model already partitioned (zero.Init), before PrefixModel can probe its attention.
+    The base is sharded when the Trainer prepares it instead."""
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    plugin.dschf = None
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+def _shutdown(acc) -> None:
+    import torch.distributed as dist
+
+    acc.wait_for_everyone()
+    acc.end_training()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_job(job: TrainJob) -> Path | None:
+    """Train and export; returns the artifact path on the main process (None on the others)."""
+    from prefix_core import PrefixModel, load_base_model
+    from prefix_core.data import encode
+    from prefix_core.train import Trainer, make_accelerator
+
+    # Validation first: a user error here is raised on every rank before any collective.
+    try:
+        prefix_cfg, train_cfg = _configs(job)
+        data_dir = Path(job.data_dir)
+        train = read_examples(data_dir / "train.jsonl")
+        val_path = data_dir / "validation.jsonl"
+        validation = read_examples(val_path) if val_path.exists() else []
+    except (ValueError, TypeError) as err:
+        raise UserError(str(err)) from err
+
+    acc = make_accelerator()
+    main = acc.is_main_process
+    emit = print_event if main else (lambda event: None)
+    try:
+        with _whole_model_loading(acc):
+            base, tokenizer = load_base_model(job.base_model, device=acc.device)
+        model = PrefixModel(base, prefix_cfg, tokenizer=tokenizer)
+        enc_dec = bool(base.config.is_encoder_decoder)
+        train_enc = encode(tokenizer, train, job.template, train_cfg.max_length, encoder_decoder=enc_dec)
+        val_enc = encode(tokenizer, validation, job.template, train_cfg.max_length, encoder_decoder=enc_dec) \
+            if validation else []
+        emit({"event": "loaded", "base_model": job.base_model, "strategy": job.strategy,
+              "processes": acc.num_processes, "device": str(acc.device),
+              "trainable_parameters": model.trainable_parameters(), "train_examples": len(train_enc),
+              "eval_examples": len(val_enc), "truncated": sum(e.truncated for e in train_enc)})
+        trainer = Trainer(model, tokenizer, train_enc, train_cfg, val_enc, job.checkpoint_dir or None, [emit], acc)
+    except ValueError as err:  # config validation (batch sizes, template, init text ...)
+        raise UserError(str(err)) from err
+    hook = _fault_hook()
+    if hook is not None:
+        trainer.step_hooks.append(hook)
+    result = trainer.run()  # ends with the prefix consolidated on every rank
+    path = None
+    if main:
+        training = {"strategy": job.strategy, "processes": acc.num_processes, "config": train_cfg.to_dict(),
+                    "steps": result.steps, "stopped_early": result.stopped_early,
+                    "best_eval_loss": result.best_eval_loss, "final_train_loss": result.final_train_loss,
+                    "resumed_from": result.resumed_from, "train_tokens": result.train_tokens}
+        extra = dict(job.manifest_fields)
+        extra["training"] = {**extra.get("training", {}), **training}
+        extra.setdefault("prompt_template", job.template)
+        artifact = model.export(**extra)
+        path = artifact.save(job.output_dir)
+        emit({"event": "artifact", "path": str(path)})
+    _shutdown(acc)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    if len(args) != 1:
+        print_error("usage: python -m tasks.train_job JOB.json")
+        return USER_ERROR_EXIT
+    from prefix_core import PrefixError
+
+    try:
+        job = TrainJob.from_json(args[0])
+    except ValueError as err:
+        print_error(str(err))
+        return USER_ERROR_EXIT
+    deepspeed = job.strategy.startswith("deepspeed")
+    try:
+        run_job(job)
+    except (UserError, PrefixError) as err:
+        # Only validation errors and prefix_core's own errors: a ValueError raised while training is
+        # a bug or a crash and propagates (traceback, exit 1) like any other exception.
+        print_error(str(err))
+        sys.stderr.flush()
+        os._exit(USER_ERROR_EXIT)  # no collective shutdown: the other ranks may be elsewhere
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if deepspeed:
+        os._exit(0)  # DeepSpeed (ZeRO-3) can abort in interpreter teardown after a clean run
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""tasks.launch: the accelerate command per strategy, and running it as a gang (fast: fake ranks)."""
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks import launch as launch_mod
+from tasks.launch import Launch, build_launch, run_launch
+from tasks.spec import TrainSpec
+from tasks.train_job import TrainJob
+
+REPO = Path(__file__).resolve().parent.parent
+GANG = str(REPO / "tests" / "workers" / "gang.py")
+
+
+def opt(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def alive(pid: int) -> bool:
+    """Running (not a zombie)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def pids_in(lines: list[str]) -> list[int]:
+    return sorted({int(w) for line in lines for w in line.split() if w.isdigit() and int(w) > 1})
+
+
+# --- build_launch ----------------------------------------------------------------------------------
+@pytest.fixture
+def cpu_only(monkeypatch):
+    monkeypatch.setattr(launch_mod, "visible_gpus", lambda: 0)
+
+
+def test_single_on_cpu(cpu_only, tmp_path):
+    job = tmp_path / "job.json"
+    lw = build_launch(TrainSpec(strategy="single"), job)
+    assert lw.argv[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert lw.argv[-3:] == ["-m", "tasks.train_job", str(job)]
+    assert opt(lw.argv, "--num_processes") == "1" and opt(lw.argv, "--num_machines") == "1"
+    assert opt(lw.argv, "--config_file").endswith("infra/accelerate/single.yaml")
+    assert Path(opt(lw.argv, "--config_file")).is_file()
+    assert opt(lw.argv, "--mixed_precision") == "no"
+    assert "--multi_gpu" not in lw.argv and "--use_deepspeed" not in lw.argv
+    assert lw.env["ACCELERATE_USE_CPU"] == "1" and "DS_ACCELERATOR" not in lw.env
+    assert 1 <= int(opt(lw.argv, "--main_process_port")) < 65536
+
+
+def test_ddp_on_cpu(cpu_only, tmp_path):
+    lw = build_launch(TrainSpec(strategy="ddp", processes_per_machine=2), tmp_path / "job.json", main_port=29555)
+    assert "--multi_gpu" in lw.argv and opt(lw.argv, "--num_processes") == "2"
+    assert opt(lw.argv, "--config_file").endswith("infra/accelerate/ddp.yaml")
+    assert opt(lw.argv, "--main_process_port") == "29555" and opt(lw.argv, "--main_process_ip") == "127.0.0.1"
+    assert lw.env["ACCELERATE_USE_CPU"] == "1"  # FACTS: --multi_gpu + ACCELERATE_USE_CPU -> gloo
+    assert int(opt(lw.argv, "--num_cpu_threads_per_process")) >= 1
+
+
+@pytest.mark.parametrize(("strategy", "stage"), [("deepspeed-zero2", 2), ("deepspeed-zero3", 3)])
+def test_deepspeed_on_cpu(cpu_only, tmp_path, strategy, stage):
+    lw = build_launch(TrainSpec(strategy=strategy, processes_per_machine=2), tmp_path / "job.json")
+    assert "--use_deepspeed" in lw.argv and opt(lw.argv, "--num_processes") == "2"
+    ds = json.loads(Path(opt(lw.argv, "--deepspeed_config_file")).read_text())
+    assert ds["zero_optimization"]["stage"] == stage
+    assert "optimizer" not in ds and "scheduler" not in ds  # only the prefix's AdamW, from the trainer
+    assert opt(lw.argv, "--zero3_init_flag") == "false"
+    assert opt(lw.argv, "--deepspeed_multinode_launcher") == "standard"
+    assert lw.env["DS_ACCELERATOR"] == "cpu"
+    assert "ACCELERATE_USE_CPU" not in lw.env  # it would switch DeepSpeed off inside Accelerator
+
+
+def test_multi_machine(cpu_only, tmp_path):
+    spec = TrainSpec(strategy="ddp", processes_per_machine=2, machines=3, main_address="10.0.0.5", main_port=29500)
+    lw = build_launch(spec, tmp_path / "job.json", machine_rank=2)
+    assert opt(lw.argv, "--num_processes") == "6" and opt(lw.argv, "--num_machines") == "3"
+    assert opt(lw.argv, "--machine_rank") == "2"
+    assert opt(lw.argv, "--main_process_ip") == "10.0.0.5" and opt(lw.argv, "--main_process_port") == "29500"
+    lw = build_launch(spec, tmp_path / "job.json", machine_rank=1, main_address="10.0.0.9", main_port=1234)
+    assert opt(lw.argv, "--main_process_ip") == "10.0.0.9" and opt(lw.argv, "--main_process_port") == "1234"
+    with pytest.raises(ValueError, match="main_port"):
+        build_launch(spec.model_copy(update={"main_port": None}), tmp_path / "job.json")
+    with pytest.raises(ValueError, match="machine_rank"):
+        build_launch(spec, tmp_path / "job.json", machine_rank=3)
+    with pytest.raises(ValueError, match="one process"):
+        build_launch(TrainSpec(strategy="single", processes_per_machine=2), tmp_path / "job.json")
+
+
+def test_gpus_use_nccl_and_keep_cuda_visible_devices(monkeypatch, tmp_path):
+    monkeypatch.setattr(launch_mod, "visible_gpus", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    for strategy in ("ddp", "deepspeed-zero3"):
+        lw = build_launch(TrainSpec(strategy=strategy, processes_per_machine=2), tmp_path / "job.json")
+        assert "ACCELERATE_USE_CPU" not in lw.env and "CUDA_VISIBLE_DEVICES" not in lw.env
+        assert "--num_cpu_threads_per_process" not in lw.argv
+        assert lw.env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert lw.env["DS_ACCELERATOR"] == "cuda"
+    with pytest.raises(ValueError, match="visible GPU"):
+        build_launch(TrainSpec(strategy="ddp", processes_per_machine=4), tmp_path / "job.json")
+
+
+# --- run_launch: output, events, errors ------------------------------------------------------------
+def test_events_log_and_ok(tmp_path):
+    code = ("import json\nprint('hello')\n"
+            "for i in range(3): print('PREFIXFLOW_EVENT ' + json.dumps({'event': 'step', 'step': i}), flush=True)\n"
+            "print('PREFIXFLOW_EVENT not json')")
+    events = []
+    res = run_launch(Launch([sys.executable, "-c", code], {}), events.append, log_file=tmp_path / "logs" / "x.log")
+    assert (res.returncode, res.reason, res.error) == (0, "ok", None)
+    assert [e["step"] for e in events] == [0, 1, 2]
+    assert (tmp_path / "logs" / "x.log").read_text().splitlines()[0] == "hello"
+    assert res.tail[-1] == "PREFIXFLOW_EVENT not json"
+
+
+def test_failure_summary(tmp_path):
+    code = "import sys\nprint('working')\nraise RuntimeError('disk on fire')"
+    res = run_launch(Launch([sys.executable, "-c", code], {}), lambda e: None, log_file=tmp_path / "log")
+    assert res.returncode == 1 and res.reason == "failed"
+    assert res.error == "RuntimeError: disk on fire"
+
+
+def test_user_error_from_the_job(tmp_path):
+    """A real train_job with an invalid template: PREFIXFLOW_ERROR, exit code 3, reason user_error."""
+    job = TrainJob(base_model="unused", data_dir=str(tmp_path), template="no placeholder", strategy="single",
+                   output_dir=str(tmp_path / "out")).to_json(tmp_path / "job.json")
+    direct = Launch([sys.executable, "-m", "tasks.train_job", str(job)], {"PYTHONPATH": str(REPO)})
+    res = run_launch(direct, lambda e: None, log_file=tmp_path / "log", cwd=REPO)
+    assert res.returncode == 3 and res.reason == "user_error"
+    assert "{source}" in res.error and "\n" not in res.error
+
+
+def test_user_error_through_accelerate(cpu_only, tmp_path):
+    job = TrainJob(base_model="unused", data_dir=str(tmp_path), template="{source}", strategy="single",
+                   train={"batch_size": 0}, output_dir=str(tmp_path / "out")).to_json(tmp_path / "job.json")
+    res = run_launch(build_launch(TrainSpec(strategy="single"), job), lambda e: None, log_file=tmp_path / "log")
+    assert res.returncode != 0 and res.reason == "user_error"
+    assert "batch_size must be >= 1" in res.error
+
+
+def test_on_event_exception_kills_the_group_and_propagates(tmp_path):
+    code = "import time\nprint('PREFIXFLOW_EVENT {\"event\": \"x\"}', flush=True)\ntime.sleep(600)"
+
+    def boom(event):
+        raise KeyError("callback failed")
+
+    t = time.monotonic()
+    with pytest.raises(KeyError):
+        run_launch(Launch([sys.executable, "-c", code], {}), boom, log_file=tmp_path / "log")
+    assert time.monotonic() - t < 30
+
+
+# --- run_launch: gang semantics --------------------------------------------------------------------
+def test_hang_kills_the_whole_group(monkeypatch, tmp_path):
+    """No output for hang_timeout_s: SIGTERM (ignored here), then SIGKILL; nothing survives."""
+    monkeypatch.setattr(launch_mod, "TERM_GRACE_S", 1.0)
+    t = time.monotonic()
+    res = run_launch(Launch([sys.executable, GANG, "launcher", "hang", "-m", "gang-rank"], {}), lambda e: None,
+                     log_file=tmp_path / "log", hang_timeout_s=2)
+    took = time.monotonic() - t
+    assert res.reason == "hung" and "no output for 2 s" in res.error
+    assert res.returncode == -signal.SIGKILL
+    pids = pids_in(res.tail)
+    assert len(pids) == 3 and not any(alive(p) for p in pids)
+    assert took < 15
+
+
+def test_dying_rank_tears_down_a_launcher_that_does_not(monkeypatch, tmp_path):
+    """The fake launcher ignores its dead rank: run_launch's own bound (GANG_GRACE_S) kills the group."""
+    monkeypatch.setattr(launch_mod, "GANG_GRACE_S", 1.0)
+    t = time.monotonic()
+    res = run_launch(Launch([sys.executable, GANG, "launcher", "die", "-m", "gang-rank"], {}), lambda e: None,
+                     log_file=tmp_path / "log", hang_timeout_s=60)
+    assert res.reason == "failed" and "a rank exited" in res.error
+    pids = pids_in([line for line in res.tail if "pid" in line])
+    assert len(pids) >= 3 and not any(alive(p) for p in pids)
+    assert time.monotonic() - t < 20
+
+
+def test_launcher_exit_leaves_no_orphans(tmp_path):
+    res = run_launch(Launch([sys.executable, GANG, "launcher", "orphan", "-m", "gang-rank"], {}), lambda e: None,
+                     log_file=tmp_path / "log", hang_timeout_s=60)
+    assert res.returncode == 0
+    time.sleep(0.2)
+    pids = pids_in([line for line in res.tail if "pid" in line])
+    assert pids and not any(alive(p) for p in pids)
+
+
+def test_torchrun_stops_the_gang_when_a_rank_dies(cpu_only, tmp_path):
+    """accelerate launch --multi_gpu (torchrun) on CPU: rank 1 exits 1, torchrun stops rank 0 itself."""
+    lw = build_launch(TrainSpec(strategy="ddp", processes_per_machine=2), tmp_path / "job.json")
+    lw.argv[-3:] = ["-m", "tests.workers.torchrun_rank"]
+    t = time.monotonic()
+    res = run_launch(lw, lambda e: None, log_file=tmp_path / "log", hang_timeout_s=120, cwd=REPO)
+    took = time.monotonic() - t
+    assert res.reason == "failed" and res.returncode != 0
+    assert "rank 1 died (exit code 1)" in res.error and "simulated crash" in res.error
+    log = (tmp_path / "log").read_text()
+    ranks = [int(line.split()[-1]) for line in log.splitlines() if line.startswith("rank ") and " pid " in line]
+    assert len(ranks) == 2 and not any(alive(p) for p in ranks)
+    assert took < launch_mod.GANG_GRACE_S  # torchrun did it, not our fallback
+    assert os.environ.get("PREFIXFLOW_FAULT") is None
