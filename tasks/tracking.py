@@ -37,13 +37,10 @@ def client():
     """An MlflowClient for the configured tracking server and registry."""
     import logging
 
-    import mlflow
     from mlflow import MlflowClient
 
     logging.getLogger("alembic").setLevel(logging.WARNING)  # SQLite migrations on first use
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)  # helpers that use the global client (artifact downloads) must agree
-    mlflow.set_registry_uri(uri)
+    uri = tracking_uri()  # passed explicitly: mlflow.set_tracking_uri() would export MLFLOW_TRACKING_URI
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

@@ -41,6 +41,7 @@ def test_demo_job_end_to_end(tmp_path, monkeypatch):
     result = run_demo(tmp_path, steps=20)
     p = result.pipeline
     assert (tmp_path / "mlflow" / "mlflow.db").exists() and (tmp_path / "prefect").is_dir()
+    assert list((tmp_path / "mlflow" / "artifacts").rglob("prefix.safetensors"))  # all under the state folder
     art = PrefixArtifact.load(result.pulled)
     assert art.prompt_template == TEMPLATE and art.manifest["pipeline"]["client"] == "demo"
     assert p.registration.version == "1" and result.pulled_alias in ("champion", "candidate")

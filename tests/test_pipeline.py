@@ -62,6 +62,7 @@ def test_pipeline_registers_a_champion_that_generates_as_evaluated(env, first_ru
     assert registry.alias_version(spec.registered_model, "candidate") == "1"
     run = tracking.client().get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED" and "test_bleu" in run.data.metrics and "train_loss" in run.data.metrics
+    assert run.info.artifact_uri.startswith((env["root"] / "state" / "mlflow" / "artifacts").as_uri())
     artifacts = {a.path for a in tracking.client().list_artifacts(result.mlflow_run_id, "eval")}
     assert {"eval/samples.json", "eval/loss_curve.png", "eval/report.json"} <= artifacts
     # pulled @champion generates exactly what the evaluation generated before registration
