@@ -242,8 +242,8 @@ def pull(
 @app.command()
 def generate(
     prompt: list[str] = typer.Argument(..., help="one or more prompts"),
-    prefix: str | None = typer.Option(None, help="prefix folder or registry reference (CLIENT/TASK@ALIAS, "
-                                                 "models:/...); omit to use the bare base model"),
+    prefix: str | None = typer.Option(None, help="prefix folder, s3:// folder or registry reference "
+                                                 "(CLIENT/TASK@ALIAS, models:/...); omit for the bare base model"),
     model: str | None = typer.Option(None, help="base model (default: the one recorded in the prefix)"),
     template: bool = typer.Option(True, help="render prompts through the prefix's prompt template"),
     max_new_tokens: int = typer.Option(48, min=1),
@@ -251,11 +251,12 @@ def generate(
     """Generate with a prefix (or none, for comparison)."""
     from prefix_core import MultiPrefixGenerator, PrefixArtifact, PrefixError, load_base_model
     from tasks import registry
+    from tasks.storage import fetch_dir
 
     try:
         art = None
         if prefix:
-            path = registry.download(prefix) if registry.is_ref(prefix) else Path(prefix)
+            path = registry.download(prefix) if registry.is_ref(prefix) else fetch_dir(prefix)
             art = PrefixArtifact.load(path)
         name = model or (art.manifest["base_model"]["name"] if art else "smollm2-135m")
         base, tok = load_base_model(name)

@@ -103,6 +103,28 @@ def fetch(uri: str) -> Path:
     return target
 
 
+def fetch_dir(uri: str) -> Path:
+    """A local folder for ``uri``: local paths as they are; ``s3://BUCKET/PREFIX`` downloaded (every
+    object under the prefix) into a new temporary folder."""
+    import tempfile
+
+    if not is_s3(uri):
+        return Path(uri)
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    prefix = prefix.rstrip("/") + "/"
+    client = s3_client()
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    keys = [o["Key"] for page in _s3_call(uri, lambda: list(pages)) for o in page.get("Contents", [])]
+    if not keys:
+        raise DataError(f"nothing under {uri}; check the bucket and prefix")
+    target = Path(tempfile.mkdtemp(prefix="prefixflow-s3-"))
+    for key in keys:
+        dest = target / key[len(prefix) :]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _s3_call(uri, lambda key=key, dest=dest: client.download_file(bucket, key, str(dest)))
+    return target
+
+
 def upload_dir(local: Path, uri: str) -> list[str]:
     """Upload every file under ``local`` to ``s3://BUCKET/PREFIX/...``; returns the object keys."""
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")

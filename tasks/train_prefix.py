@@ -154,6 +154,12 @@ def _launch(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, 
     Returns (launched_at, finished_at); raises TrainingError (bad input) or RuntimeError (retry)."""
     from .launch import build_launch, run_launch
 
+    if spec.train.machines > 1:
+        raise TrainingError(
+            f"train.machines is {spec.train.machines}: the pipeline launches training on the machine that runs "
+            "the flow and cannot start the other machines itself yet. Launch multi-machine training with the "
+            "Kubernetes Indexed Job (infra/k8s/multinode-train.yaml) or Slurm as in docs/scale-out.md, or set "
+            "train.machines: 1 with more processes_per_machine")
     job = make_job(spec, data, run_key, folder)
     job.to_json(folder / "job.json")
     remote = remote_checkpoints_uri(spec.client, spec.task, run_key)

@@ -4,7 +4,10 @@ the tiny model can learn quickly, and spec dicts."""
 from __future__ import annotations
 
 import json
+import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from conftest import char_tokenizer, make_base
@@ -50,3 +53,21 @@ def spec_dict(model_dir: Path, source: Path, client: str = "acme", task: str = "
         else:
             spec[section] = value
     return spec
+
+
+@contextmanager
+def patched_environ(values: dict[str, str], unset: tuple[str, ...] = ()) -> Iterator[None]:
+    """os.environ with ``values`` set and ``unset`` removed, restored afterwards (for module-scoped fixtures,
+    where pytest's monkeypatch is not available)."""
+    saved = {k: os.environ.get(k) for k in (*values, *unset)}
+    os.environ.update(values)
+    for k in unset:
+        os.environ.pop(k, None)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -4,10 +4,9 @@ end to end, cache reuse, idempotent registration, the gate, bad input, fleet con
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
-from pipeline_fixtures import save_tiny_model, spec_dict, write_task
+from pipeline_fixtures import patched_environ, save_tiny_model, spec_dict, write_task
 from typer.testing import CliRunner
 
 from tasks.spec import parse_spec
@@ -19,17 +18,10 @@ def env(tmp_path_factory):
     from prefect.testing.utilities import prefect_test_harness
 
     root = tmp_path_factory.mktemp("pipeline")
-    saved = {k: os.environ.get(k) for k in ("PREFIXFLOW_HOME", "MLFLOW_TRACKING_URI")}
-    os.environ["PREFIXFLOW_HOME"] = str(root / "state")
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    with prefect_test_harness(server_startup_timeout=120):
+    with patched_environ({"PREFIXFLOW_HOME": str(root / "state")}, unset=("MLFLOW_TRACKING_URI",)), \
+            prefect_test_harness(server_startup_timeout=120):
         yield {"root": root, "model": save_tiny_model(root / "tiny-llama"),
                "data": write_task(root / "rev.jsonl", n=120)}
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _versions(name: str) -> list:
@@ -108,6 +100,16 @@ def test_gate_refuses_a_worse_candidate_and_keeps_the_champion(env, first_run):
     assert registry.alias_version(spec.registered_model, "previous") == "1"
     assert registry.rollback(spec.registered_model) == ("2", "1")
     assert registry.alias_version(spec.registered_model, "champion") == "1"
+    # the same through the CLI, and a clear message for a version that does not exist
+    from flows.cli import app
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["promote", "acme/rev@candidate"])
+    assert out.exit_code == 0 and "v1 -> v2" in out.output, out.output
+    out = runner.invoke(app, ["rollback", "acme/rev"])
+    assert out.exit_code == 0 and registry.alias_version(spec.registered_model, "champion") == "1"
+    out = runner.invoke(app, ["promote", "acme/rev/9"])
+    assert out.exit_code == 2 and "has no version 9" in out.output and "Traceback" not in out.output
 
 
 @pytest.mark.parametrize("problem,message", [

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import yaml
-from pipeline_fixtures import save_tiny_model, spec_dict, write_task
+from pipeline_fixtures import patched_environ, save_tiny_model, spec_dict, write_task
 from typer.testing import CliRunner
 
 from tasks.spec import parse_spec
@@ -27,16 +27,9 @@ def stack_env(live_stack, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("stackpipe")
     env = {**live_stack, "PREFIXFLOW_HOME": str(root / "state")}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+    with patched_environ(env), temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
         yield {"env": env, "root": root, "model": save_tiny_model(root / "tiny-llama"),
                "data": write_task(root / "rev.jsonl", n=120)}
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _s3(env: dict):
@@ -84,6 +77,13 @@ def test_pipeline_on_the_real_stack(stack_env, tmp_path):
     gen = runner.invoke(app, ["generate", "--prefix", str(out), "--max-new-tokens", "12", sample["source"]])
     assert gen.exit_code == 0, gen.output
     assert sample["candidate"] in gen.output.split("\n", 1)[1]
+    # the same prefix served from an s3:// folder
+    from tasks.storage import upload_dir
+
+    upload_dir(out, f"s3://{bucket}/served/stack-rev")
+    gen_s3 = runner.invoke(app, ["generate", "--prefix", f"s3://{bucket}/served/stack-rev", "--max-new-tokens", "12",
+                                 sample["source"]])
+    assert gen_s3.exit_code == 0 and gen_s3.output == gen.output, gen_s3.output
 
 
 def test_served_deployment_runs_when_triggered(stack_env, tmp_path):
