@@ -25,6 +25,18 @@ CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 :\n[]=,.?!")
 VOCAB = {c: i for i, c in enumerate(["<pad>", "<eos>", "<bos>", *CHARS])}
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """Stop Prefect's ephemeral API servers (started by flows run without a harness) while output is still
+    captured; at interpreter exit their log line would hit a closed stream."""
+    import sys
+
+    if "prefect.server.api.server" in sys.modules:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        for server in list(SubprocessASGIServer._instances.values()):
+            server.stop()
+
+
 def char_tokenizer() -> PreTrainedTokenizerFast:
     tk = Tokenizer(models.WordLevel(VOCAB, unk_token="<pad>"))
     tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
