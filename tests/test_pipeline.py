@@ -181,3 +181,16 @@ def test_killed_rank_is_retried_by_prefect_and_resumes_exactly(env, first_run, s
     # exact for single; across strategies DDP/ZeRO all-reduce order gives ~2e-7 (the launch-level tests in
     # test_distributed.py compare each strategy's resumed run with its own uninterrupted run at <= 1e-6)
     assert (ours - reference).abs().max().item() <= (1e-6 if strategy == "single" else 1e-5)
+
+
+def test_flow_parameter_is_the_spec_form():
+    """The Prefect UI renders the flow's parameters from this schema: the spec as a typed form."""
+    from flows.pipeline import prefix_pipeline
+
+    schema = prefix_pipeline.parameters.model_dump()
+    assert schema["required"] == ["spec"]
+    spec_def = schema["definitions"]["PipelineSpec"]
+    assert {"client", "task", "base_model", "data", "train", "evaluate", "schedule"} <= set(spec_def["properties"])
+    assert "pattern" in spec_def["properties"]["client"]
+    strategy = schema["definitions"]["TrainSpec"]["properties"]["strategy"]
+    assert strategy["enum"] == ["single", "ddp", "deepspeed-zero2", "deepspeed-zero3"]

@@ -83,3 +83,22 @@ def test_bad_data_gives_one_clear_message(home, model_dir, case, content, fields
     assert message in str(err.value)
     assert "Traceback" not in str(err.value) and len(str(err.value).splitlines()) == 1
     assert not list((home / "state").glob("data/*/*/*/meta.json"))  # nothing half-written
+
+
+@pytest.mark.parametrize("kind", ["parquet", "saved_dataset", "csv_numbers"])
+def test_other_formats_load_the_same_rows(home, model_dir, kind):
+    import datasets
+
+    rows = [{"source": f"item {i}", "target": f"answer {i}"} for i in range(40)]
+    if kind == "parquet":
+        src = home / "data.parquet"
+        datasets.Dataset.from_list(rows).to_parquet(str(src))
+    elif kind == "saved_dataset":
+        src = home / "saved"
+        datasets.Dataset.from_list(rows).save_to_disk(str(src))
+    else:  # numeric targets (a label task) are read as text
+        src = home / "labels.csv"
+        src.write_text("source,target\n" + "".join(f"item {i},{i % 3}\n" for i in range(40)))
+    out = prepare(_spec(model_dir, src))
+    assert out.counts["read"] == 40 and out.counts["rejected"] == 0
+    assert all(isinstance(r["target"], str) for r in read_split(out.uri, "train"))
