@@ -196,6 +196,7 @@ def test_torchrun_stops_the_gang_when_a_rank_dies(cpu_only, tmp_path):
     """accelerate launch --multi_gpu (torchrun) on CPU: rank 1 exits 1, torchrun stops rank 0 itself."""
     lw = build_launch(TrainSpec(strategy="ddp", processes_per_machine=2), tmp_path / "job.json")
     lw.argv[-3:] = ["-m", "tests.workers.torchrun_rank"]
+    lw.env["GANG_TEST_DIR"] = str(tmp_path)
     t = time.monotonic()
     res = run_launch(lw, lambda e: None, log_file=tmp_path / "log", hang_timeout_s=120, cwd=REPO)
     took = time.monotonic() - t
