@@ -105,14 +105,13 @@ class Progress:
         self.artifact_id = None
         self.end: dict = {}
         self.on_checkpoint = None  # called with each complete checkpoint's path (the S3 mirror)
-        try:
-            from prefect.artifacts import create_progress_artifact
+        from prefect.artifacts import create_progress_artifact
+        from prefect.context import TaskRunContext
 
+        if TaskRunContext.get() is not None:  # in a task run; called directly: logs and MLflow only
             self.artifact_id = create_progress_artifact(
                 progress=0.0, key=f"{spec.client}-{spec.task}-training",
                 description=f"training {spec.client}/{spec.task}: {spec.train.max_steps} steps")
-        except Exception:  # outside a flow run (direct call): logs and MLflow only
-            self.artifact_id = None
 
     def __call__(self, event: dict) -> None:
         for listener in LISTENERS:

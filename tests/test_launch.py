@@ -207,3 +207,22 @@ def test_torchrun_stops_the_gang_when_a_rank_dies(cpu_only, tmp_path):
     assert len(ranks) == 2 and not any(alive(p) for p in ranks)
     assert took < launch_mod.GANG_GRACE_S  # torchrun did it, not our fallback
     assert os.environ.get("PREFIXFLOW_FAULT") is None
+
+
+def test_pipeline_refuses_multi_machine_training_with_guidance(tmp_path, monkeypatch):
+    """train_prefix runs on the flow's machine: a multi-machine spec is refused (not retried) with a pointer
+    to the Kubernetes / Slurm launch instead of waiting for machines that never come."""
+    from tasks.errors import TrainingError, is_user_error
+    from tasks.prepare_data import PreparedData
+    from tasks.spec import parse_spec
+    from tasks.train_prefix import train
+
+    monkeypatch.setenv("PREFIXFLOW_HOME", str(tmp_path))
+    spec = parse_spec({"client": "acme", "task": "big", "base_model": str(tmp_path / "model"),
+                       "data": {"source": str(tmp_path / "d.jsonl")},
+                       "train": {"strategy": "ddp", "machines": 2, "processes_per_machine": 4, "batch_size": 8}})
+    data = PreparedData(uri=str(tmp_path / "data"), fingerprint="f", cache_key="k", reused=False, counts={},
+                        stats={}, rejected_uri=None, seconds=0.0)
+    with pytest.raises(TrainingError, match=r"docs/scale-out\.md") as err:
+        train(spec, data, "run")
+    assert is_user_error(err.value) and not (tmp_path / "runs" / "acme" / "big" / "run" / "job.json").exists()

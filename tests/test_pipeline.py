@@ -67,6 +67,14 @@ def test_pipeline_registers_a_champion_that_generates_as_evaluated(env, first_ru
     texts = gen.generate([("p", gen.render("p", s["source"])) for s in samples], max_new_tokens=12, do_sample=False)
     assert [t.strip().split("\n")[0].strip() for t in texts] == [s["candidate"] for s in samples]
     assert result.timings["total"] >= result.timings["train"] > 0
+    # Prefect artifacts: the training progress (at 100%) and the markdown summary
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        artifacts = {a.key: a for a in client.read_artifacts() if a.key}
+    assert artifacts["acme-rev-training"].data == 100.0
+    summary = artifacts["acme-rev-summary"].data
+    assert "acme-rev v1" in summary and "| baseline |" in summary and result.mlflow_run_id in summary
 
 
 def test_rerun_reuses_cached_work_and_registration_is_idempotent(env, first_run):
