@@ -69,6 +69,7 @@ from prefix_core import (
 )
 from prefix_core.base_model import resolve_model_path
 from prefix_core.data import collate, encode, length_grouped_batches, target_token_count
+from tasks.metrics import reference_streams
 
 TEMPLATE = "Table: {source}\nSentence:"
 MODEL = "smollm2-135m"
@@ -116,10 +117,8 @@ def first_refs(examples: list[Example], k: int) -> list[Example]:
 
 
 def bleu(hyps: list[str], refs: list[list[str]]):
-    width = max(len(r) for r in refs)
-    streams = [[r[i] if i < len(r) else None for r in refs] for i in range(width)]
     metric = sacrebleu.BLEU()
-    score = metric.corpus_score(hyps, streams)
+    score = metric.corpus_score(hyps, reference_streams(refs))
     return score, str(metric.get_signature())
 
 

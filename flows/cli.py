@@ -234,8 +234,8 @@ def pull(
     """Download a registered prefix and check it loads."""
     from tasks import registry
 
-    path = _run_guarded(registry.download, ref, out)
-    mv = registry.resolve(ref)
+    mv = _run_guarded(registry.resolve, ref)
+    path = _run_guarded(registry.download_version, mv, out)
     console.print(f"pulled {mv.name} v{mv.version} ({escape(ref)}) to {path}")
 
 

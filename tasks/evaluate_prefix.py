@@ -121,9 +121,10 @@ def evaluate(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, mlfl
     sources, refs = test_set(data.uri, spec.evaluate.max_examples)
     base, tokenizer = load_base_model(spec.base_model)
     prefixes = {"candidate": PrefixArtifact.load(trained.artifact_uri)}
-    champion_version, note = registry.alias_version(spec.registered_model, "champion"), None
-    if champion_version is not None:
-        champ = PrefixArtifact.load(registry.download(f"models:/{spec.registered_model}/{champion_version}"))
+    champion, note = registry.aliased(spec.registered_model, "champion"), None
+    champion_version = None if champion is None else str(champion.version)
+    if champion is not None:
+        champ = PrefixArtifact.load(registry.download_version(champion))
         try:
             champ.check_base(base)
             prefixes["champion"] = champ

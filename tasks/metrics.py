@@ -14,7 +14,8 @@ import string
 METRICS = ("bleu", "chrf", "rougeL", "exact_match", "accuracy")
 
 
-def _streams(refs: list[list[str]]) -> list[list[str | None]]:
+def reference_streams(refs: list[list[str]]) -> list[list[str | None]]:
+    """sacrebleu's reference streams from per-example reference lists of different lengths."""
     width = max(len(r) for r in refs)
     return [[r[i] if i < len(r) else None for r in refs] for i in range(width)]  # sacrebleu skips None
 
@@ -33,11 +34,11 @@ def score(metric: str, hyps: list[str], refs: list[list[str]]) -> float:
     if metric == "bleu":
         import sacrebleu
 
-        return float(sacrebleu.BLEU().corpus_score(hyps, _streams(refs)).score)
+        return float(sacrebleu.BLEU().corpus_score(hyps, reference_streams(refs)).score)
     if metric == "chrf":
         import sacrebleu
 
-        return float(sacrebleu.CHRF().corpus_score(hyps, _streams(refs)).score)
+        return float(sacrebleu.CHRF().corpus_score(hyps, reference_streams(refs)).score)
     if metric == "rougeL":
         from rouge_score import rouge_scorer
 

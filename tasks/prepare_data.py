@@ -25,7 +25,7 @@ from prefix_core.data import Example, encode, render
 
 from .errors import DataError, retry_on_io
 from .spec import DataSpec, PipelineSpec
-from .storage import fetch, home, is_s3, source_fingerprint
+from .storage import fetch, home, source_fingerprint
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SPLITS = ("train", "validation", "test")
@@ -63,7 +63,7 @@ def _load_table(uri: str) -> tuple[list[dict], dict[str, str]]:
             ds = datasets.load_dataset(FORMATS[path.suffix.lower()], data_files=str(path), split="train", **kwargs)
         elif path.exists():
             raise DataError(f"{uri}: unknown data format {path.suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet")
-        elif is_s3(uri) or ("/" in uri and Path(uri).parent.exists()) or uri.startswith((".", "/")):
+        elif ("/" in uri and Path(uri).parent.exists()) or uri.startswith((".", "/")):
             raise DataError(f"data file {uri} does not exist")
         else:
             ds = datasets.load_dataset(uri, split="train")

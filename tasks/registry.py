@@ -64,23 +64,33 @@ def resolve(ref: str):
                         f"(aliases: {aliases})")
 
 
-def alias_version(name: str, alias: str) -> str | None:
+def aliased(name: str, alias: str):
+    """The ModelVersion behind ``@alias`` of ``name``, or None when the model or alias does not exist."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return str(tracking.client().get_model_version_by_alias(name, alias).version)
+        return tracking.client().get_model_version_by_alias(name, alias)
     except MlflowException as err:
         if _missing(err):
             return None
         raise
 
 
+def alias_version(name: str, alias: str) -> str | None:
+    mv = aliased(name, alias)
+    return None if mv is None else str(mv.version)
+
+
 def download(ref: str, out: Path | None = None) -> Path:
     """Download the prefix a reference points at, check it loads, and place it at ``out`` atomically
     (a temporary folder when ``out`` is None). Returns the folder."""
+    return download_version(resolve(ref), out)
+
+
+def download_version(mv, out: Path | None = None) -> Path:
+    """:func:`download` for an already resolved ModelVersion."""
     import mlflow.artifacts
 
-    mv = resolve(ref)
     uri = tracking.tracking_uri()
     tmp = Path(tempfile.mkdtemp(prefix="prefixflow-pull-"))
     try:

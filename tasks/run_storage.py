@@ -19,7 +19,7 @@ from pathlib import Path
 
 from prefix_core.checkpoint import MARKER, complete_checkpoints
 
-from .storage import _s3_call, s3_client
+from .storage import _s3_call, s3_client, upload_dir
 
 log = logging.getLogger("prefixflow.run_storage")
 
@@ -82,15 +82,10 @@ class CheckpointMirror:
         self.jobs.put(Path(step_path))
 
     def _upload(self, path: Path) -> None:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != MARKER)
-        for f in [*files, path / MARKER]:
-            key = f"{self.prefix}/{path.name}/{f.relative_to(path).as_posix()}"
-            _s3_call(f"s3://{self.bucket}/{key}", lambda f=f, key=key: self.client.upload_file(
-                str(f), self.bucket, key))
-        steps = sorted(self._list(), reverse=True)
-        for old in steps[self.keep :]:
-            names = self._list().get(old, set())
-            for name in sorted(names, key=lambda n: n != MARKER):  # the marker goes first
+        upload_dir(path, f"s3://{self.bucket}/{self.prefix}/{path.name}", last=MARKER)
+        listing = self._list()
+        for old in sorted(listing, reverse=True)[self.keep :]:
+            for name in sorted(listing[old], key=lambda n: n != MARKER):  # the marker goes first
                 self.client.delete_object(Bucket=self.bucket, Key=f"{self.prefix}/{old}/{name}")
 
     def _work(self) -> None:

@@ -125,11 +125,13 @@ def fetch_dir(uri: str) -> Path:
     return target
 
 
-def upload_dir(local: Path, uri: str) -> list[str]:
-    """Upload every file under ``local`` to ``s3://BUCKET/PREFIX/...``; returns the object keys."""
+def upload_dir(local: Path, uri: str, last: str | None = None) -> list[str]:
+    """Upload every file under ``local`` to ``s3://BUCKET/PREFIX/...``; the top-level file named ``last``
+    (a completion marker) goes up after all the others. Returns the object keys."""
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     client, keys = s3_client(), []
-    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    for f in sorted(files, key=lambda p: p == local / last if last else False):
         key = f"{prefix.rstrip('/')}/{f.relative_to(local).as_posix()}".lstrip("/")
         _s3_call(uri, lambda f=f, key=key: client.upload_file(str(f), bucket, key))
         keys.append(key)

@@ -8,7 +8,6 @@ whose artifact store may be S3. Without it, an embedded store under the state fo
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from prefect import task
 from prefect.tasks import exponential_backoff
@@ -104,10 +103,6 @@ def flatten(prefix: str, obj) -> dict[str, str]:
             out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
         return out
     return {prefix: str(obj)}
-
-
-def local_path(uri: str) -> Path:
-    return Path(uri.removeprefix("file://"))
 
 
 def close_run(run_id: str, status: str = "FINISHED") -> None:
