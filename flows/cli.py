@@ -142,14 +142,18 @@ def demo(
     state: Path = typer.Option(Path("state/demo"), help="state folder: data, runs, Prefect and MLflow stores"),
     model: str = typer.Option("smollm2-135m", help="base model: embedded name, local folder or HF id"),
     fresh: bool = typer.Option(False, help="train a new version even if this demo already ran"),
+    strategy: str = typer.Option("single", help="single | ddp | deepspeed-zero2 | deepspeed-zero3"),
+    processes: int = typer.Option(1, min=1, help="training processes (2+ for ddp/deepspeed; gloo on CPU)"),
 ) -> None:
     """The whole pipeline on a generated task and the embedded model, then generations with and without."""
     from .demo import run_demo
 
-    console.print(f"[bold]prefixflow demo[/]: pipeline on base model [cyan]{model}[/], {steps} steps, "
-                  f"state in {state} (Prefect and MLflow embedded unless PREFECT_API_URL/MLFLOW_TRACKING_URI)")
+    console.print(f"[bold]prefixflow demo[/]: pipeline on base model [cyan]{model}[/], {steps} steps ({strategy}, "
+                  f"{processes} process(es)), state in {state} (Prefect and MLflow embedded unless "
+                  "PREFECT_API_URL/MLFLOW_TRACKING_URI)")
     with _progress_bar():
-        result = _run_guarded(run_demo, state, steps=steps, model=model, fresh=fresh)
+        result = _run_guarded(run_demo, state, steps=steps, model=model, fresh=fresh, strategy=strategy,
+                              processes=processes)
     _print_result(result.pipeline)
     table = Table(title=f"held-out records: greedy generations (prefix pulled from @{result.pulled_alias})",
                   show_lines=True)

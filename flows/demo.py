@@ -27,7 +27,9 @@ def embedded_environment(state: Path) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-def demo_spec(state: Path, steps: int, model: str):
+def demo_spec(state: Path, steps: int, model: str, strategy: str = "single", processes: int = 1):
+    """The demo's pipeline spec (its data written under ``state/input``); ``strategy``/``processes`` pick
+    how training is launched (the prefix is the same up to floating-point noise)."""
     from tasks.spec import parse_spec
 
     train, val, test = split(seed=0)
@@ -43,7 +45,8 @@ def demo_spec(state: Path, steps: int, model: str):
                  "validation_fraction": 0.1},
         "prefix": {"num_virtual_tokens": 10, "projection_hidden": 512},
         "train": {"max_steps": steps, "batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 10,
-                  "mixed_precision": "bf16", "eval_every": max(steps // 3, 1), "checkpoint_every": 50},
+                  "mixed_precision": "bf16", "eval_every": max(steps // 3, 1), "checkpoint_every": 50,
+                  "strategy": strategy, "processes_per_machine": processes},
         "evaluate": {"metrics": ["bleu", "exact_match"], "max_new_tokens": 40, "batch_size": 30,
                      "gate": {"metric": "bleu", "min_gain_over_baseline": 10.0, "min_gain_over_champion": 0.0}},
     }, "demo spec")
@@ -59,7 +62,8 @@ class DemoResult:
     exact_after: float
 
 
-def run_demo(state: Path, steps: int = 150, model: str = DEFAULT_MODEL, fresh: bool = False) -> DemoResult:
+def run_demo(state: Path, steps: int = 150, model: str = DEFAULT_MODEL, fresh: bool = False,
+             strategy: str = "single", processes: int = 1) -> DemoResult:
     """Run the pipeline on the demo task, pull the registered prefix and generate with and without it.
     Reruns reuse the finished run (``fresh=True`` trains a new version)."""
     import uuid
@@ -70,7 +74,7 @@ def run_demo(state: Path, steps: int = 150, model: str = DEFAULT_MODEL, fresh: b
 
     from .pipeline import prefix_pipeline
 
-    spec = demo_spec(state, steps, model)
+    spec = demo_spec(state, steps, model, strategy, processes)
     run_key = f"demo-{spec.spec_hash()}" + (f"-{uuid.uuid4().hex[:8]}" if fresh else "")
     result = prefix_pipeline(spec, run_key=run_key)
     alias = "champion" if result.registration.champion else "candidate"

@@ -15,25 +15,16 @@ GPUs each, and a headless Service through which every pod reaches pod 0 at
 CLI::
 
     python -m infra.k8s_render multinode SPEC.yaml --image IMG --job-file /shared/.../job.json --out FILE
-    python -m infra.k8s_render launch JOB.json --strategy ddp --processes-per-machine 4 --machines 2 \\
-        --machine-rank 1 --main-address JOB-0.JOB --main-port 29500     # what each pod runs
 
-``launch`` is :func:`tasks.launch.build_launch` + :func:`tasks.launch.run_launch` for this machine's
-rank (``--machine-rank``, else ``$JOB_COMPLETION_INDEX``): a dying rank kills every rank of the pod
-and the pod fails, which fails the whole Job. Only machine 0 prints progress, so only machine 0 treats
-``--hang-timeout-s`` without output as a hang (a stuck rank anywhere stalls machine 0 too).
+Each pod runs ``python -m infra.node_launch`` (this machine's ranks; rank from
+``$JOB_COMPLETION_INDEX``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
-import signal
-import socket
 import sys
-import time
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -93,9 +84,6 @@ def multinode_values(train: TrainSpec, job_name: str, image: str, job_file: str 
     name) running ``image``; ``job_file`` is the training job's path inside the pods, on the shared
     volume ``shared_pvc`` mounted at ``shared_mount``."""
     machines, per_machine = train.machines, train.processes_per_machine
-    if train.strategy == "single" and (machines != 1 or per_machine != 1):
-        raise ValueError(f"strategy single runs one process, but processes_per_machine={per_machine} and "
-                         f"machines={machines}; use ddp or a deepspeed strategy")
     longest = f"{job_name}-{machines - 1}"  # the last pod's hostname
     if not DNS_LABEL.match(job_name) or len(longest) > 63:
         raise ValueError(f"job name {job_name!r} must be lowercase letters, digits and inner hyphens, short "
@@ -131,44 +119,6 @@ def multinode_values(train: TrainSpec, job_name: str, image: str, job_file: str 
     }
 
 
-# --- inside a training pod --------------------------------------------------------------------------
-def wait_for_host(address: str, timeout_s: float, poll_s: float = 2.0) -> None:
-    """Block until ``address`` resolves (pod 0's DNS record appears once that pod has an IP)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.getaddrinfo(address, None)
-            return
-        except socket.gaierror as err:
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"{address} did not resolve within {timeout_s:g} s ({err}); is the headless "
-                                   "Service there and the pod's subdomain its name?") from None
-            time.sleep(poll_s)
-
-
-def launch_machine(job_file: Path, train: TrainSpec, machine_rank: int, *, dns_timeout_s: float = 600) -> int:
-    """Run this machine's ranks of ``job_file`` as a gang; returns the exit code for the pod."""
-    from tasks.launch import USER_ERROR_EXIT, build_launch, run_launch
-
-    wait_for_host(train.main_address, dns_timeout_s)
-    launch = build_launch(train, job_file, machine_rank=machine_rank)
-    log_file = job_file.parent / f"train-machine{machine_rank}.log"
-    print(f"machine {machine_rank} of {train.machines}: {' '.join(launch.argv)} (log: {log_file})", flush=True)
-
-    def show(event: dict) -> None:
-        print("PREFIXFLOW_EVENT " + json.dumps(event, default=str), flush=True)
-
-    # Only machine 0 prints progress (the job's main process), so only its silence means a hang; a hang
-    # anywhere stalls the collectives and so machine 0's output too. Elsewhere no output is normal.
-    hang_timeout_s = train.hang_timeout_s if machine_rank == 0 else float("inf")
-    result = run_launch(launch, show, log_file=log_file, hang_timeout_s=hang_timeout_s)
-    if result.reason == "ok":
-        return 0
-    print("\n".join(result.tail), file=sys.stderr)
-    print(f"training {result.reason} on machine {machine_rank}: {result.error}", file=sys.stderr, flush=True)
-    return USER_ERROR_EXIT if result.reason == "user_error" else 1
-
-
 # --- CLI ----------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m infra.k8s_render", description=__doc__.split("\n")[0])
@@ -183,21 +133,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--secret", default="prefixflow-env")
     m.add_argument("--deadline-s", type=int, default=86400, help="activeDeadlineSeconds of the Job")
     m.add_argument("--out", type=Path, help="write here instead of stdout")
-    la = sub.add_parser("launch", help="run this machine's ranks (inside a training pod)")
-    la.add_argument("job_file", type=Path)
-    la.add_argument("--strategy", required=True)
-    la.add_argument("--processes-per-machine", type=int, required=True)
-    la.add_argument("--machines", type=int, required=True)
-    la.add_argument("--machine-rank", type=int, help="default: $JOB_COMPLETION_INDEX")
-    la.add_argument("--main-address", required=True)
-    la.add_argument("--main-port", type=int, required=True)
-    la.add_argument("--hang-timeout-s", type=float, default=900)
-    la.add_argument("--dns-timeout-s", type=float, default=600)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(argv)  # one command for now: multinode
     if args.command == "multinode":
         from tasks.spec import SpecError, load_spec
 
@@ -215,18 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sys.stdout.write(text)
         return 0
-    from tasks.spec import TrainSpec
-
-    rank = args.machine_rank if args.machine_rank is not None else int(os.environ.get("JOB_COMPLETION_INDEX", "-1"))
-    if rank < 0:
-        print("error: no --machine-rank and no JOB_COMPLETION_INDEX in the environment", file=sys.stderr)
-        return 2
-    train = TrainSpec(strategy=args.strategy, processes_per_machine=args.processes_per_machine,
-                      machines=args.machines, main_address=args.main_address, main_port=args.main_port,
-                      hang_timeout_s=args.hang_timeout_s)
-    # Kubernetes stops a pod with SIGTERM, which PID 1 would ignore: exit, and run_launch kills the ranks.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    return launch_machine(args.job_file, train, rank, dns_timeout_s=args.dns_timeout_s)
+    return 2  # unreachable: argparse requires a known command
 
 
 if __name__ == "__main__":

@@ -114,11 +114,6 @@ def build_launch(train: TrainSpec, job_file: Path, *, machine_rank: int = 0, mai
     if strategy not in ACCELERATE_CONFIGS:
         raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(ACCELERATE_CONFIGS)}")
     per_machine, machines = train.processes_per_machine, train.machines
-    if strategy == "single" and (per_machine != 1 or machines != 1):
-        raise ValueError(
-            f"strategy single runs one process, but processes_per_machine={per_machine} and machines={machines}; "
-            "use ddp or a deepspeed strategy for several processes"
-        )
     if not 0 <= machine_rank < machines:
         raise ValueError(f"machine_rank {machine_rank} is outside 0..{machines - 1}")
     address = main_address or getattr(train, "main_address", None) or "127.0.0.1"

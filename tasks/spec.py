@@ -62,6 +62,25 @@ class PrefixSpec(_Strict):
         return self
 
 
+class SlurmSpec(_Strict):
+    """Where ``launcher: slurm`` runs: one ``srun`` task per machine (the flow waits on it)."""
+
+    partition: str | None = None
+    account: str | None = None
+    time_limit: str | None = Field(None, description="srun --time, e.g. '24:00:00'")
+    gpus_per_node: int | None = Field(None, ge=1, description="GPUs per machine; normally processes_per_machine")
+    cpus_per_task: int | None = Field(None, ge=1, description="CPUs for each machine's launcher and its ranks")
+    extra_args: list[str] = Field(default_factory=list, description="more srun options, e.g. ['--exclusive']")
+
+    @field_validator("extra_args")
+    @classmethod
+    def _options_only(cls, value: list[str]) -> list[str]:
+        bad = [a for a in value if not a.startswith("-")]
+        if bad:
+            raise ValueError(f"extra_args must be srun options starting with '-' (use --opt=value): {bad}")
+        return value
+
+
 class TrainSpec(_Strict):
     max_steps: int = Field(300, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -80,6 +99,17 @@ class TrainSpec(_Strict):
     main_address: str = "127.0.0.1"
     main_port: int | None = None
     hang_timeout_s: float = 900
+    launcher: Literal["local", "slurm"] = Field(
+        "local", description="local: on the machine running the flow; slurm: srun over train.machines nodes")
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+
+    @model_validator(mode="after")
+    def _single_is_one_process(self) -> TrainSpec:
+        if self.strategy == "single" and (self.processes_per_machine != 1 or self.machines != 1):
+            raise ValueError(
+                f"strategy single runs one process, but processes_per_machine={self.processes_per_machine} and "
+                f"machines={self.machines}; use ddp or a deepspeed strategy for several processes")
+        return self
 
 
 class GateSpec(_Strict):

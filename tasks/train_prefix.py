@@ -147,18 +147,43 @@ class Progress:
                 self.logger.warning("could not log metrics to MLflow: %s", err)
 
 
+def _devices(spec: PipelineSpec):
+    """GPU slots on this machine for a local launch; under Slurm the scheduler allocates devices."""
+    from contextlib import nullcontext
+
+    return gpu_slots(spec.train.processes_per_machine) if spec.train.launcher == "local" else nullcontext({})
+
+
+def _build(spec: PipelineSpec, job_file: Path, run_key: str, logger):
+    """The launch command: ``accelerate launch`` here, or ``srun`` over the nodes (after cancelling any job
+    of an earlier try of this run that is still in Slurm's queue)."""
+    from .launch import build_launch
+
+    if spec.train.launcher == "local":
+        return build_launch(spec.train, job_file)
+    from . import slurm
+
+    try:
+        slurm.check_commands()
+    except slurm.SlurmUnavailable as err:
+        raise TrainingError(str(err)) from None
+    name = slurm.job_name(spec.client, spec.task, run_key)
+    for leftover in slurm.cancel_leftovers(name):
+        logger.warning("cancelled Slurm job %s (%s) left by an earlier try of this run", name, leftover)
+    return slurm.build_srun(spec.train, job_file, name)
+
+
 def _launch(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, progress: Progress,
             logger) -> tuple[float, float]:
     """Write the job, restore/mirror checkpoints, wait for a training slot and GPUs, run the launch.
     Returns (launched_at, finished_at); raises TrainingError (bad input) or RuntimeError (retry)."""
-    from .launch import build_launch, run_launch
+    from .launch import run_launch
 
-    if spec.train.machines > 1:
+    if spec.train.machines > 1 and spec.train.launcher == "local":
         raise TrainingError(
-            f"train.machines is {spec.train.machines}: the pipeline launches training on the machine that runs "
-            "the flow and cannot start the other machines itself yet. Launch multi-machine training with the "
-            "Kubernetes Indexed Job (infra/k8s/multinode-train.yaml) or Slurm as in docs/scale-out.md, or set "
-            "train.machines: 1 with more processes_per_machine")
+            f"train.machines is {spec.train.machines} but train.launcher is local: a local launch cannot start "
+            "other machines. Set train.launcher: slurm (the flow runs srun over the nodes), launch the Kubernetes "
+            "Indexed Job (infra/k8s/multinode-train.yaml, docs/scale-out.md), or set train.machines: 1")
     job = make_job(spec, data, run_key, folder)
     job.to_json(folder / "job.json")
     remote = remote_checkpoints_uri(spec.client, spec.task, run_key)
@@ -168,8 +193,8 @@ def _launch(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, 
         if restored is not None:
             logger.info("checkpoint %s restored from %s", restored.name, remote)
         progress.on_checkpoint = mirror.push
-    with _training_slot(), gpu_slots(spec.train.processes_per_machine) as device_env:
-        launch = build_launch(spec.train, folder / "job.json")
+    with _training_slot(), _devices(spec) as device_env:
+        launch = _build(spec, folder / "job.json", run_key, logger)
         launch.env.update(device_env)
         launched = time.time()
         logger.info("launching %s training: %s", spec.train.strategy, " ".join(launch.argv))

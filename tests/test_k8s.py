@@ -1,14 +1,10 @@
 """The Kubernetes templates in infra/k8s/ and their renderer (no cluster: the manifests are rendered,
 parsed and checked field by field; the work-pool template goes through Prefect's own validation and
-placeholder filling). One slow test runs ``python -m infra.k8s_render launch`` as two "machines" on
-this host (ddp, gloo on CPU), the way two pods of the Indexed Job would."""
+placeholder filling). What each pod runs, ``infra.node_launch``, is tested in test_node_launch.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -68,7 +64,7 @@ def test_multinode_manifest(train, name):
     assert pod["subdomain"] == svc["metadata"]["name"]
 
     (c,) = pod["containers"]
-    assert c["image"] == "reg/pf:1" and c["command"] == ["python", "-m", "infra.k8s_render", "launch"]
+    assert c["image"] == "reg/pf:1" and c["command"] == ["python", "-m", "infra.node_launch"]
     args = c["args"]
     assert args[0] == JOB_FILE and all(isinstance(a, str) for a in args)
     port = train.main_port or 29500
@@ -98,8 +94,6 @@ def test_multinode_manifest(train, name):
 
 def test_values_are_checked():
     zero3 = TrainSpec(strategy="deepspeed-zero3", processes_per_machine=4, machines=2)
-    with pytest.raises(ValueError, match="one process"):
-        multinode_values(TrainSpec(strategy="single", machines=2), "j", "img", JOB_FILE)
     with pytest.raises(ValueError, match="63 characters"):
         multinode_values(zero3, "x" * 62, "img", JOB_FILE)
     with pytest.raises(ValueError, match="lowercase"):
@@ -126,29 +120,6 @@ def test_unfilled_or_unknown_placeholders_raise_one_clear_error(tmp_path):
         render(t, {"A": "x\ny: 1", "B": 1})
     with pytest.raises(TemplateError, match="string or a number"):
         render(t, {"A": ["x"], "B": 1})
-
-
-def test_launch_needs_a_machine_rank(monkeypatch, capsys):
-    monkeypatch.delenv("JOB_COMPLETION_INDEX", raising=False)
-    assert main(["launch", JOB_FILE, "--strategy", "ddp", "--processes-per-machine", "1", "--machines", "2",
-                 "--main-address", "localhost", "--main-port", "29500"]) == 2
-    assert "JOB_COMPLETION_INDEX" in capsys.readouterr().err
-
-
-def test_only_machine_0_watches_for_hangs(monkeypatch, tmp_path):
-    """The job prints progress on its main process only, so machines > 0 are silent while healthy."""
-    import infra.k8s_render as k8s
-    import tasks.launch as launch_mod
-
-    seen = {}
-    monkeypatch.setattr(launch_mod, "build_launch", lambda train, job, machine_rank: launch_mod.Launch(["x"]))
-    monkeypatch.setattr(launch_mod, "run_launch", lambda lw, on_event, log_file, hang_timeout_s: seen.update(
-        {log_file.name: hang_timeout_s}) or launch_mod.LaunchResult(0, "ok", None, []))
-    train = TrainSpec(strategy="ddp", processes_per_machine=2, machines=2, main_address="localhost",
-                      main_port=29500, hang_timeout_s=120)
-    assert k8s.launch_machine(tmp_path / "job.json", train, 0) == 0
-    assert k8s.launch_machine(tmp_path / "job.json", train, 1) == 0
-    assert seen == {"train-machine0.log": 120, "train-machine1.log": float("inf")}
 
 
 def test_cli_renders_a_spec(tmp_path, capsys):
@@ -203,61 +174,3 @@ def test_work_pool_template_is_valid_for_prefect():
     assert env["PREFIXFLOW_HOME"].startswith(mounts["shared"] + "/")
     assert config["env"] == {"X": "1"} and config["stream_output"] is True
     assert not find_placeholders(json.dumps(config))
-
-
-# --- two "machines" on this host ------------------------------------------------------------------------
-@pytest.mark.slow
-def test_launch_two_machines_on_cpu(tmp_path):
-    """Both ranks of a 2-machine ddp job through the pods' entry point (1 process per machine)."""
-    from conftest import char_tokenizer, make_base
-
-    from prefix_core import PrefixArtifact
-    from tasks.launch import free_port
-    from tasks.train_job import TrainJob
-
-    make_base("llama").save_pretrained(tmp_path / "model")
-    char_tokenizer().save_pretrained(tmp_path / "model")
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "train.jsonl").write_text(
-        "".join(json.dumps({"source": f"{i}", "target": ["aaa", "bbb"][i % 2]}) + "\n" for i in range(16)))
-    run = tmp_path / "run"
-    job = TrainJob(base_model=str(tmp_path / "model"), data_dir=str(tmp_path / "data"), template="n {source} :",
-                   prefix={"num_virtual_tokens": 2, "projection_hidden": 8},
-                   train={"max_steps": 4, "batch_size": 4, "learning_rate": 1e-2, "log_every": 2,
-                          "checkpoint_every": 2, "eval_every": 0},
-                   strategy="ddp", checkpoint_dir=str(run / "ckpt"), output_dir=str(run / "prefix")).to_json(
-        run / "job.json")
-    common = [sys.executable, "-m", "infra.k8s_render", "launch", str(job), "--strategy", "ddp",
-              "--processes-per-machine", "1", "--machines", "2", "--main-address", "localhost",
-              "--main-port", str(free_port()), "--hang-timeout-s", "240"]
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    # machine 1 takes its rank from the Indexed Job's variable, machine 0 from the flag
-    procs = [subprocess.Popen([*common, "--machine-rank", "0"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True),
-             subprocess.Popen(common, cwd=REPO, env={**env, "JOB_COMPLETION_INDEX": "1"}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)]
-    outs = [p.communicate(timeout=400)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    assert "--machine_rank 0" in outs[0] and "--machine_rank 1" in outs[1]
-    events = [json.loads(line.split(" ", 1)[1]) for line in outs[0].splitlines() if line.startswith("PREFIXFLOW_EVENT")]
-    assert next(e for e in events if e["event"] == "loaded")["processes"] == 2
-    assert events[-1]["event"] == "artifact"
-    assert PrefixArtifact.load(run / "prefix").manifest["training"]["steps"] == 4
-    assert (run / "train-machine0.log").exists() and (run / "train-machine1.log").exists()
-
-
-@pytest.mark.slow
-def test_launch_fails_the_pod_on_a_user_error(tmp_path):
-    """A job that cannot run exits non-zero (3, user error): podFailurePolicy then fails the Job."""
-    from tasks.launch import USER_ERROR_EXIT, free_port
-    from tasks.train_job import TrainJob
-
-    job = TrainJob(base_model="smollm2-135m", data_dir=str(tmp_path / "missing"), template="{source}",
-                   train={"max_steps": 2}, strategy="single", checkpoint_dir=str(tmp_path / "ckpt"),
-                   output_dir=str(tmp_path / "prefix")).to_json(tmp_path / "job.json")
-    out = subprocess.run([sys.executable, "-m", "infra.k8s_render", "launch", str(job), "--strategy", "single",
-                          "--processes-per-machine", "1", "--machines", "1", "--machine-rank", "0",
-                          "--main-address", "localhost", "--main-port", str(free_port())],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == USER_ERROR_EXIT, out.stdout + out.stderr
-    assert "training user_error on machine 0" in out.stderr and "does not exist" in out.stderr

@@ -46,6 +46,9 @@ def test_good_spec():
     ("train.strategy", "magic", "train.strategy"),
     ("evaluate.gate", {"metric": "chrf"}, "computed metrics"),
     ("schedule", "every monday", "cron"),
+    ("train.machines", 2, "strategy single runs one process"),
+    ("train.launcher", "ssh", "train.launcher"),
+    ("train.slurm", {"extra_args": ["exclusive"]}, "srun options"),
     ("data.validation_fraction", 1.5, "data.validation_fraction"),
 ])
 def test_bad_values(path, value, message):

@@ -1,0 +1,140 @@
+"""``train.launcher: slurm``: the pipeline runs training with ``srun`` over several nodes.
+
+The slow tests start a real Slurm cluster on this host (``infra/slurm_cluster.py``: munged, slurmctld
+and two slurmd "nodes" on 127.0.0.1; the Debian packages are installed by ``make setup`` when run as
+root). A 2-machine ddp training runs through the whole pipeline flow, one rank is SIGKILLed, Prefect
+retries the training task, every node is relaunched by a new ``srun`` and the run resumes from the
+last checkpoint to the prefix of an uninterrupted single-process run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pipeline_fixtures import patched_environ, save_tiny_model, spec_dict, write_task
+
+from infra.slurm_cluster import missing_binaries, running_cluster
+from tasks import slurm
+from tasks.errors import TrainingError
+from tasks.spec import SlurmSpec, TrainSpec, parse_spec
+
+
+def test_srun_runs_one_node_launch_per_machine(tmp_path):
+    train = TrainSpec(strategy="deepspeed-zero3", processes_per_machine=4, machines=3, hang_timeout_s=600,
+                      launcher="slurm", slurm=SlurmSpec(partition="gpu", account="ml", time_limit="12:00:00",
+                                                        gpus_per_node=4, cpus_per_task=32, extra_args=["--exclusive"]))
+    launch = slurm.build_srun(train, tmp_path / "job.json", "prefixflow-acme-e2e-r1")
+    argv = launch.argv
+    cut = argv.index(sys.executable)
+    assert argv[:cut] == ["srun", "--job-name=prefixflow-acme-e2e-r1", "--nodes=3", "--ntasks=3",
+                          "--ntasks-per-node=1", "--kill-on-bad-exit=1", f"--chdir={tmp_path}", "--partition=gpu",
+                          "--account=ml", "--time=12:00:00", "--gpus-per-node=4", "--cpus-per-task=32", "--exclusive"]
+    assert argv[cut:] == [sys.executable, "-m", "infra.node_launch", str(tmp_path / "job.json"), "--strategy",
+                          "deepspeed-zero3", "--processes-per-machine", "4", "--machines", "3", "--hang-timeout-s",
+                          "600"]  # no --main-port: each node derives it from the Slurm job id
+    assert "--main-port" in slurm.build_srun(train.model_copy(update={"main_port": 29511}), tmp_path / "j", "n").argv
+
+
+def test_job_names_are_per_run_and_safe():
+    assert slurm.job_name("acme", "e2e", "2026-11-27 run/1") == "prefixflow-acme-e2e-2026-11-27-run-1"
+    assert slurm.job_name("acme", "e2e", "a") != slurm.job_name("acme", "e2e", "b")
+
+
+def test_without_slurm_commands_the_error_says_where_to_run(monkeypatch, tmp_path):
+    from tasks.train_prefix import _build
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun here
+    spec = parse_spec({"client": "a", "task": "b", "data": {"source": "x.csv"},
+                       "train": {"strategy": "ddp", "machines": 2, "processes_per_machine": 1, "launcher": "slurm"}})
+    with pytest.raises(TrainingError, match="srun, scancel, squeue not found on PATH"):
+        _build(spec, tmp_path / "job.json", "r1", None)
+
+
+def test_local_launcher_refuses_several_machines():
+    from tasks.train_prefix import _launch
+
+    spec = parse_spec({"client": "a", "task": "b", "data": {"source": "x.csv"},
+                       "train": {"strategy": "ddp", "machines": 2}})
+    with pytest.raises(TrainingError, match=r"train\.launcher: slurm"):
+        _launch(spec, None, "r1", Path("/nonexistent"), None, None)
+
+
+# --- a real Slurm cluster on this host -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if missing_binaries():
+        if os.geteuid() == 0:  # CI runs as root and `make setup` installs Slurm: its absence is a failure
+            pytest.fail(f"Slurm binaries missing: {missing_binaries()}; run `python -m infra.slurm_cluster install`")
+        pytest.skip(f"Slurm is not installed ({', '.join(missing_binaries())}); as root: "
+                    "`python -m infra.slurm_cluster install`")
+    with running_cluster(tmp_path_factory.mktemp("slurm"), nodes=2) as c, patched_environ(c.env()):
+        yield c
+
+
+@pytest.fixture(scope="module")
+def pipeline_env(cluster, tmp_path_factory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    root = tmp_path_factory.mktemp("slurm-pipeline")
+    with patched_environ({"PREFIXFLOW_HOME": str(root / "state")}, unset=("MLFLOW_TRACKING_URI",)), \
+            prefect_test_harness(server_startup_timeout=120):
+        yield {"model": save_tiny_model(root / "tiny-llama"), "data": write_task(root / "rev.jsonl", n=120)}
+
+
+def _squeue(name: str | None = None) -> list[str]:
+    args = ["squeue", "--noheader", "--format=%i %j %T", *([f"--name={name}"] if name else [])]
+    return [line for line in subprocess.run(args, capture_output=True, text=True, check=True).stdout.splitlines()
+            if line.strip()]
+
+
+@pytest.mark.slow
+def test_two_node_training_is_killed_retried_by_prefect_and_resumes_exactly(pipeline_env, monkeypatch, tmp_path):
+    import random
+
+    from flows.pipeline import prefix_pipeline
+    from prefix_core import PrefixArtifact
+
+    reference = prefix_pipeline(parse_spec(spec_dict(pipeline_env["model"], pipeline_env["data"], client="slurm",
+                                                     task="local")), run_key="reference")
+    step, rank = random.Random().choice([4, 5]), random.Random().choice([0, 1])  # checkpoint at 3
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("PREFIXFLOW_FAULT", f"kill:{rank}:{step}:{marker}")
+    d = spec_dict(pipeline_env["model"], pipeline_env["data"], client="slurm", task="nodes")
+    d["train"].update(strategy="ddp", processes_per_machine=1, machines=2, launcher="slurm", hang_timeout_s=240)
+    result = prefix_pipeline(parse_spec(d), run_key="two-nodes")
+
+    assert marker.read_text() == str(step)  # a rank on node `rank` really died once
+    assert result.trained.resumed_from == 3 and result.trained.steps == 6
+    assert result.registration.version  # evaluated and registered like any other run
+    run = Path(result.trained.run_dir)
+    assert (run / "train-machine0.log").exists() and (run / "train-machine1.log").exists()
+    log = (run / "train.log").read_text()
+    assert "machine 0 of 2" in log and "machine 1 of 2" in log  # srun relayed both nodes
+    ours = PrefixArtifact.load(result.trained.artifact_uri).table()
+    ref = PrefixArtifact.load(reference.trained.artifact_uri).table()
+    assert (ours - ref).abs().max().item() <= 1e-5  # ddp all-reduce order vs one process: ~1e-7
+    assert _squeue(slurm.job_name("slurm", "nodes", "two-nodes")) == []  # no job left behind
+
+
+@pytest.mark.slow
+def test_a_leftover_job_of_an_earlier_try_is_cancelled_before_relaunch(cluster):
+    name = slurm.job_name("acme", "e2e", "left-over")
+    stale = subprocess.Popen(["srun", f"--job-name={name}", "--nodes=2", "--ntasks=2", "sleep", "300"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not any("RUNNING" in line for line in _squeue(name)):
+            assert time.monotonic() < deadline, _squeue()
+            time.sleep(0.5)
+        cancelled = slurm.cancel_leftovers(name)
+        assert len(cancelled) == 1 and "RUNNING" in cancelled[0]
+        assert _squeue(name) == []
+        assert stale.wait(timeout=60) != 0  # the stale srun ended with its job
+        assert slurm.cancel_leftovers(name) == []  # nothing to do the second time
+    finally:
+        stale.kill()
