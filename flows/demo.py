@@ -44,7 +44,7 @@ def demo_spec(state: Path, steps: int, model: str, strategy: str = "single", pro
                  "source_column": "record", "target_column": "description", "template": TEMPLATE,
                  "validation_fraction": 0.1},
         "prefix": {"num_virtual_tokens": 10, "projection_hidden": 512},
-        "train": {"max_steps": steps, "batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 10,
+        "train": {"max_steps": steps, "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 10,
                   "mixed_precision": "bf16", "eval_every": max(steps // 3, 1), "checkpoint_every": 50,
                   "strategy": strategy, "processes_per_machine": processes},
         "evaluate": {"metrics": ["bleu", "exact_match"], "max_new_tokens": 40, "batch_size": 30,
