@@ -49,6 +49,6 @@ def test_ddp_flow_run_registers_the_single_process_prefix(tmp_path):
     diff = (single.table() - ddp.table()).abs().max().item()
     print(f"single vs ddp: max abs diff {diff:.3g}")
     # Measured 9.9e-6 (1.5e-5 at lr 3e-3). Adam moves each entry by up to the learning rate per step, and
-    # for entries with near-zero gradients summation-order noise decides part of that move; a wrong
-    # gradient reduction (summed, or one rank's half only) is off by ~1e-3 after a step.
+    # for entries with near-zero gradients summation-order noise decides part of that move; a missing or
+    # wrong all-reduce (each rank stepping on its own half of the batch) is off by ~lr (1e-4..1e-3) per step.
     assert diff <= 1e-4
