@@ -104,6 +104,13 @@ class TrainSpec(_Strict):
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
 
     @model_validator(mode="after")
+    def _slurm_options_need_slurm(self) -> TrainSpec:
+        if self.launcher != "slurm" and self.slurm != SlurmSpec():
+            raise ValueError("train.slurm is set but train.launcher is local, so it would be ignored; "
+                             "set train.launcher: slurm or remove train.slurm")
+        return self
+
+    @model_validator(mode="after")
     def _single_is_one_process(self) -> TrainSpec:
         if self.strategy == "single" and (self.processes_per_machine != 1 or self.machines != 1):
             raise ValueError(

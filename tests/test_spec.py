@@ -49,6 +49,7 @@ def test_good_spec():
     ("train.machines", 2, "strategy single runs one process"),
     ("train.launcher", "ssh", "train.launcher"),
     ("train.slurm", {"extra_args": ["exclusive"]}, "srun options"),
+    ("train.slurm", {"partition": "gpu"}, "train.launcher is local"),
     ("data.validation_fraction", 1.5, "data.validation_fraction"),
 ])
 def test_bad_values(path, value, message):
@@ -73,3 +74,14 @@ def test_load_yaml_resolves_relative_paths(tmp_path):
         load_spec(tmp_path / "bad.yaml")
     with pytest.raises(SpecError, match="does not exist"):
         load_spec(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("name", ["acme-e2e.yaml", "acme-e2e-slurm.yaml"])
+def test_example_specs_are_valid(name):
+    from pathlib import Path
+
+    spec = load_spec(Path(__file__).resolve().parent.parent / "examples" / "specs" / name)
+    if name == "acme-e2e-slurm.yaml":
+        t = spec.train
+        assert (t.launcher, t.machines, t.strategy, t.slurm.gpus_per_node) == ("slurm", 2, "deepspeed-zero3", 4)
+        assert t.batch_size % (t.machines * t.processes_per_machine) == 0
