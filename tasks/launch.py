@@ -245,10 +245,15 @@ _TORCHRUN_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
 _CALLED_SIGNAL = re.compile(r"CalledProcessError: .* died with <Signals\.\w+: (\d+)>")
 _CALLED_STATUS = re.compile(r"CalledProcessError: .* returned non-zero exit status (-?\d+)")
 _BORING = ("ChildFailedError", "CalledProcessError", "SignalException")
+_MACHINE_END = re.compile(r"^training (?:hung|failed|user_error) on machine \d+: ")  # infra.node_launch
 
 
 def _summarize(lines: list[str], returncode: int) -> str:
-    """One line saying why the launch failed: the rank's exception, and which rank died how."""
+    """One line saying why the launch failed: the rank's exception, and which rank died how (for a
+    multi-machine launch: the first machine that reported its end)."""
+    machine = next((line.strip() for line in lines if _MACHINE_END.match(line.strip())), None)
+    if machine is not None:
+        return machine[:1000]
     exc = None
     for line in lines:
         m = _EXC_LINE.match(line.strip())

@@ -28,6 +28,13 @@ from .spec import TrainSpec
 
 NODE_MODULE = "infra.node_launch"
 COMMANDS = ("srun", "scancel", "squeue")
+HANG_MARGIN_S = 60.0  # machine 0 detects a hang itself and says so; the flow's timer is the backstop
+
+
+def flow_hang_timeout(train: TrainSpec) -> float:
+    """How long the flow waits without output from ``srun``: machine 0's own ``hang_timeout_s`` first
+    ends the step with a clear message; this only catches ``srun`` itself stalling."""
+    return train.hang_timeout_s + HANG_MARGIN_S
 
 
 class SlurmUnavailable(RuntimeError):

@@ -9,8 +9,9 @@ writes the folded prefix artifact to ``output_dir`` (atomically). A user error p
 ``PREFIXFLOW_ERROR <message>`` and exits with code 3 (retrying will not help); anything else
 propagates (traceback, exit code 1). ``tasks/launch.py`` builds the command and reads the output.
 
-Test-only fault injection: ``PREFIXFLOW_FAULT=kill:RANK:STEP[:ONCE_FILE]`` makes that rank SIGKILL
-itself after finishing STEP (after its checkpoint, if one is due at that step); with ONCE_FILE, only once.
+Test-only fault injection: ``PREFIXFLOW_FAULT=kill|hang:RANK:STEP[:ONCE_FILE]`` makes that rank SIGKILL
+itself (or hang) after finishing STEP (after its checkpoint, if one is due at that step); with ONCE_FILE,
+only once.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -133,13 +135,13 @@ def _configs(job: TrainJob):
 
 def _fault_hook():
     """Test-only: ``PREFIXFLOW_FAULT=kill:RANK:STEP[:ONCE_FILE]`` kills that rank with SIGKILL after
-    STEP; with ONCE_FILE only the first time (the file records that it happened), so a retried
-    launch that passes STEP again survives."""
+    STEP (``hang:...`` makes it sleep forever instead); with ONCE_FILE only the first time (the file
+    records that it happened), so a retried launch that passes STEP again survives."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return None
     kind, rank, step, *once = spec.split(":", 3)
-    if kind != "kill":
+    if kind not in ("kill", "hang"):
         raise ValueError(f"{FAULT_ENV}: unknown fault {kind!r}")
 
     def hook(trainer) -> None:
@@ -150,6 +152,9 @@ def _fault_hook():
                 Path(once[0]).write_text(str(trainer.step))
             sys.stdout.flush()
             sys.stderr.flush()
+            if kind == "hang":
+                while True:
+                    time.sleep(3600)
             os.kill(os.getpid(), signal.SIGKILL)
 
     return hook

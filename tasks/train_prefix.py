@@ -173,6 +173,12 @@ def _build(spec: PipelineSpec, job_file: Path, run_key: str, logger):
     return slurm.build_srun(spec.train, job_file, name)
 
 
+def _slurm_hang(spec: PipelineSpec) -> float:
+    from .slurm import flow_hang_timeout
+
+    return flow_hang_timeout(spec.train)
+
+
 def _launch(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, progress: Progress,
             logger) -> tuple[float, float]:
     """Write the job, restore/mirror checkpoints, wait for a training slot and GPUs, run the launch.
@@ -198,7 +204,8 @@ def _launch(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, 
         launch.env.update(device_env)
         launched = time.time()
         logger.info("launching %s training: %s", spec.train.strategy, " ".join(launch.argv))
-        result = run_launch(launch, progress, log_file=folder / "train.log", hang_timeout_s=spec.train.hang_timeout_s)
+        hang_s = spec.train.hang_timeout_s if spec.train.launcher == "local" else _slurm_hang(spec)
+        result = run_launch(launch, progress, log_file=folder / "train.log", hang_timeout_s=hang_s)
         landed = time.time()
     for problem in mirror.close() if mirror is not None else []:
         logger.warning("checkpoint not mirrored to %s: %s", remote, problem)

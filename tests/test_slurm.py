@@ -138,3 +138,55 @@ def test_a_leftover_job_of_an_earlier_try_is_cancelled_before_relaunch(cluster):
         assert slurm.cancel_leftovers(name) == []  # nothing to do the second time
     finally:
         stale.kill()
+
+
+def _survivors(needle: str) -> list[str]:
+    """Processes (not zombies) whose command line mentions ``needle``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if needle in cmd and state != "Z":
+                out.append(cmd)
+    return out
+
+
+@pytest.mark.slow
+def test_a_hung_rank_on_a_node_ends_the_whole_srun(cluster, tmp_path):
+    """Rank 1 (on node 1) hangs after step 2: rank 0 blocks in the all-reduce, machine 0's launcher sees
+    no output for hang_timeout_s, kills its ranks and exits 1, srun's --kill-on-bad-exit ends node 1; the
+    flow side gets one line saying so, and nothing of the job is left in Slurm's queue or the process table."""
+    from pipeline_fixtures import save_tiny_model, write_task
+
+    from tasks.launch import run_launch
+    from tasks.train_job import TrainJob
+
+    model = save_tiny_model(tmp_path / "model")
+    (tmp_path / "data").mkdir()
+    rows = write_task(tmp_path / "rows.jsonl", n=40).read_text()
+    (tmp_path / "data" / "train.jsonl").write_text(rows)
+    run = tmp_path / "run"
+    job = TrainJob(base_model=str(model), data_dir=str(tmp_path / "data"), template="in: {source}\nout:",
+                   prefix={"num_virtual_tokens": 2, "projection_hidden": 8},
+                   train={"max_steps": 6, "batch_size": 4, "learning_rate": 1e-2, "log_every": 1, "eval_every": 0},
+                   strategy="ddp", checkpoint_dir=str(run / "ckpt"), output_dir=str(run / "prefix")).to_json(
+        run / "job.json")
+    train = TrainSpec(strategy="ddp", processes_per_machine=1, machines=2, launcher="slurm", hang_timeout_s=45)
+    name = slurm.job_name("acme", "e2e", "hung")
+    launch = slurm.build_srun(train, job, name)
+    launch.env["PREFIXFLOW_FAULT"] = "hang:1:2"
+    steps = []
+    started = time.monotonic()
+    result = run_launch(launch, lambda e: steps.append(e.get("step")) if e.get("event") == "step" else None,
+                        log_file=run / "train.log", hang_timeout_s=slurm.flow_hang_timeout(train))
+    assert result.reason == "failed", (result.reason, result.error, result.tail)
+    assert result.error.startswith("training hung on machine 0: no output for 45 s"), result.error
+    assert max(steps) <= 3 and time.monotonic() - started < 180
+    deadline = time.monotonic() + 60  # Slurm's KillWait is 10 s in the local cluster
+    while _squeue(name) or _survivors(str(job)):
+        assert time.monotonic() < deadline, (_squeue(name), _survivors(str(job)))
+        time.sleep(1)
