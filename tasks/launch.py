@@ -77,6 +77,7 @@ POLL_S = 0.25
 class Launch:
     argv: list[str]  # [sys.executable, "-m", "accelerate.commands.launch", ..., "-m", "tasks.train_job", job_file]
     env: dict[str, str] = field(default_factory=dict)  # additions to os.environ
+    queued: bool = False  # waits in a scheduler's queue first: the hang clock starts at its first output
 
 
 @dataclass
@@ -328,7 +329,7 @@ def run_launch(launch: Launch, on_event: Callable[[dict], None], *, log_file: Pa
                 user_error = line[len(ERROR_PREFIX) :].strip()
 
         try:
-            last_output = time.monotonic()
+            last_output = None if launch.queued else time.monotonic()
             ranks_seen: set[int] = set()
             rank_gone_at: float | None = None
             next_scan = 0.0
@@ -349,7 +350,7 @@ def run_launch(launch: Launch, on_event: Callable[[dict], None], *, log_file: Pa
                     last_output = now
                 if proc.poll() is not None:
                     break
-                if now - last_output > hang_timeout_s:
+                if last_output is not None and now - last_output > hang_timeout_s:
                     forced = ("hung", f"no output for {hang_timeout_s:g} s; the process group was killed")
                     kill_group(pgid, TERM_GRACE_S, proc)
                     break

@@ -4,7 +4,8 @@ The flow runs one foreground ``srun`` (``build_srun``): ``train.machines`` nodes
 each task ``python -m infra.node_launch JOB.json ...`` (that machine's ranks, rank from
 ``$SLURM_PROCID``, rendezvous at the first node). ``srun`` relays the tasks' output, so the flow sees
 machine 0's progress lines exactly as from a local launch and :func:`tasks.launch.run_launch` applies
-the same hang timeout and teardown (SIGTERM to ``srun`` is forwarded to every task). Gang semantics
+the same teardown (SIGTERM to ``srun`` is forwarded to every task); the time the job waits in the queue
+(``--quiet``: no output until a node starts) does not count towards the hang timeout. Gang semantics
 across nodes are Slurm's: ``--kill-on-bad-exit=1`` ends every task when one exits non-zero.
 
 Every run has its own job name; before a launch, ``cancel_leftovers`` cancels any job of that name
@@ -57,7 +58,7 @@ def check_commands() -> None:
 def build_srun(train: TrainSpec, job_file: Path, name: str) -> Launch:
     """The foreground ``srun`` that runs ``job_file`` on ``train.machines`` nodes."""
     s = train.slurm
-    argv = ["srun", f"--job-name={name}", f"--nodes={train.machines}", f"--ntasks={train.machines}",
+    argv = ["srun", "--quiet", f"--job-name={name}", f"--nodes={train.machines}", f"--ntasks={train.machines}",
             "--ntasks-per-node=1", "--kill-on-bad-exit=1", f"--chdir={job_file.parent}"]
     for flag, value in (("--partition", s.partition), ("--account", s.account), ("--time", s.time_limit),
                         ("--gpus-per-node", s.gpus_per_node), ("--cpus-per-task", s.cpus_per_task)):
@@ -71,7 +72,7 @@ def build_srun(train: TrainSpec, job_file: Path, name: str) -> Launch:
         argv += ["--main-port", str(train.main_port)]
     env = {"PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
-    return Launch(argv, env)
+    return Launch(argv, env, queued=True)  # no output while the job waits for nodes: not a hang
 
 
 def _queued(name: str) -> list[str]:

@@ -172,6 +172,17 @@ def test_hang_kills_the_whole_group(monkeypatch, tmp_path):
     assert took < 15
 
 
+def test_a_queued_launch_is_not_hung_before_its_first_output(tmp_path):
+    """A scheduler's launch (srun) prints nothing while it waits for nodes: that is not a hang."""
+    code = "import time; time.sleep(3); print('started', flush=True); time.sleep(0.5); print('done', flush=True)"
+    res = run_launch(Launch([sys.executable, "-c", code], {}, queued=True), lambda e: None,
+                     log_file=tmp_path / "log", hang_timeout_s=1.5)
+    assert res.reason == "ok" and res.tail == ["started", "done"]
+    res = run_launch(Launch([sys.executable, "-c", code], {}), lambda e: None, log_file=tmp_path / "log2",
+                     hang_timeout_s=1.5)
+    assert res.reason == "hung"
+
+
 def test_dying_rank_tears_down_a_launcher_that_does_not(monkeypatch, tmp_path):
     """The fake launcher ignores its dead rank: run_launch's own bound (GANG_GRACE_S) kills the group."""
     monkeypatch.setattr(launch_mod, "GANG_GRACE_S", 1.0)

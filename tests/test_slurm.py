@@ -31,7 +31,8 @@ def test_srun_runs_one_node_launch_per_machine(tmp_path):
     launch = slurm.build_srun(train, tmp_path / "job.json", "prefixflow-acme-e2e-r1")
     argv = launch.argv
     cut = argv.index(sys.executable)
-    assert argv[:cut] == ["srun", "--job-name=prefixflow-acme-e2e-r1", "--nodes=3", "--ntasks=3",
+    assert launch.queued  # the hang clock starts when a node prints, not while the job waits for nodes
+    assert argv[:cut] == ["srun", "--quiet", "--job-name=prefixflow-acme-e2e-r1", "--nodes=3", "--ntasks=3",
                           "--ntasks-per-node=1", "--kill-on-bad-exit=1", f"--chdir={tmp_path}", "--partition=gpu",
                           "--account=ml", "--time=12:00:00", "--gpus-per-node=4", "--cpus-per-task=32", "--exclusive"]
     assert argv[cut:] == [sys.executable, "-m", "infra.node_launch", str(tmp_path / "job.json"), "--strategy",
@@ -155,26 +156,57 @@ def _survivors(needle: str) -> list[str]:
     return out
 
 
+def _tiny_job(tmp_path: Path, steps: int) -> Path:
+    from pipeline_fixtures import save_tiny_model, write_task
+
+    from tasks.train_job import TrainJob
+
+    model = save_tiny_model(tmp_path / "model")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text(write_task(tmp_path / "rows.jsonl", n=40).read_text())
+    run = tmp_path / "run"
+    return TrainJob(base_model=str(model), data_dir=str(tmp_path / "data"), template="in: {source}\nout:",
+                    prefix={"num_virtual_tokens": 2, "projection_hidden": 8},
+                    train={"max_steps": steps, "batch_size": 4, "learning_rate": 1e-2, "log_every": 1,
+                           "eval_every": 0}, strategy="ddp", checkpoint_dir=str(run / "ckpt"),
+                    output_dir=str(run / "prefix")).to_json(run / "job.json")
+
+
+@pytest.mark.slow
+def test_waiting_for_nodes_is_not_a_hang(cluster, tmp_path, monkeypatch):
+    """Both nodes are busy for 70 s; the training's srun waits in the queue longer than its hang timeout
+    (40 s, no backstop margin here) and then trains to the end."""
+    from tasks.launch import run_launch
+
+    monkeypatch.setattr(slurm, "HANG_MARGIN_S", 0.0)
+    job = _tiny_job(tmp_path, steps=4)
+    blocker = subprocess.Popen(["srun", "--job-name=blocker", "--nodes=2", "--ntasks=2", "--cpus-per-task=2",
+                                "sleep", "70"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not any("RUNNING" in line for line in _squeue("blocker")):
+            assert time.monotonic() < deadline, _squeue()
+            time.sleep(0.5)
+        train = TrainSpec(strategy="ddp", processes_per_machine=1, machines=2, launcher="slurm", hang_timeout_s=40)
+        started = time.monotonic()
+        result = run_launch(slurm.build_srun(train, job, slurm.job_name("acme", "e2e", "queued")), lambda e: None,
+                            log_file=job.parent / "train.log", hang_timeout_s=slurm.flow_hang_timeout(train))
+        assert result.reason == "ok", (result.reason, result.error, result.tail)
+        assert time.monotonic() - started > 45  # it really waited longer than the hang timeout
+        assert blocker.wait(timeout=30) == 0
+    finally:
+        blocker.kill()
+
+
 @pytest.mark.slow
 def test_a_hung_rank_on_a_node_ends_the_whole_srun(cluster, tmp_path):
     """Rank 1 (on node 1) hangs after step 2: rank 0 blocks in the all-reduce, machine 0's launcher sees
     no output for hang_timeout_s, kills its ranks and exits 1, srun's --kill-on-bad-exit ends node 1; the
     flow side gets one line saying so, and nothing of the job is left in Slurm's queue or the process table."""
-    from pipeline_fixtures import save_tiny_model, write_task
-
     from tasks.launch import run_launch
-    from tasks.train_job import TrainJob
 
-    model = save_tiny_model(tmp_path / "model")
-    (tmp_path / "data").mkdir()
-    rows = write_task(tmp_path / "rows.jsonl", n=40).read_text()
-    (tmp_path / "data" / "train.jsonl").write_text(rows)
-    run = tmp_path / "run"
-    job = TrainJob(base_model=str(model), data_dir=str(tmp_path / "data"), template="in: {source}\nout:",
-                   prefix={"num_virtual_tokens": 2, "projection_hidden": 8},
-                   train={"max_steps": 6, "batch_size": 4, "learning_rate": 1e-2, "log_every": 1, "eval_every": 0},
-                   strategy="ddp", checkpoint_dir=str(run / "ckpt"), output_dir=str(run / "prefix")).to_json(
-        run / "job.json")
+    job = _tiny_job(tmp_path, steps=6)
+    run = job.parent
     train = TrainSpec(strategy="ddp", processes_per_machine=1, machines=2, launcher="slurm", hang_timeout_s=45)
     name = slurm.job_name("acme", "e2e", "hung")
     launch = slurm.build_srun(train, job, name)
