@@ -31,6 +31,7 @@ ERROR_PREFIX = "PREFIXFLOW_ERROR "
 USER_ERROR_EXIT = 3
 STRATEGIES = ("single", "ddp", "deepspeed-zero2", "deepspeed-zero3")
 FAULT_ENV = "PREFIXFLOW_FAULT"
+log = logging.getLogger("prefixflow.train_job")
 
 
 class UserError(Exception):
@@ -161,6 +162,29 @@ def _fault_hook():
 
 
 # --- the job ---------------------------------------------------------------------------------------
+STALE_BUILD_LOCK_S = 1800.0  # no op build takes this long; an older lock was left by a killed build
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Remove torch extension build locks older than ``max_age_s``. DeepSpeed JIT-builds ops (on CPU its
+    shm comm op) under torch's extension root; a launch killed mid-build leaves ``NAME/lock`` behind and
+    every later build of NAME waits on it forever. Returns the removed locks."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    # TORCH_EXTENSIONS_DIR/NAME/lock, else DEFAULT_ROOT/py311_cpu/NAME/lock (torch's own layout)
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    removed = []
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+                log.warning("removed stale torch extension build lock %s (left by a killed build)", lock)
+        except FileNotFoundError:  # another rank removed it first
+            continue
+    return removed
+
+
 @contextlib.contextmanager
 def _whole_model_loading(acc):
     """Load the base model whole on every rank, also under ZeRO-3. Accelerate registers its DeepSpeed
@@ -206,6 +230,8 @@ def run_job(job: TrainJob) -> Path | None:
     except (ValueError, TypeError) as err:
         raise UserError(str(err)) from err
 
+    if job.strategy.startswith("deepspeed"):
+        clear_stale_build_locks()
     acc = make_accelerator()
     main = acc.is_main_process
     emit = print_event if main else (lambda event: None)

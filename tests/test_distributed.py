@@ -120,6 +120,22 @@ def reference(work: Path, strategy: str):
 
 
 # --- fast ------------------------------------------------------------------------------------------
+def test_stale_extension_build_lock_is_removed(tmp_path, monkeypatch):
+    """A launch killed while DeepSpeed JIT-built its op left NAME/lock: later builds would wait forever."""
+    from tasks.train_job import clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale = tmp_path / "deepspeed_shm_comm" / "lock"  # torch's layout under TORCH_EXTENSIONS_DIR
+    fresh = tmp_path / "other_op" / "lock"  # a build running right now
+    for lock in (stale, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    os.utime(stale, (1_000_000, 1_000_000))
+    assert clear_stale_build_locks(max_age_s=1800) == [stale]
+    assert not stale.exists() and fresh.exists()
+    assert (stale.parent).is_dir()  # only the lock goes; a finished build stays cached
+
+
 def test_train_job_json_round_trip(tmp_path):
     job = TrainJob(base_model="smollm2-135m", data_dir="/d", template="{source}", prefix={"num_virtual_tokens": 4},
                    train={"max_steps": 3}, strategy="ddp", checkpoint_dir="/c", output_dir="/o",
