@@ -158,8 +158,11 @@ PartitionName=batch Nodes=node[0-{self.nodes - 1}] Default=YES MaxTime=INFINITE 
         return self.env()
 
     def _check_alive(self, name: str, deadline: float) -> None:
-        pid = int(self._pid(name).read_text())
-        dead = subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0
+        try:
+            os.kill(int(self._pid(name).read_text()), 0)
+            dead = False
+        except ProcessLookupError:
+            dead = True
         if dead or time.monotonic() > deadline:
             log = self.state_dir / "log" / f"{name}.out"
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""

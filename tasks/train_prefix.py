@@ -18,7 +18,7 @@ from prefect import task
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 
-from . import tracking
+from . import slurm, tracking
 from .caching import PER_RUN
 from .devices import gpu_slots
 from .errors import TrainingError, retry_on_io
@@ -161,8 +161,6 @@ def _build(spec: PipelineSpec, job_file: Path, run_key: str, logger):
 
     if spec.train.launcher == "local":
         return build_launch(spec.train, job_file)
-    from . import slurm
-
     try:
         slurm.check_commands()
     except slurm.SlurmUnavailable as err:
@@ -171,12 +169,6 @@ def _build(spec: PipelineSpec, job_file: Path, run_key: str, logger):
     for leftover in slurm.cancel_leftovers(name):
         logger.warning("cancelled Slurm job %s (%s) left by an earlier try of this run", name, leftover)
     return slurm.build_srun(spec.train, job_file, name)
-
-
-def _slurm_hang(spec: PipelineSpec) -> float:
-    from .slurm import flow_hang_timeout
-
-    return flow_hang_timeout(spec.train)
 
 
 def _launch(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, progress: Progress,
@@ -204,7 +196,7 @@ def _launch(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, 
         launch.env.update(device_env)
         launched = time.time()
         logger.info("launching %s training: %s", spec.train.strategy, " ".join(launch.argv))
-        hang_s = spec.train.hang_timeout_s if spec.train.launcher == "local" else _slurm_hang(spec)
+        hang_s = spec.train.hang_timeout_s if spec.train.launcher == "local" else slurm.flow_hang_timeout(spec.train)
         result = run_launch(launch, progress, log_file=folder / "train.log", hang_timeout_s=hang_s)
         landed = time.time()
     for problem in mirror.close() if mirror is not None else []:

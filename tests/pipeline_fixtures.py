@@ -71,3 +71,18 @@ def patched_environ(values: dict[str, str], unset: tuple[str, ...] = ()) -> Iter
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def survivors(job_file: Path) -> list[int]:
+    """Processes still running this job (there must be none after run_launch returns)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
+                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if str(job_file) in cmd and state != "Z":
+                out.append(int(entry))
+    return out

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import char_tokenizer, make_base
+from pipeline_fixtures import survivors
 
 from prefix_core import PrefixArtifact
 from prefix_core import checkpoint as ckpt
@@ -89,21 +90,6 @@ def launch(work: Path, job_file: Path, strategy: str, fault: str | None = None):
 
 def table(path) -> torch.Tensor:
     return PrefixArtifact.load(path).table()
-
-
-def survivors(job_file: Path) -> list[int]:
-    """Processes still running this job (there must be none after run_launch returns)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
-                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if str(job_file) in cmd and state != "Z":
-                out.append(int(entry))
-    return out
 
 
 _REFERENCES: dict[str, tuple] = {}

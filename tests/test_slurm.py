@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline_fixtures import patched_environ, save_tiny_model, spec_dict, write_task
+from pipeline_fixtures import patched_environ, save_tiny_model, spec_dict, survivors, write_task
 
 from infra.slurm_cluster import missing_binaries, running_cluster
 from tasks import slurm
@@ -141,21 +141,6 @@ def test_a_leftover_job_of_an_earlier_try_is_cancelled_before_relaunch(cluster):
         stale.kill()
 
 
-def _survivors(needle: str) -> list[str]:
-    """Processes (not zombies) whose command line mentions ``needle``."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if needle in cmd and state != "Z":
-                out.append(cmd)
-    return out
-
-
 def _tiny_job(tmp_path: Path, steps: int) -> Path:
     from pipeline_fixtures import save_tiny_model, write_task
 
@@ -219,6 +204,6 @@ def test_a_hung_rank_on_a_node_ends_the_whole_srun(cluster, tmp_path):
     assert result.error.startswith("training hung on machine 0: no output for 45 s"), result.error
     assert max(steps) <= 3 and time.monotonic() - started < 180
     deadline = time.monotonic() + 60  # Slurm's KillWait is 10 s in the local cluster
-    while _squeue(name) or _survivors(str(job)):
-        assert time.monotonic() < deadline, (_squeue(name), _survivors(str(job)))
+    while _squeue(name) or survivors(job):
+        assert time.monotonic() < deadline, (_squeue(name), survivors(job))
         time.sleep(1)
