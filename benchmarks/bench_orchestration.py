@@ -40,9 +40,10 @@ def main() -> None:
     for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
         os.environ.pop(var, None)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from flows.demo import embedded_environment, run_demo
+    from flows.demo import run_demo
+    from flows.embedded import use_embedded_prefect
 
-    embedded_environment(state)
+    use_embedded_prefect(state)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

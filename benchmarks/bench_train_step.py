@@ -32,6 +32,8 @@ from run to run with glibc's allocator).
 
 bf16: the base weights are loaded in torch.bfloat16 for both libraries (no autocast); the prefix
 parameters and AdamW state stay float32 in both (both cast the prefix to bf16 where it is used).
+bf16-autocast: fp32 weights with the forward under ``torch.autocast(bf16)``, which is what the trainer's
+``mixed_precision: bf16`` (and ``auto`` where bf16 is native) runs.
 """
 
 from __future__ import annotations
@@ -52,8 +54,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
+from prefix_core.precision import cpu_bf16_native, cpu_capability, cpu_model
+
 P, MLP_HIDDEN, LR = 10, 512, 5e-4
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# bf16-autocast: fp32 weights, forward under torch.autocast(bf16): what the trainer's mixed_precision bf16 runs
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-autocast": torch.float32}
+AUTOCAST = {"bf16-autocast"}
 CONFIGS = ("ours", "peft", "ours_gc")
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -168,8 +174,9 @@ def sync(device: str) -> None:
 
 
 class Trainer:
-    def __init__(self, name, model, params, batches, device):
+    def __init__(self, name, model, params, batches, device, autocast: bool = False):
         self.name, self.model, self.batches, self.device = name, model, batches, device
+        self.autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast)
         self.opt = torch.optim.AdamW(params, lr=LR)
         self.i = 0
         self.last_loss = float("nan")
@@ -177,7 +184,8 @@ class Trainer:
     def step(self) -> None:
         batch = self.batches[self.i % len(self.batches)]
         self.i += 1
-        loss = self.model(**batch, use_cache=False).loss
+        with self.autocast:
+            loss = self.model(**batch, use_cache=False).loss
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -210,7 +218,7 @@ def memory_worker(args) -> None:
     model, params, _ = build(args.worker, args.model, dtype, args.device, args.layers, args.ours_projection_input)
     vocab = model.base.config.vocab_size if args.worker != "peft" else model.get_base_model().config.vocab_size
     batches = make_batches(vocab, args.batch, args.seq, 2, args.device)
-    trainer = Trainer(args.worker, model, params, batches, args.device)
+    trainer = Trainer(args.worker, model, params, batches, args.device, args.dtype in AUTOCAST)
     with torch.no_grad():  # page in every weight (from_pretrained may leave them mmapped) in all configurations
         model(**batches[0], use_cache=False)
     gc.collect()
@@ -256,15 +264,15 @@ def measure_memory(args, name: str, dtype_name: str) -> dict:
 
 
 # --- throughput (one process, interleaved) -------------------------------------------------------
-def measure_throughput(args, dtype: torch.dtype) -> dict:
+def measure_throughput(args, dtype: torch.dtype, autocast: bool) -> dict:
     tokens = args.batch * args.seq
     ours, ours_params, _ = build("ours", args.model, dtype, args.device, args.layers, args.ours_projection_input)
     peft_model, peft_params, _ = build("peft", args.model, dtype, args.device, args.layers)
     vocab = ours.base.config.vocab_size
     batches = make_batches(vocab, args.batch, args.seq, 4, args.device)
     trainers = {
-        "ours": Trainer("ours", ours, ours_params, batches, args.device),
-        "peft": Trainer("peft", peft_model, peft_params, batches, args.device),
+        "ours": Trainer("ours", ours, ours_params, batches, args.device, autocast),
+        "peft": Trainer("peft", peft_model, peft_params, batches, args.device, autocast),
     }
     # ours_gc: the same PrefixModel and optimizer with checkpointing switched on around its timing.
     trainers["ours_gc"] = trainers["ours"]
@@ -309,7 +317,7 @@ def measure_throughput(args, dtype: torch.dtype) -> dict:
 def bench_dtype(args, dtype_name: str) -> dict:
     dtype = DTYPES[dtype_name]
     print(f"\n[{dtype_name}] building models on {args.device} ...", flush=True)
-    out = measure_throughput(args, dtype)
+    out = measure_throughput(args, dtype, dtype_name in AUTOCAST)
     gc.collect()
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -369,7 +377,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "llama3-8b-random"])
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    ap.add_argument("--dtypes", default=None, help="comma list of fp32,bf16 (default: both; bf16 only for the 8B)")
+    ap.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,bf16-autocast (default: fp32,bf16; "
+                                                   "bf16 only for the 8B)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per repetition and configuration")
@@ -403,7 +412,8 @@ def main() -> None:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": args.model,
         "device": args.device,
-        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu x{os.cpu_count()}",
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else
+        f"{cpu_model()} x{os.cpu_count()} ({cpu_capability()}, bf16 {'native' if cpu_bf16_native() else 'not native'})",
         "torch_threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
         "setup": {"batch": args.batch, "seq": args.seq, "tokens_per_step": args.batch * args.seq,

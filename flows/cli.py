@@ -19,9 +19,10 @@ from rich.table import Table
 
 from infra import stack
 
+from .embedded import use_embedded_prefect
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 app = typer.Typer(help="prefixflow: train, evaluate, register and serve prefixes on frozen LLMs.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -38,12 +39,16 @@ def _setup() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _embedded_prefect() -> None:
-    """Without a Prefect server, keep the ephemeral API's files next to the rest of the state."""
-    if not os.environ.get("PREFECT_API_URL"):
-        home = Path(os.environ.get("PREFIXFLOW_HOME", "state")).expanduser().resolve()
-        os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
-        Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect does not create parents
+def _embedded_prefect(state: Path | None = None, summary: bool = False) -> None:
+    """Without a Prefect server, keep the ephemeral API's files next to the rest of the state (and say so
+    on a first run, which waits for Prefect to create its database). ``summary``: print doctor's line first."""
+    note = use_embedded_prefect(state)
+    if summary:
+        from .doctor import run_checks, summary_line
+
+        console.print(f"[dim]{escape(summary_line(run_checks()))}[/]")
+    if note:
+        console.print(f"[dim]{escape(note)}[/]")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -90,9 +95,12 @@ def _progress_bar():
     bars: dict[str, int] = {}
 
     def on_event(spec, event: dict) -> None:
+        name = f"{spec.client}/{spec.task}"
+        if event.get("event") == "end" and event.get("stopped_early") and name in bars:
+            progress.update(bars[name], total=event["steps"], completed=event["steps"],
+                            info=f"stopped early at step {event['steps']}: validation loss plateaued")
         if event.get("event") != "step":
             return
-        name = f"{spec.client}/{spec.task}"
         if name not in bars:
             bars[name] = progress.add_task(f"training {name}", total=event["max_steps"], info="")
         info = f"loss {event['loss']:.3f}  {event['tokens_per_s']:.0f} tok/s"
@@ -148,6 +156,7 @@ def demo(
     """The whole pipeline on a generated task and the embedded model, then generations with and without."""
     from .demo import run_demo
 
+    _embedded_prefect(state, summary=True)
     console.print(f"[bold]prefixflow demo[/]: pipeline on base model [cyan]{model}[/], {steps} steps ({strategy}, "
                   f"{processes} process(es)), state in {state} (Prefect and MLflow embedded unless "
                   "PREFECT_API_URL/MLFLOW_TRACKING_URI)")
@@ -164,6 +173,24 @@ def demo(
     console.print(table)
     console.print(f"exact match on {len(result.rows)} held-out records: no prefix {result.exact_before:.0%}, with "
                   f"the pulled prefix [bold green]{result.exact_after:.0%}[/]; prefix pulled to {result.pulled}")
+
+
+@app.command()
+def doctor() -> None:
+    """What a run here will use and why: Python, torch, CPU and bf16, GPUs, Prefect, MLflow, S3, the model,
+    disk. Exit code 1 when something must be fixed first."""
+    from .doctor import FAIL, WARN, run_checks
+
+    checks = run_checks()
+    table = Table(title="prefixflow doctor", show_lines=False)
+    for col in ("check", "", "what a run will use", "fix"):
+        table.add_column(col, overflow="fold")
+    marks = {FAIL: "[red]✗[/]", WARN: "[yellow]![/]"}
+    for c in checks:
+        table.add_row(c.name, marks.get(c.status, "[green]✓[/]"), escape(c.value), escape(c.fix))
+    console.print(table)
+    if any(c.status == FAIL for c in checks):
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -251,19 +278,27 @@ def generate(
     model: str | None = typer.Option(None, help="base model (default: the one recorded in the prefix)"),
     template: bool = typer.Option(True, help="render prompts through the prefix's prompt template"),
     max_new_tokens: int = typer.Option(48, min=1),
+    precision: str = typer.Option("auto", help="dtype of the base: auto (bf16 only where native), fp32, bf16"),
 ) -> None:
     """Generate with a prefix (or none, for comparison)."""
     from prefix_core import MultiPrefixGenerator, PrefixArtifact, PrefixError, load_base_model
+    from prefix_core.precision import decide
     from tasks import registry
     from tasks.storage import fetch_dir
 
+    try:
+        chosen = decide(precision, "cpu")
+    except ValueError as err:
+        _fail(f"--precision: {err}")
+    if chosen.warning:
+        errors.print(f"[yellow]warning:[/] {escape(chosen.warning)}")
     try:
         art = None
         if prefix:
             path = registry.download(prefix) if registry.is_ref(prefix) else fetch_dir(prefix)
             art = PrefixArtifact.load(path)
         name = model or (art.manifest["base_model"]["name"] if art else "smollm2-135m")
-        base, tok = load_base_model(name)
+        base, tok = load_base_model(name, dtype=chosen.dtype)
         gen = MultiPrefixGenerator(base, tok, {"p": art} if art else {})
         texts = gen.generate([("p" if art else None, p) for p in prompt], max_new_tokens=max_new_tokens,
                              apply_template=template and art is not None, do_sample=False)

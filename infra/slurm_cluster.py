@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,8 +26,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
-BINARIES = ("munged", "slurmctld", "slurmd", "srun", "scontrol", "squeue", "scancel", "sinfo")
+from . import test_packages
+
+PACKAGES = test_packages.GROUPS["slurm"]["packages"]
+BINARIES = test_packages.GROUPS["slurm"]["binaries"]
 
 
 class SlurmClusterError(RuntimeError):
@@ -36,25 +37,19 @@ class SlurmClusterError(RuntimeError):
 
 
 def missing_binaries() -> list[str]:
-    return [b for b in BINARIES if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
+    return test_packages.missing("slurm")
 
 
 def _binary(name: str) -> str:
-    return shutil.which(name) or str(Path("/usr/sbin", name))
+    return test_packages.binary(name) or str(Path("/usr/sbin", name))
 
 
 def install() -> None:
     """Install Slurm and munge from Debian/Ubuntu packages (needs root); no-op when already there."""
-    if not missing_binaries():
-        return
-    if os.geteuid() != 0:
-        raise SlurmClusterError(f"Slurm is not installed (missing {', '.join(missing_binaries())}); as root run "
-                                f"`apt-get install -y {' '.join(PACKAGES)}`")
-    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    if subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode != 0:
-        subprocess.run(["apt-get", "update"], env=env, stdout=subprocess.DEVNULL, check=True)
-        subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=True)
+    try:
+        test_packages.install(["slurm"])
+    except test_packages.PackagesMissing as err:
+        raise SlurmClusterError(str(err)) from None
 
 
 def _free_port() -> int:

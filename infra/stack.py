@@ -11,6 +11,10 @@ Everything lives under one state folder (``$PREFIXFLOW_STACK_DIR``, default ``st
     run/NAME.pid       pid of each service (the leader of its own process group)
 
 Start order is S3 → MLflow → Prefect, each waited on with an HTTP health check; shutdown is the reverse.
+
+Each service also serves a web UI: the SeaweedFS admin page (admin port), the MLflow UI (at its API address) and
+the Prefect UI (its API address without ``/api``). The UIs are addressed by ``StackConfig.ui_host`` (default: the
+client host), which the Prefect UI is told as its API URL and the MLflow server accepts as a host name.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ GRPC_OFFSET = 10000  # SeaweedFS serves gRPC on each HTTP port + 10000
 REGION = "us-east-1"
 _MARKER = "PREFIXFLOW_STACK_SERVICE"  # env var tagging each service process with "STATE_DIR::NAME"
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")  # a DNS name or an IPv4 address
+_LOOPBACK = ("127.0.0.1", "localhost")
 _CHILDREN: dict[int, subprocess.Popen] = {}  # services started by this process, so they can be reaped
 
 
@@ -63,9 +69,11 @@ def default_state_dir() -> Path:
 
 @dataclass
 class StackConfig:
-    """Where the stack keeps its state and which loopback ports it uses.
+    """Where the stack keeps its state, the address it binds to and its ports.
 
     SeaweedFS also listens on each of its HTTP ports + 10000 (gRPC): s3, master, volume, filer and admin.
+    ``ui_host`` is the host name browsers use for the UIs ("" = the client host); set it when the UIs are
+    reached from another machine (with ``host`` binding to an address that machine can reach).
     """
 
     state_dir: Path = field(default_factory=default_state_dir)
@@ -79,9 +87,13 @@ class StackConfig:
     weed_admin_port: int = 13646
     bucket: str = "prefixflow"
     start_timeout: float = 120.0  # seconds each service may take to become healthy
+    ui_host: str = ""
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser().resolve()
+        if self.ui_host and not _HOST_RE.match(self.ui_host):
+            raise StackError(f"UI host {self.ui_host!r} is not a host name or IPv4 address: give the bare name "
+                             "browsers use (no scheme, port or path), e.g. --ui-host gpu-box.example.com")
         if not _BUCKET_RE.match(self.bucket):
             raise StackError(f"bucket name {self.bucket!r} is not valid S3: use 3-63 lowercase letters, digits, "
                              "'-' or '.'")
@@ -105,11 +117,22 @@ class StackConfig:
     def client_host(self) -> str:
         return "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
 
+    @property
+    def ui_hostname(self) -> str:
+        """The host name in the UI addresses: ``ui_host``, else the client host."""
+        return self.ui_host or self.client_host
+
     def urls(self) -> dict[str, str]:
-        """The URL clients use for each service."""
+        """The URL clients use for each service's API."""
         h = self.client_host
         return {"s3": f"http://{h}:{self.s3_port}", "mlflow": f"http://{h}:{self.mlflow_port}",
                 "prefect": f"http://{h}:{self.prefect_port}/api"}
+
+    def ui_urls(self) -> dict[str, str]:
+        """The address of each service's web UI: SeaweedFS admin, MLflow, Prefect (whose API is at ``/api``)."""
+        h = self.ui_hostname
+        return {"s3": f"http://{h}:{self.weed_admin_port}", "mlflow": f"http://{h}:{self.mlflow_port}",
+                "prefect": f"http://{h}:{self.prefect_port}"}
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -392,12 +415,26 @@ def _client_env(config: StackConfig, creds: dict[str, str]) -> dict[str, str]:
 
 def _base_env(config: StackConfig, name: str) -> dict[str, str]:
     """The parent's environment minus client settings that would point a server elsewhere."""
-    drop = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE", "MLFLOW_TRACKING_URI", "AWS_PROFILE",
-            "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL")
+    drop = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE", "PREFECT_UI_API_URL", "MLFLOW_TRACKING_URI",
+            "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env[_MARKER] = f"{config.state_dir}::{name}"
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def _mlflow_host_args(config: StackConfig) -> list[str]:
+    """``--allowed-hosts`` / ``--cors-allowed-origins`` letting browsers use the MLflow UI through ``ui_host``.
+
+    Nothing for a loopback UI host: MLflow's defaults already accept localhost (and private IPs for reading).
+    """
+    ui = config.ui_hostname
+    if ui in _LOOPBACK:
+        return []
+    port = config.mlflow_port
+    hosts = dict.fromkeys([*_LOOPBACK, config.client_host, ui])
+    allowed = ",".join(f"{h},{h}:{port}" for h in hosts)
+    return ["--allowed-hosts", allowed, "--cors-allowed-origins", f"http://{ui}:{port}"]
 
 
 def _command(config: StackConfig, name: str, creds: dict[str, str]) -> tuple[list[str], dict[str, str], Path]:
@@ -418,7 +455,7 @@ def _command(config: StackConfig, name: str, creds: dict[str, str]) -> tuple[lis
         workdir = state / "mlflow"
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(config.mlflow_port),
                "--workers", "1", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-               "--artifacts-destination", f"s3://{config.bucket}/mlflow"]
+               "--artifacts-destination", f"s3://{config.bucket}/mlflow", *_mlflow_host_args(config)]
         env |= {"MLFLOW_S3_ENDPOINT_URL": config.urls()["s3"], "AWS_ACCESS_KEY_ID": creds["access_key"],
                 "AWS_SECRET_ACCESS_KEY": creds["secret_key"], "AWS_DEFAULT_REGION": REGION,
                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -426,8 +463,12 @@ def _command(config: StackConfig, name: str, creds: dict[str, str]) -> tuple[lis
         workdir = state / "prefect"
         cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port",
                str(config.prefect_port)]
+        ui_url = config.ui_urls()["prefect"]
         env |= {"PREFECT_HOME": str(workdir), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{workdir / 'prefect.db'}"}
+                "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{workdir / 'prefect.db'}",
+                # the UI in the browser calls this API URL (Prefect's default is port 4200), and the server's
+                # own links point at this UI
+                "PREFECT_SERVER_UI_API_URL": f"{ui_url}/api", "PREFECT_UI_URL": ui_url}
     return cmd, env, workdir
 
 
@@ -607,19 +648,19 @@ def stack_down(state_dir: Path, grace: float = 15.0) -> None:
 
 
 def stack_status(state_dir: Path) -> dict[str, dict]:
-    """Per service: ``running``, ``healthy``, ``pid``, ``url`` and ``log``."""
+    """Per service: ``running``, ``healthy``, ``pid``, ``api`` (client URL), ``ui`` (web UI address) and ``log``."""
     state = Path(state_dir).expanduser().resolve()
     try:
         config = StackConfig.load(state)
     except StackError:
         config = StackConfig(state_dir=state)
-    urls = config.urls()
+    urls, ui_urls = config.urls(), config.ui_urls()
     status: dict[str, dict] = {}
     for name in SERVICES:
         pid = _running_pid(state, name)
         healthy = pid is not None and _http_ok(_health_url(config, name))
-        status[name] = {"running": pid is not None, "healthy": healthy, "pid": pid, "url": urls[name],
-                        "log": str(_log_file(state, name))}
+        status[name] = {"running": pid is not None, "healthy": healthy, "pid": pid, "api": urls[name],
+                        "ui": ui_urls[name], "log": str(_log_file(state, name))}
     return status
 
 
@@ -673,6 +714,8 @@ def up(
     weed_admin_port: int | None = typer.Option(None, help="SeaweedFS admin port (default 13646)"),
     bucket: str | None = typer.Option(None, help="S3 bucket for artifacts (default prefixflow)"),
     timeout: float | None = typer.Option(None, min=1, help="seconds each service may take to start (default 120)"),
+    ui_host: str | None = typer.Option(None, help="host name browsers use for the UIs, when it is not the bind "
+                                                  "address (default: the client host, 127.0.0.1; '' resets)"),
 ) -> None:
     """Start S3, MLflow and Prefect (settings not given: those of the last `up` in this folder, else defaults)."""
     from rich.console import Console
@@ -681,7 +724,7 @@ def up(
     given = {"host": host, "s3_port": s3_port, "mlflow_port": mlflow_port, "prefect_port": prefect_port,
              "weed_master_port": weed_master_port, "weed_volume_port": weed_volume_port,
              "weed_filer_port": weed_filer_port, "weed_admin_port": weed_admin_port, "bucket": bucket,
-             "start_timeout": timeout}
+             "start_timeout": timeout, "ui_host": ui_host}
     given = {k: v for k, v in given.items() if v is not None}
     console = Console()
     try:
@@ -692,13 +735,15 @@ def up(
     except StackError as err:
         _fail(err)
         return
-    urls = config.urls()
     if all(a == "running" for a in actions.values()):
         console.print("already running and healthy: nothing to do")
+    urls, ui_urls = config.urls(), config.ui_urls()
     for name in SERVICES:
-        console.print(f"  {name:8} {actions[name]:8} {urls[name]}")
+        console.print(f"  {name:8} {actions[name]:8} UI {ui_urls[name]:<{len(ui_urls['prefect'])}}  API {urls[name]}",
+                      soft_wrap=True)
     console.print('clients: eval "$(prefixflow stack env)"' + ("" if state == _state(None) else
-                                                              f" with PREFIXFLOW_STACK_DIR={shlex.quote(str(state))}"))
+                                                              f" with PREFIXFLOW_STACK_DIR={shlex.quote(str(state))}"),
+                  soft_wrap=True)
 
 
 @app.command()
@@ -717,19 +762,19 @@ def down(state_dir: Path | None = StateDir,
 
 @app.command()
 def status(state_dir: Path | None = StateDir) -> None:
-    """Show each service's process, health and URL; exit 1 unless all are healthy."""
+    """Show each service's process, health, UI and API addresses and log; exit 1 unless all are healthy."""
     from rich.console import Console
     from rich.table import Table
 
     state = _state(state_dir)
     table = Table(title=f"prefixflow stack in {state}")
-    for col in ("service", "running", "healthy", "pid", "url", "log"):
-        table.add_column(col, overflow="fold")
+    for col in ("service", "running", "healthy", "pid", "UI (browser)", "API (clients)", "log"):
+        table.add_column(col, overflow="fold", no_wrap=col.endswith(")"))  # URLs stay whole; a long log path folds
     result = stack_status(state)
     for name, s in result.items():
         table.add_row(name, "yes" if s["running"] else "no",
                       "[green]yes[/]" if s["healthy"] else "[red]no[/]",
-                      str(s["pid"] or "-"), s["url"], s["log"])
+                      str(s["pid"] or "-"), s["ui"], s["api"], s["log"])
     Console(width=200).print(table)
     if not all(s["healthy"] for s in result.values()):
         raise typer.Exit(1)

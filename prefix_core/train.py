@@ -16,6 +16,7 @@ at the end the trained prefix is consolidated into an ordinary, unpartitioned ``
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -35,9 +36,11 @@ from .base_model import weight_fingerprint
 from .data import Encoded, Example, collate, encode, length_grouped_batches, target_token_count
 from .encoder import PrefixEncoder
 from .model import PrefixModel
+from .precision import Precision, decide, normalize
 
 Callback = Callable[[dict], None]
 DS_TAG = "state"  # the DeepSpeed checkpoint tag inside a checkpoint's ``deepspeed/`` folder
+log = logging.getLogger("prefix_core.train")
 
 
 def make_accelerator() -> Accelerator:
@@ -52,7 +55,12 @@ def make_accelerator() -> Accelerator:
 @dataclass
 class TrainConfig:
     """Hyperparameters of one training run. ``batch_size`` is examples per optimizer step, over
-    all processes and accumulation steps; it must divide by processes x grad_accum."""
+    all processes and accumulation steps; it must divide by processes x grad_accum.
+
+    ``mixed_precision``: ``auto`` (bf16 autocast only where the device has native bf16, else fp32;
+    see :mod:`prefix_core.precision`), ``no``/``fp32`` or ``bf16``. Early stopping: after
+    ``early_stopping_patience`` validations in a row that do not lower the best validation loss by
+    more than ``early_stopping_min_delta`` (nats/token), training stops and the best prefix is kept."""
 
     max_steps: int = 300
     batch_size: int = 8
@@ -65,11 +73,12 @@ class TrainConfig:
     eval_every: int = 0
     eval_batch_size: int = 16
     early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
-    mixed_precision: str = "no"
+    mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
     group_by_length: bool = True
 
@@ -79,8 +88,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        if self.early_stopping_min_delta < 0:
+            raise ValueError(f"early_stopping_min_delta must be >= 0, got {self.early_stopping_min_delta}")
+        try:
+            normalize(self.mixed_precision)
+        except ValueError:
+            raise ValueError(f"mixed_precision must be 'auto', 'no' (fp32) or 'bf16', got {self.mixed_precision!r}") \
+                from None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,6 +113,7 @@ class TrainResult:
     train_tokens: int
     seconds: float
     history: list[dict] = field(default_factory=list)
+    precision: dict = field(default_factory=dict)  # Precision.to_dict(): requested, mode, reason, ...
 
 
 def _token_loss_sum(model, batch: dict, encoder_decoder: bool) -> tuple[torch.Tensor, int]:
@@ -124,8 +139,8 @@ class Trainer:
         # Mixed precision is our own autocast, not Accelerator(mixed_precision=...): accelerate's
         # state is process-global and cannot change between runs in one process.
         self.acc = accelerator or Accelerator()
-        self.autocast = torch.autocast(self.acc.device.type, dtype=torch.bfloat16,
-                                       enabled=config.mixed_precision == "bf16")
+        self.precision: Precision = decide(config.mixed_precision, self.acc.device)
+        self.autocast = torch.autocast(self.acc.device.type, dtype=torch.bfloat16, enabled=self.precision.autocast)
         self.world = self.acc.num_processes
         per_step = self.world * config.grad_accum
         if config.batch_size % per_step:
@@ -398,6 +413,9 @@ class Trainer:
 
     def run(self) -> TrainResult:
         cfg = self.config
+        if self.precision.warning:
+            log.warning(self.precision.warning)
+        self.emit({"event": "precision", **self.precision.to_dict()})
         self.resume()
         self.wrapped.train()
         start, tokens, window_tokens, window_start = time.time(), 0, 0, time.time()
@@ -434,18 +452,20 @@ class Trainer:
             self.save_checkpoint()
         self.consolidate(self.best_state)
         result = TrainResult(self.step, stopped_early, self.best_eval, last_loss, self.resumed_from, tokens,
-                             time.time() - start, self.history)
+                             time.time() - start, self.history, self.precision.to_dict())
         self.emit({"event": "end", **{k: v for k, v in asdict(result).items() if k != "history"}})
         return result
 
     def _eval_and_track(self) -> bool:
         loss = self.evaluate()
-        improved = self.best_eval is None or loss < self.best_eval
-        if improved:
-            self.best_eval, self.bad_evals = loss, 0
+        first = self.best_eval is None
+        # Significant: lower than the best by more than min_delta (resets patience); any lower loss
+        # still becomes the best, whose prefix is the one kept.
+        significant = first or loss < self.best_eval - self.config.early_stopping_min_delta
+        if first or loss < self.best_eval:
+            self.best_eval = loss
             self.best_state = self.prefix_state()
-        else:
-            self.bad_evals += 1
+        self.bad_evals = 0 if significant else self.bad_evals + 1
         self.history.append({"step": self.step, "eval_loss": loss})
         self.emit({"event": "eval", "step": self.step, "eval_loss": loss, "best_eval_loss": self.best_eval})
         patience = self.config.early_stopping_patience

@@ -41,6 +41,7 @@ class EvalReport(BaseModel):
     samples: list[dict]
     test_sources: int
     seconds: float
+    precision: dict | None = None  # prefix_core.precision.Precision.to_dict(): the base's dtype for generation
 
 
 def decide_gate(gate: GateSpec, metrics: dict[str, dict[str, float]]) -> GateDecision:
@@ -115,11 +116,16 @@ def evaluate(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, mlfl
     from transformers.utils import logging as hf_logging
 
     from prefix_core import BaseModelMismatchError, PrefixArtifact, load_base_model
+    from prefix_core.precision import decide
 
     hf_logging.disable_progress_bar()
     t0 = time.time()
     sources, refs = test_set(data.uri, spec.evaluate.max_examples)
-    base, tokenizer = load_base_model(spec.base_model)
+    precision = decide(spec.evaluate.precision, "cpu")
+    if precision.warning:
+        log.warning(precision.warning)
+    log.info("evaluation precision: %s", precision.reason)
+    base, tokenizer = load_base_model(spec.base_model, dtype=precision.dtype)
     prefixes = {"candidate": PrefixArtifact.load(trained.artifact_uri)}
     champion, note = registry.aliased(spec.registered_model, "champion"), None
     champion_version = None if champion is None else str(champion.version)
@@ -140,7 +146,7 @@ def evaluate(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, mlfl
                for i, (s, r) in enumerate(zip(sources, refs, strict=True))]
     report = EvalReport(metrics=metrics, champion_version=champion_version if "champion" in prefixes else None,
                         champion_note=note, gate=gate, samples=samples[:20], test_sources=len(sources),
-                        seconds=time.time() - t0)
+                        seconds=time.time() - t0, precision=precision.to_dict())
     if mlflow_run_id:
         _log(mlflow_run_id, report, samples, trained)
     return report
@@ -150,6 +156,9 @@ def _log(run_id: str, report: EvalReport, samples: list[dict], trained: TrainOut
     import matplotlib.pyplot as plt
 
     c = tracking.client()
+    if report.precision:
+        tracking.log_params(run_id, {"evaluate.precision_used": report.precision["mode"],
+                                     "evaluate.precision_reason": report.precision["reason"]})
     tracking.log_metrics(run_id, {f"{'test' if n == 'candidate' else n}_{m}": v
                                   for n, ms in report.metrics.items() for m, v in ms.items()})
     c.log_table(run_id, data={k: [s[k] for s in samples] for k in samples[0]}, artifact_file="eval/samples.json")
@@ -171,6 +180,8 @@ def evaluate_prefix(spec: PipelineSpec, data: PreparedData, trained: TrainOutcom
 
     report = evaluate(spec, data, trained, mlflow_run_id)
     logger = get_run_logger()
+    if report.precision:
+        logger.info("generation precision: %s", report.precision["reason"])
     for name, ms in report.metrics.items():
         logger.info("%s: %s", name, ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))
     logger.info("gate %s: %s", "passed" if report.gate.passed else "refused", report.gate.reason)

@@ -12,7 +12,7 @@ deepspeed-zero2/3   DeepSpeed ZeRO stage 2/3 (torchrun, "standard" multinode lau
 ==================  ======================================================================
 
 On a machine without a GPU the ranks run on CPU with gloo (``ACCELERATE_USE_CPU=1``, and
-``DS_ACCELERATOR=cpu`` for DeepSpeed; see FACTS.md); with GPUs they use NCCL, and an existing
+``DS_ACCELERATOR=cpu`` for DeepSpeed; see docs/scale-out.md); with GPUs they use NCCL, and an existing
 ``CUDA_VISIBLE_DEVICES`` is inherited unchanged. Mixed precision is always
 ``--mixed_precision no`` for accelerate: it is the trainer's own autocast
 (``TrainConfig.mixed_precision``), identical under every strategy (accelerate's bf16 under

@@ -87,10 +87,15 @@ class TrainSpec(_Strict):
     grad_accum: int = Field(1, ge=1)
     learning_rate: float = Field(5e-4, gt=0)
     warmup_steps: int = Field(0, ge=0)
-    mixed_precision: Literal["no", "bf16"] = "bf16"
+    mixed_precision: Literal["auto", "no", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast only where the hardware computes bf16 natively, else fp32; "
+                            "no/fp32: always fp32; bf16: always bf16 (slow where not native)")
     gradient_checkpointing: bool = False
     eval_every: int = Field(50, ge=0)
-    early_stopping_patience: int = Field(0, ge=0)
+    early_stopping_patience: int = Field(0, ge=0, description="stop after this many validations without a "
+                                                               "significant improvement (0: never)")
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="a validation loss must beat the best by more "
+                                                                   "than this (nats/token) to count as improvement")
     checkpoint_every: int = Field(50, ge=0)
     seed: int = 0
     strategy: Strategy = "single"
@@ -130,6 +135,8 @@ class EvaluateSpec(_Strict):
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(16, ge=1)
     max_examples: int | None = Field(None, ge=1, description="evaluate on the first N test sources only")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="dtype the base is loaded in for generation: auto = bf16 only where native")
     gate: GateSpec = Field(default_factory=GateSpec)
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ whose artifact store may be S3. Without it, an embedded store under the state fo
 
 from __future__ import annotations
 
+import logging
 import os
 
 from prefect import task
@@ -75,6 +76,21 @@ def open_run(experiment: str, run_key: str, run_name: str, tags: dict[str, str],
     run = c.create_run(exp_id, run_name=run_name, tags={RUN_KEY_TAG: run_key, **tags})
     c.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     return run.info.run_id
+
+
+def log_params(run_id: str, params: dict[str, str], logger=None) -> None:
+    """Log run params (idempotent for equal values). A value that differs from one logged earlier in the
+    same run (a retry resumed on other hardware) keeps the first and is reported as a warning."""
+    from mlflow.entities import Param
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client().log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    except MlflowException as err:
+        if "Changing param values is not allowed" not in str(err):
+            raise
+        (logger or logging.getLogger("prefixflow.tracking")).warning("MLflow params kept their first values: %s",
+                                                                     str(err).splitlines()[0])
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:

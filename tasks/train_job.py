@@ -259,7 +259,8 @@ def run_job(job: TrainJob) -> Path | None:
         training = {"strategy": job.strategy, "processes": acc.num_processes, "config": train_cfg.to_dict(),
                     "steps": result.steps, "stopped_early": result.stopped_early,
                     "best_eval_loss": result.best_eval_loss, "final_train_loss": result.final_train_loss,
-                    "resumed_from": result.resumed_from, "train_tokens": result.train_tokens}
+                    "resumed_from": result.resumed_from, "train_tokens": result.train_tokens,
+                    "precision": result.precision}
         extra = dict(job.manifest_fields)
         extra["training"] = {**extra.get("training", {}), **training}
         extra.setdefault("prompt_template", job.template)

@@ -40,6 +40,7 @@ class TrainOutcome(BaseModel):
     best_eval_loss: float | None
     final_train_loss: float | None
     history_uri: str | None
+    precision: dict | None = None  # prefix_core.precision.Precision.to_dict() of the training job
     seconds: float
     launched_at: float  # when the launch began (after waiting for a training slot and GPUs)
     finished_at: float  # when the launch ended
@@ -54,7 +55,8 @@ def make_job(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path)
     config = TrainConfig(
         max_steps=t.max_steps, batch_size=t.batch_size, grad_accum=t.grad_accum, learning_rate=t.learning_rate,
         warmup_steps=t.warmup_steps, mixed_precision=t.mixed_precision, gradient_checkpointing=t.gradient_checkpointing,
-        eval_every=t.eval_every, early_stopping_patience=t.early_stopping_patience, checkpoint_every=t.checkpoint_every,
+        eval_every=t.eval_every, early_stopping_patience=t.early_stopping_patience,
+        early_stopping_min_delta=t.early_stopping_min_delta, checkpoint_every=t.checkpoint_every,
         seed=t.seed, max_length=spec.data.max_length, log_every=max(1, min(25, t.max_steps // 30)))
     prefix = {**spec.prefix.model_dump(), "seed": t.seed}
     pipeline = {"client": spec.client, "task": spec.task, "run_key": run_key, "spec_hash": spec.spec_hash(),
@@ -88,6 +90,12 @@ def _finished(out: Path) -> bool:
         return True
     except ArtifactError:
         return False
+
+
+def _precision(out: Path) -> dict | None:
+    """The precision the job trained in, as recorded in the artifact's manifest."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    return manifest.get("training", {}).get("precision")
 
 
 def _history(checkpoints: Path) -> list[dict]:
@@ -132,12 +140,21 @@ class Progress:
             self._metrics({"eval_loss": event["eval_loss"]}, event["step"])
         elif kind == "checkpoint" and self.on_checkpoint is not None:
             self.on_checkpoint(Path(event["path"]))
+        elif kind == "precision":
+            if event.get("warning"):
+                self.logger.warning(event["warning"])
+            self.logger.info("precision: %s", event["reason"])
         elif kind == "resume":
             self.logger.warning("resumed from checkpoint %s (step %d)", event["path"], event["step"])
         elif kind == "loaded":
             self.logger.info("job started: %s", {k: v for k, v in event.items() if k != "event"})
         elif kind == "end":
             self.end = event
+            if event.get("stopped_early"):
+                self.logger.info("stopped early at step %d of %d: no validation improvement of more than %g in %d "
+                                 "validations (best validation loss %.4f, its prefix is kept)", event["steps"],
+                                 self.spec.train.max_steps, self.spec.train.early_stopping_min_delta,
+                                 self.spec.train.early_stopping_patience, event["best_eval_loss"])
 
     def _metrics(self, values: dict, step: int) -> None:
         if self.run_id:
@@ -224,6 +241,10 @@ def train(spec: PipelineSpec, data: PreparedData, run_key: str, mlflow_run_id: s
         launched, landed = _launch(spec, data, run_key, folder, progress, logger)
     history = _history(folder / "checkpoints")
     (folder / "history.json").write_text(json.dumps(history))
+    precision = _precision(out)
+    if mlflow_run_id and precision:
+        tracking.log_params(mlflow_run_id, {"train.precision_used": precision["mode"],
+                                            "train.precision_reason": precision["reason"]}, logger)
     end = progress.end
     steps = [h for h in history if "loss" in h]
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
@@ -231,6 +252,7 @@ def train(spec: PipelineSpec, data: PreparedData, run_key: str, mlflow_run_id: s
         artifact_uri=str(out), run_dir=str(folder), steps=end.get("steps", steps[-1]["step"] if steps else 0),
         resumed_from=end.get("resumed_from"), best_eval_loss=min(evals) if evals else None,
         final_train_loss=steps[-1]["loss"] if steps else None, history_uri=str(folder / "history.json"),
+        precision=precision,
         seconds=time.time() - started, launched_at=launched, finished_at=landed)
 
 

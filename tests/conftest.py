@@ -21,6 +21,10 @@ from transformers import (
     Qwen2Config,
 )
 
+from flows.embedded import prefect_defaults
+
+prefect_defaults()  # before any test module imports prefect (it reads its settings once, at import)
+
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 :\n[]=,.?!")
 VOCAB = {c: i for i, c in enumerate(["<pad>", "<eos>", "<bos>", *CHARS])}
 

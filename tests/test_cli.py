@@ -1,11 +1,18 @@
 """The prefixflow CLI and the demo job."""
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.demo_task import TEMPLATE, make_examples, split
-from prefix_core import PrefixArtifact
+from flows.embedded import STARTUP_TIMEOUT_VAR
+from prefix_core import PrefixArtifact, precision
 
 runner = CliRunner()
 
@@ -30,23 +37,79 @@ def test_bad_option_is_refused():
     assert result.exit_code == 2 and "Traceback" not in result.output
 
 
-@pytest.mark.slow
-def test_demo_job_end_to_end(tmp_path, monkeypatch):
-    """README command 1 in small: the whole pipeline on SmolLM2 with embedded Prefect and MLflow, then
-    the registered prefix pulled back and compared with the bare model."""
-    from flows.demo import run_demo
+CLIENT_ENV = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFIXFLOW_HOME", "PREFECT_HOME", STARTUP_TIMEOUT_VAR,
+              "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
 
-    for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFIXFLOW_HOME", "PREFECT_HOME"):
-        monkeypatch.delenv(var, raising=False)
-    result = run_demo(tmp_path, steps=20)
-    p = result.pipeline
-    assert (tmp_path / "mlflow" / "mlflow.db").exists() and (tmp_path / "prefect").is_dir()
-    assert list((tmp_path / "mlflow" / "artifacts").rglob("prefix.safetensors"))  # all under the state folder
-    art = PrefixArtifact.load(result.pulled)
+
+def _user_env(**extra: str) -> dict[str, str]:
+    """The environment of a user who has set nothing of ours (wide terminal so table cells stay whole)."""
+    env = {k: v for k, v in os.environ.items() if k not in CLIENT_ENV}
+    return {**env, "COLUMNS": "200", **extra}
+
+
+def _prefixflow(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("prefixflow")
+    return subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_doctor_on_this_machine(tmp_path):
+    result = _prefixflow("doctor", env=_user_env(PREFIXFLOW_HOME=str(tmp_path)), timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = " ".join(result.stdout.split())
+    assert precision.cpu_capability() in out and precision.decide("auto", "cpu").reason in out
+    assert f"{sys.version_info.major}.{sys.version_info.minor}" in out and "embedded" in out
+    assert "first run: creates its database" in out and str(tmp_path) in out
+
+
+def test_doctor_reports_an_unreachable_server_with_its_fix(tmp_path):
+    env = _user_env(PREFIXFLOW_HOME=str(tmp_path), MLFLOW_TRACKING_URI="http://127.0.0.1:9/")
+    result = _prefixflow("doctor", env=env, timeout=120)
+    out = " ".join(result.stdout.split())
+    assert result.returncode == 1 and "unreachable" in out and "prefixflow stack up" in out
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_demo_command_first_run_in_a_new_state_and_prefect_home(tmp_path):
+    """README command 1 as a user runs it: `prefixflow demo` as a subprocess with a brand-new state folder and
+    Prefect home (the ephemeral Prefect API first migrates a new database: Prefect's default 20 s allowance
+    timed out on a 2-core AVX2 CPU) and no Prefect setting of ours in the environment. The whole pipeline on
+    SmolLM2, then the registered prefix pulled back and compared with the bare model."""
+    from mlflow import MlflowClient
+
+    state = tmp_path / "state"
+    result = _prefixflow("demo", "--state", str(state), "--steps", "20", env=_user_env(), timeout=1800)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    out = " ".join(result.stdout.split())
+    assert out.index("doctor:") < out.index("first run with Prefect home") < out.index("registered demo-restaurants")
+    assert (state / "prefect" / "prefect.db").exists()  # Prefect's home is under the state folder
+    uri = f"sqlite:///{state / 'mlflow' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    [version] = client.search_model_versions("name = 'demo-restaurants'")
+    params = client.get_run(version.run_id).data.params
+    auto = precision.decide("auto", "cpu")
+    assert params["train.mixed_precision"] == "auto" and params["train.precision_used"] == auto.mode
+    assert params["evaluate.precision_used"] == auto.mode and params["train.precision_reason"] == auto.reason
+    pulled = next(p for p in (state / "champion", state / "candidate") if p.exists())
+    art = PrefixArtifact.load(pulled)
     assert art.prompt_template == TEMPLATE and art.manifest["pipeline"]["client"] == "demo"
-    assert p.registration.version == "1" and result.pulled_alias in ("champion", "candidate")
-    assert p.trained.steps == 20 and p.trained.final_train_loss < 3.0
-    assert p.report.metrics["candidate"]["bleu"] > p.report.metrics["baseline"]["bleu"]
-    assert len(result.rows) == 20 and all(len(r) == 4 for r in result.rows)
-    assert result.rows[0][1] != result.rows[0][2]  # the prefix changes the generation
-    assert p.timings["orchestration"] < p.timings["total"]
+    assert art.manifest["training"]["precision"]["mode"] == auto.mode and art.manifest["training"]["steps"] == 20
+    assert list((state / "mlflow" / "artifacts").rglob("prefix.safetensors"))  # all under the state folder
+    match = re.search(r"exact match on 20 held-out records: no prefix (\d+)%, with the pulled prefix (\d+)%", out)
+    assert match and int(match[2]) > int(match[1])
+
+
+def test_first_run_note_only_for_a_new_prefect_home(tmp_path, monkeypatch):
+    from flows.embedded import use_embedded_prefect
+
+    for var in ("PREFECT_API_URL", "PREFECT_HOME", "PREFIXFLOW_HOME"):
+        monkeypatch.setenv(var, "")  # recorded, so monkeypatch restores what the calls below set
+        monkeypatch.delenv(var)
+    monkeypatch.setenv(STARTUP_TIMEOUT_VAR, "45")  # a value the user set wins
+    note = use_embedded_prefect(tmp_path / "s")
+    assert note and str(tmp_path / "s" / "prefect") in note and os.environ[STARTUP_TIMEOUT_VAR] == "45"
+    (tmp_path / "s" / "prefect" / "prefect.db").write_bytes(b"")
+    assert use_embedded_prefect(tmp_path / "s") is None
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    monkeypatch.delenv("PREFECT_HOME")
+    assert use_embedded_prefect(tmp_path / "t") is None and "PREFECT_HOME" not in os.environ

@@ -1,7 +1,7 @@
 """The demo's pipeline on the embedded SmolLM2-135M with only ``train.strategy`` changed: a 2-process
 ddp flow run registers the prefix of the single-process one (both pulled back from the registry).
 
-Both runs are fp32 (the demo trains with bf16 autocast): in bf16 one batch of 8 and two batches of 4
+Both runs are fp32 (the demo trains in bf16 where it is native): in bf16 one batch of 8 and two batches of 4
 round differently (about 1% on the first gradient), and this training is chaotic enough (gradient-norm
 spikes of ~100 clipped to 1) that bf16 runs drift apart within a few steps, so only fp32 can show that
 the strategy itself changes nothing."""

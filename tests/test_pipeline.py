@@ -40,10 +40,12 @@ def first_run(env):
 
 def test_pipeline_registers_a_champion_that_generates_as_evaluated(env, first_run):
     from prefix_core import MultiPrefixGenerator, PrefixArtifact, load_base_model
+    from prefix_core.precision import decide
     from tasks import registry, tracking
 
     spec = parse_spec(spec_dict(env["model"], env["data"]))
     result = first_run
+    auto = decide("auto", "cpu")  # evaluation's precision (the spec trains in fp32: mixed_precision "no")
     reg = result.registration
     assert reg.created and reg.version == "1" and reg.champion == "1" and reg.previous is None
     mv = tracking.client().get_model_version(spec.registered_model, "1")
@@ -54,6 +56,10 @@ def test_pipeline_registers_a_champion_that_generates_as_evaluated(env, first_ru
     assert registry.alias_version(spec.registered_model, "candidate") == "1"
     run = tracking.client().get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED" and "test_bleu" in run.data.metrics and "train_loss" in run.data.metrics
+    params = run.data.params
+    assert params["train.precision_used"] == "fp32" and params["train.precision_reason"].startswith("fp32 as requested")
+    assert params["evaluate.precision_used"] == auto.mode and params["evaluate.precision_reason"] == auto.reason
+    assert result.trained.precision["mode"] == "fp32" and result.report.precision["mode"] == auto.mode
     assert run.info.artifact_uri.startswith((env["root"] / "state" / "mlflow" / "artifacts").as_uri())
     artifacts = {a.path for a in tracking.client().list_artifacts(result.mlflow_run_id, "eval")}
     assert {"eval/samples.json", "eval/loss_curve.png", "eval/report.json"} <= artifacts
@@ -61,7 +67,9 @@ def test_pipeline_registers_a_champion_that_generates_as_evaluated(env, first_ru
     pulled = registry.download(f"{spec.client}/{spec.task}@champion", env["root"] / "pulled")
     art = PrefixArtifact.load(pulled)
     assert art.manifest["pipeline"]["run_key"] == "run-one"
-    base, tok = load_base_model(str(env["model"]))
+    assert art.manifest["training"]["precision"] == result.trained.precision
+    assert result.trained.precision["requested"] == "fp32"  # "no" is fp32
+    base, tok = load_base_model(str(env["model"]), dtype=auto.dtype)  # as `prefixflow generate` loads it
     gen = MultiPrefixGenerator(base, tok, {"p": art})
     samples = result.report.samples
     texts = gen.generate([("p", gen.render("p", s["source"])) for s in samples], max_new_tokens=12, do_sample=False)

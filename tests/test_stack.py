@@ -116,6 +116,8 @@ def test_bad_config_and_missing_stack_are_clear_errors(tmp_path):
         StackConfig(state_dir=tmp_path, bucket="No_Such")
     with pytest.raises(StackError, match="used twice"):
         StackConfig(state_dir=tmp_path, mlflow_port=15000, prefect_port=15000)
+    with pytest.raises(StackError, match="UI host 'http://box:80' is not a host name"):
+        StackConfig(state_dir=tmp_path, ui_host="http://box:80")
     with pytest.raises(StackError, match="prefixflow stack up"):
         stack_env(tmp_path / "nothing")
     result = runner.invoke(stack.app, ["env", "--state-dir", str(tmp_path / "nothing")])
@@ -125,6 +127,36 @@ def test_bad_config_and_missing_stack_are_clear_errors(tmp_path):
     assert not any(s["running"] or s["healthy"] for s in status.values())
     assert runner.invoke(stack.app, ["status", "--state-dir", str(tmp_path / "nothing")]).exit_code == 1
     stack_down(tmp_path / "nothing")  # nothing to stop: a no-op
+
+
+def test_each_ui_is_told_the_address_browsers_use(tmp_path):
+    """Prefect's UI calls the API at the UI host and the stack's port (not Prefect's default 4200); MLflow accepts
+    that host name; `status` prints every UI and API address, even with nothing running."""
+    creds = {"access_key": "k", "secret_key": "s"}
+    local = StackConfig(state_dir=tmp_path / "local", host="0.0.0.0", prefect_port=14201)
+    _, env, _ = stack._command(local, "prefect", creds)
+    assert env["PREFECT_SERVER_UI_API_URL"] == "http://127.0.0.1:14201/api"
+    assert env["PREFECT_UI_URL"] == "http://127.0.0.1:14201"
+    assert "--allowed-hosts" not in stack._command(local, "mlflow", creds)[0]  # MLflow's defaults cover loopback
+
+    remote = StackConfig(state_dir=tmp_path / "remote", host="0.0.0.0", ui_host="gpu-box.example.com")
+    assert remote.ui_urls() == {"s3": "http://gpu-box.example.com:13646", "mlflow": "http://gpu-box.example.com:15000",
+                                "prefect": "http://gpu-box.example.com:14200"}
+    assert remote.urls()["prefect"] == "http://127.0.0.1:14200/api"  # clients on this machine stay on loopback
+    assert stack._command(remote, "prefect", creds)[1]["PREFECT_SERVER_UI_API_URL"] == \
+        "http://gpu-box.example.com:14200/api"
+    cmd = stack._command(remote, "mlflow", creds)[0]
+    assert "gpu-box.example.com:15000" in cmd[cmd.index("--allowed-hosts") + 1].split(",")
+    assert "127.0.0.1:15000" in cmd[cmd.index("--allowed-hosts") + 1].split(",")
+    assert cmd[cmd.index("--cors-allowed-origins") + 1] == "http://gpu-box.example.com:15000"
+
+    remote.state_dir.mkdir()
+    (remote.state_dir / "config.json").write_text(remote.to_json())
+    assert StackConfig.load(remote.state_dir).ui_host == "gpu-box.example.com"
+    result = runner.invoke(stack.app, ["status", "--state-dir", str(remote.state_dir)])
+    assert result.exit_code == 1, result.output
+    for url in [*remote.ui_urls().values(), *remote.urls().values()]:
+        assert url in result.output, (url, result.output)
 
 
 def test_stale_pid_file_is_cleaned_up(tmp_path):
@@ -181,13 +213,16 @@ def test_stack_up_use_down_and_restart(tmp_path, monkeypatch):
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="mlflow/").get("Contents", [])]
         assert any(k.endswith(f"{run.info.run_id}/artifacts/prefix/notes.txt") for k in keys), keys
 
-        # Prefect
+        # Prefect, and the API URL its UI is told (Prefect's default would be port 4200)
         with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/health", timeout=5) as resp:
             assert resp.status == 200 and json.loads(resp.read()) is True
+        with urllib.request.urlopen(f"{config.ui_urls()['prefect']}/ui-settings", timeout=5) as resp:
+            assert json.loads(resp.read())["api_url"] == env["PREFECT_API_URL"]
 
         # the CLI on the running stack: status table, env lines, and `up` as a no-op
         result = runner.invoke(stack.app, ["status", "--state-dir", str(state)])
         assert result.exit_code == 0 and "mlflow" in result.output and str(pids["prefect"]) in result.output
+        assert all(url in result.output for url in config.ui_urls().values())
         result = runner.invoke(stack.app, ["env", "--state-dir", str(state)])
         assert result.exit_code == 0
         exported = dict(shlex.split(line.removeprefix("export "))[0].split("=", 1)

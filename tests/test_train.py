@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ def crash_at(step):
 def run(tok, family="llama", ckdir=None, callbacks=(), **overrides):
     model = PrefixModel(make_base(family), PrefixConfig(num_virtual_tokens=3, projection_hidden=16))
     cfg = TrainConfig(**{"max_steps": 12, "batch_size": 8, "learning_rate": 1e-2, "log_every": 2,
-                         "checkpoint_every": 4, **overrides})
+                         "checkpoint_every": 4, "mixed_precision": "no", **overrides})
     result = train_prefix(model, tok, EXAMPLES, TEMPLATE, cfg, eval_examples=EXAMPLES[:8], checkpoint_dir=ckdir,
                           callbacks=callbacks)
     return model, result
@@ -90,7 +91,8 @@ def test_gradient_checkpointing_and_bf16_train(tok):
     plain, _ = run(tok, max_steps=4)
     assert torch.allclose(gc.prefix.fold(), plain.prefix.fold(), atol=1e-5)
     _, result = run(tok, max_steps=4, mixed_precision="bf16")
-    assert result.final_train_loss is not None and result.final_train_loss == result.final_train_loss
+    assert result.final_train_loss is not None and math.isfinite(result.final_train_loss)
+    assert result.precision["mode"] == "bf16" and result.precision["requested"] == "bf16"
 
 
 def test_early_stopping_restores_best(tok):
@@ -104,6 +106,18 @@ def test_early_stopping_restores_best(tok):
     with torch.no_grad():
         loss, count = _token_loss_sum(model, batch, encoder_decoder=False)
     assert abs(loss.item() / count - result.best_eval_loss) < 1e-4  # the best prefix was restored
+
+
+def test_early_stopping_min_delta_stops_on_a_plateau(tok):
+    """Improvements smaller than min_delta do not reset the patience, but the lowest loss is still kept."""
+    events = []
+    _, result = run(tok, max_steps=200, learning_rate=5e-2, eval_every=2, early_stopping_patience=2,
+                    early_stopping_min_delta=10.0, callbacks=[events.append])
+    evals = [e["eval_loss"] for e in events if e["event"] == "eval"]
+    assert result.stopped_early and result.steps == 6 and len(evals) == 3
+    assert evals[-1] < evals[0] and result.best_eval_loss == min(evals)
+    _, strict = run(tok, max_steps=200, learning_rate=5e-2, eval_every=2, early_stopping_patience=2)
+    assert strict.steps > 6  # without min_delta the same improvements count
 
 
 def test_length_grouped_batches_are_deterministic_and_reduce_padding():
@@ -128,6 +142,10 @@ def test_truncation_keeps_target_and_flags(tok):
 def test_bad_settings(tok):
     with pytest.raises(ValueError, match="max_steps"):
         TrainConfig(max_steps=0)
+    with pytest.raises(ValueError, match="mixed_precision must be 'auto'"):
+        TrainConfig(mixed_precision="fp16")
+    with pytest.raises(ValueError, match="early_stopping_min_delta"):
+        TrainConfig(early_stopping_min_delta=-1)
     with pytest.raises(ValueError, match="multiple"):
         run(tok, batch_size=6, grad_accum=4)
     with pytest.raises(ValueError, match="fewer than one batch"):

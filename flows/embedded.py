@@ -1,0 +1,45 @@
+"""Embedded services: without ``PREFECT_API_URL`` the pipeline runs on Prefect's ephemeral API, whose
+home (``prefect.db``) lives under the state folder with everything else.
+
+Prefect reads its settings once, when it is imported: call :func:`use_embedded_prefect` before
+anything imports ``prefect``. On a brand-new Prefect home the ephemeral API migrates a new SQLite
+database before it answers; that takes over Prefect's default 20 s allowance on a slow 2-core CPU, so
+the allowance is raised (a value the user set wins).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+STARTUP_TIMEOUT_VAR = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+STARTUP_TIMEOUT_S = 600  # covers a first migration on the slowest machine seen (~40 s) many times over
+DEFAULTS = {STARTUP_TIMEOUT_VAR: str(STARTUP_TIMEOUT_S), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+def state_folder() -> Path:
+    """``$PREFIXFLOW_HOME`` (default ``./state``) as an absolute path; not created."""
+    return Path(os.environ.get("PREFIXFLOW_HOME", "state")).expanduser().resolve()
+
+
+def prefect_defaults() -> None:
+    """Prefect settings every embedded run needs, unless the user set them (before importing prefect)."""
+    for key, value in DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def use_embedded_prefect(state: Path | None = None) -> str | None:
+    """Point the pipeline at ``state`` (default ``$PREFIXFLOW_HOME``) and, without a Prefect server,
+    keep the ephemeral API's home under it. Returns a note for the user when this is the first run
+    with that Prefect home (the API will first create its database), else None."""
+    if state is not None:
+        os.environ["PREFIXFLOW_HOME"] = str(Path(state).expanduser().resolve())
+    prefect_defaults()
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    home = Path(os.environ.setdefault("PREFECT_HOME", str(state_folder() / "prefect")))
+    home.mkdir(parents=True, exist_ok=True)  # Prefect does not create parents
+    if (home / "prefect.db").exists():
+        return None
+    return (f"first run with Prefect home {home}: the embedded Prefect API creates its database before it starts "
+            "(up to a minute on a slow machine; later runs start in seconds)")

@@ -1,0 +1,220 @@
+"""Browser smoke test of the stack's web UIs (Playwright driving Debian's chromium, no browser download).
+
+A stack of its own is started with ``ui_host`` set to a name that only chromium resolves (mapped to 127.0.0.1
+with ``--host-resolver-rules``), as when the UIs are reached from another machine: each UI must work at the
+address the stack gives it. A spec is deployed with ``prefixflow deploy``; the Prefect UI must list the
+deployment with its schedule and show the spec's fields in its custom-run form; the MLflow UI must list a
+registered model; the SeaweedFS admin page must load. Screenshots go to ``$PREFIXFLOW_TEST_OUTPUT/ui``
+(default ``test-output/ui``). The default ``ui_host`` is checked through ``/ui-settings`` in test_stack.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import yaml
+
+from infra.stack import StackConfig, running_stack
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+UI_HOST = "prefixflow-ui.test"  # reserved TLD: reachable only through chromium's host mapping
+TIMEOUT_MS = 90_000  # page loads and waits: the CI machine has 2 busy cores
+SPEC = {"client": "ui", "task": "smoke", "data": {"source": "data.jsonl"}, "train": {"max_steps": 7},
+        "schedule": "0 3 * * 1"}
+DEPLOYMENT = "ui-smoke"  # flows.deploy.deployment_name: CLIENT-TASK; also the registered model's name
+SCHEDULE_TEXT = "At 03:00 AM, only on Monday"  # how the Prefect UI spells "0 3 * * 1"
+
+
+class Stack(NamedTuple):
+    config: StackConfig
+    env: dict[str, str]
+
+
+def _output_dir() -> Path:
+    """Where screenshots are kept: ``$PREFIXFLOW_TEST_OUTPUT/ui``, else ``test-output/ui`` in the repo."""
+    path = Path(os.environ.get("PREFIXFLOW_TEST_OUTPUT") or REPO / "test-output") / "ui"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def _screenshot_after(page, name: str) -> Iterator[None]:
+    """Save the page as NAME.png after the block, whether its checks passed or failed."""
+    try:
+        yield
+    finally:
+        path = _output_dir() / f"{name}.png"
+        page.screenshot(path=str(path))
+        print(f"screenshot: {path}")
+
+
+def _see(locator) -> None:
+    from playwright.sync_api import expect
+
+    expect(locator).to_be_visible(timeout=TIMEOUT_MS)
+
+
+def _form_field(page, label: str):
+    """The input of the Prefect form property whose label starts with ``label`` (its ``for`` points nowhere)."""
+    prop = "ancestor::div[contains(concat(' ', @class, ' '), ' schema-form-property ')][1]"
+    return page.locator(f"xpath=//span[contains(@class, 'schema-form-property__label')]"
+                        f"[starts-with(normalize-space(), '{label}')]/{prop}//*[self::input or self::textarea]")
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def browser_context():
+    """Headless chromium; skipped where it is missing, except in CI (env CI set), where that is a failure."""
+    executable = shutil.which("chromium")
+    if executable is None:
+        message = "chromium is not installed: as root run `python -m infra.test_packages install browser`"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    args = ["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-proxy-server",
+            f"--host-resolver-rules=MAP {UI_HOST} 127.0.0.1"]
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=executable, args=args, headless=True)
+        context = chromium.new_context(viewport={"width": 1400, "height": 900})  # one cache for all pages
+        context.set_default_timeout(TIMEOUT_MS)
+        yield context
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser_context):
+    page = browser_context.new_page()
+    yield page
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Iterator[Stack]:
+    config = StackConfig.with_free_ports(tmp_path_factory.mktemp("uistack"), ui_host=UI_HOST)
+    with running_stack(config) as env:
+        yield Stack(config, env)
+
+
+def _deployment(api_url: str) -> dict | None:
+    """The deployment as the Prefect API returns it, or None while it does not exist."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"{api_url}/deployments/name/prefix-pipeline/{DEPLOYMENT}", timeout=10) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        if err.code == 404:
+            return None
+        raise
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the serve process's group, wait up to 30 s, then SIGKILL whatever is left in the group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def deployment(stack, tmp_path_factory) -> Iterator[dict]:
+    """`prefixflow deploy` serving SPEC on the stack; yields the deployment from the Prefect API.
+
+    The serve process is stopped before the stack (a server going away first leaves it retrying forever).
+    """
+    root = tmp_path_factory.mktemp("deploy")
+    specs = root / "specs"
+    specs.mkdir()
+    (specs / "data.jsonl").write_text('{"source": "red cat", "target": "cat red"}\n')
+    (specs / f"{DEPLOYMENT}.yaml").write_text(yaml.safe_dump(SPEC))
+    log_path = root / "deploy.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "deploy", str(specs)], cwd=REPO,
+                                env={**os.environ, **stack.env}, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while (found := _deployment(stack.env["PREFECT_API_URL"])) is None:
+            assert proc.poll() is None, f"prefixflow deploy exited with {proc.returncode}:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, f"no deployment after 180 s:\n{log_path.read_text()}"
+            time.sleep(1)
+        yield found
+    finally:
+        _stop(proc)
+
+
+# ---------------------------------------------------------------- the UIs
+
+
+def test_prefect_ui_lists_the_deployment_with_its_schedule(page, deployment, stack):
+    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == [SPEC["schedule"]]
+    ui = stack.config.ui_urls()["prefect"]
+    assert ui == f"http://{UI_HOST}:{stack.config.prefect_port}"
+    with _screenshot_after(page, "prefect-deployments"):
+        page.goto(f"{ui}/deployments")
+        _see(page.get_by_text(DEPLOYMENT, exact=True))  # listed: the UI reached the API at the stack's address
+    with _screenshot_after(page, "prefect-deployment"):
+        page.get_by_text(DEPLOYMENT, exact=True).click()
+        _see(page.get_by_text(SCHEDULE_TEXT))
+        assert f"/deployments/deployment/{deployment['id']}" in page.url
+    assert page.get_by_text("Can't connect to Server API").count() == 0
+
+
+def test_custom_run_form_shows_the_spec_fields(page, deployment, stack):
+    from playwright.sync_api import expect
+
+    ui = stack.config.ui_urls()["prefect"]
+    with _screenshot_after(page, "prefect-custom-run"):
+        page.goto(f"{ui}/deployments/deployment/{deployment['id']}")
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_text("Custom run", exact=True).click()
+        expect(page).to_have_url(re.compile(r"/run(\?|$)"), timeout=TIMEOUT_MS)
+        expect(_form_field(page, "Client")).to_have_value("ui", timeout=TIMEOUT_MS)
+        _see(_form_field(page, "Num Virtual Tokens"))  # a default the spec did not set is editable too
+        max_steps = _form_field(page, "Max Steps")  # train.max_steps
+        expect(max_steps).to_have_value("7", timeout=TIMEOUT_MS)
+        max_steps.scroll_into_view_if_needed()
+
+
+def test_mlflow_ui_lists_the_registered_model(page, stack):
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=stack.env["MLFLOW_TRACKING_URI"]).create_registered_model(
+        DEPLOYMENT, description="registered by tests/test_ui_browser.py")
+    # as if MLflow's one-time "new model registry UI" announcement had been closed (it would cover the screenshot)
+    page.add_init_script("localStorage.setItem('_mlflow_model_registry_promo_modal_dismissed_v1', 'true')")
+    with _screenshot_after(page, "mlflow-registered-models"):
+        page.goto(f"{stack.config.ui_urls()['mlflow']}/#/models")
+        _see(page.get_by_role("heading", name="Registered Models"))
+        _see(page.get_by_role("link", name=DEPLOYMENT, exact=True))
+
+
+def test_seaweedfs_admin_page_loads(page, stack):
+    from playwright.sync_api import expect
+
+    with _screenshot_after(page, "seaweedfs-admin"):
+        page.goto(stack.config.ui_urls()["s3"])
+        expect(page).to_have_title(re.compile("SeaweedFS Admin"), timeout=TIMEOUT_MS)
+        _see(page.get_by_role("heading", name="Volume Servers"))
