@@ -55,8 +55,18 @@ def test_refuses_other_base(tmp_path):
 
 
 def test_bf16_base_accepts_fp32_trained_prefix():
-    art = trained_model("llama").export()
-    PrefixModel.from_artifact(make_base("llama", dtype=torch.bfloat16), art)
+    """A prefix trained on the fp32 base loads onto the same weights in bf16 (the fingerprint ignores dtype) and
+    computes what the fp32 model computes, up to bf16 rounding (what `generate --precision bf16` relies on)."""
+    fp32 = trained_model("llama")
+    art = fp32.export()
+    bf16 = PrefixModel.from_artifact(make_base("llama", dtype=torch.bfloat16), art)
+    assert bf16.prefix.fold().dtype == torch.float32  # the table stays fp32; attention casts it once per call
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        want, got = fp32(input_ids=ids).logits, bf16(input_ids=ids).logits
+        bare = make_base("llama")(input_ids=ids).logits
+    assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), want, atol=0.1, rtol=0.05)
+    assert (got.float() - want).abs().max() < (want - bare).abs().max()  # rounding << what the prefix changes
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "manifest"])
