@@ -139,6 +139,10 @@ def _print_result(result) -> None:
     console.print(f"registered [bold]{reg.name}[/] v{reg.version} (@candidate); @champion = v{reg.champion or '-'}, "
                   f"@previous = v{reg.previous or '-'}")
     t = result.timings
+    if t["orchestration"] < 0:  # results reused from the earlier run of this run key carry that run's durations
+        console.print(f"time: total {t['total']:.0f} s, reusing the finished run (it trained for {t['train']:.1f} s "
+                      f"and evaluated for {t['evaluate']:.1f} s); MLflow run: {escape(result.mlflow_link)}")
+        return
     console.print(f"time: total {t['total']:.0f} s = prepare {t['prepare']:.1f} + train {t['train']:.1f} + "
                   f"evaluate {t['evaluate']:.1f} + orchestration {t['orchestration']:.1f} "
                   f"({t['orchestration'] / t['total']:.1%}); MLflow run: {escape(result.mlflow_link)}")
