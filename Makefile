@@ -35,7 +35,7 @@ demo: setup
 
 test: setup-test
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 lint: setup-test
 	$(VENV)/bin/ruff check .

@@ -16,6 +16,7 @@ submitting shell's environment. It is a test bed, not a production setup: no acc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import os
 import signal
@@ -180,6 +181,8 @@ PartitionName=batch Nodes=node[0-{self.nodes - 1}] Default=YES MaxTime=INFINITE 
                 os.killpg(pgid, signal.SIGTERM)
                 deadline = time.monotonic() + grace_s
                 while time.monotonic() < deadline:
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pgid, os.WNOHANG)  # a daemon this process started: reap it, not wait on a zombie
                     os.killpg(pgid, 0)
                     time.sleep(0.1)
                 os.killpg(pgid, signal.SIGKILL)

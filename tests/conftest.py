@@ -6,6 +6,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Each test process (pytest-xdist runs two) gets a Prefect home of its own: flows run without a harness start
+# an ephemeral API on PREFECT_HOME/prefect.db, and two servers migrating one SQLite file would collide.
+os.environ["PREFECT_HOME"] = __import__("tempfile").mkdtemp(prefix="prefixflow-tests-prefect-")
 
 import pytest
 import torch
@@ -27,6 +30,15 @@ prefect_defaults()  # before any test module imports prefect (it reads its setti
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 :\n[]=,.?!")
 VOCAB = {c: i for i, c in enumerate(["<pad>", "<eos>", "<bos>", *CHARS])}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Work units for pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``): a test module stays on one
+    worker, so its module-scoped fixtures (a Slurm cluster, a Prefect harness) start once; every test that uses
+    the session-wide ``live_stack`` shares one worker, so one stack starts."""
+    for item in items:
+        group = "live_stack" if "live_stack" in getattr(item, "fixturenames", ()) else item.path.stem
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_sessionfinish(session, exitstatus):

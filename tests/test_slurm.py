@@ -159,14 +159,14 @@ def _tiny_job(tmp_path: Path, steps: int) -> Path:
 
 @pytest.mark.slow
 def test_waiting_for_nodes_is_not_a_hang(cluster, tmp_path, monkeypatch):
-    """Both nodes are busy for 70 s; the training's srun waits in the queue longer than its hang timeout
+    """Both nodes are busy for 52 s; the training's srun waits in the queue longer than its hang timeout
     (40 s, no backstop margin here) and then trains to the end."""
     from tasks.launch import run_launch
 
     monkeypatch.setattr(slurm, "HANG_MARGIN_S", 0.0)
     job = _tiny_job(tmp_path, steps=4)
     blocker = subprocess.Popen(["srun", "--job-name=blocker", "--nodes=2", "--ntasks=2", "--cpus-per-task=2",
-                                "sleep", "70"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                "sleep", "52"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while not any("RUNNING" in line for line in _squeue("blocker")):
