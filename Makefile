@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) -e ".[dev]" 2>&1 | $(QUIET)
 	# As root: Slurm + munge (tests of `launcher: slurm` on a local cluster) and chromium (browser tests).
-	if [ "$$(id -u)" = 0 ]; then $(PY) -m infra.test_packages install; fi
+	if [ "$$(id -u)" = 0 ]; then $(PY) tests/support/test_packages.py install; fi
 	touch $@
 
 demo: setup

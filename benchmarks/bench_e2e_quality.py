@@ -71,7 +71,7 @@ from prefix_core import (
 from prefix_core.base_model import resolve_model_path
 from prefix_core.data import collate, encode, length_grouped_batches, target_token_count
 from prefix_core.precision import decide
-from tasks.metrics import reference_streams
+from prefixflow.services.metrics import reference_streams
 
 TEMPLATE = "Table: {source}\nSentence:"
 MODEL = "smollm2-135m"

@@ -40,8 +40,8 @@ def main() -> None:
     for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
         os.environ.pop(var, None)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from flows.demo import run_demo
-    from flows.embedded import use_embedded_prefect
+    from prefixflow.flows.demo import run_demo
+    from prefixflow.flows.embedded import use_embedded_prefect
 
     use_embedded_prefect(state)
     from transformers.utils import logging as hf_logging

@@ -2,7 +2,7 @@
 
 The same job for every strategy: the embedded SmolLM2-135M-Instruct, fp32, the first ``--rows`` rows of
 E2E ``devset.csv`` (read in place), prefix of 10 virtual tokens with a 512-wide MLP, global batch 8,
-``--steps`` optimizer steps, one ``accelerate launch`` of ``tasks.train_job`` (exactly what the pipeline
+``--steps`` optimizer steps, one ``accelerate launch`` of ``prefixflow.launch.train_job`` (exactly what the pipeline
 runs; 2 processes with 1 CPU thread each for ddp/ZeRO, 1 process with 2 threads for single).
 
 Per strategy it reports:
@@ -36,9 +36,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks.launch import build_launch, run_launch  # noqa: E402
-from tasks.spec import TrainSpec  # noqa: E402
-from tasks.train_job import TrainJob  # noqa: E402
+from prefixflow.launch.command import build_launch  # noqa: E402
+from prefixflow.launch.gang import run_launch  # noqa: E402
+from prefixflow.launch.train_job import TrainJob  # noqa: E402
+from prefixflow.services.spec import TrainSpec  # noqa: E402
 
 STRATEGIES = ["single", "ddp", "deepspeed-zero2", "deepspeed-zero3"]
 TEMPLATE = "Describe the restaurant: {source}\nDescription:"

@@ -8,7 +8,7 @@ them set (``eval "$(prefixflow stack env)"``) the same commands use the servers.
 from __future__ import annotations
 
 import logging
-import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -17,12 +17,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from infra import stack
-
-from .embedded import use_embedded_prefect
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+from prefixflow import settings
+from prefixflow.flows.embedded import use_embedded_prefect
+from prefixflow.infra import stack
 
 app = typer.Typer(help="prefixflow: train, evaluate, register and serve prefixes on frozen LLMs.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -33,6 +30,7 @@ errors = Console(stderr=True, soft_wrap=True)
 
 @app.callback()
 def _setup() -> None:
+    settings.apply_process_defaults()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -44,7 +42,7 @@ def _embedded_prefect(state: Path | None = None, summary: bool = False) -> None:
     on a first run, which waits for Prefect to create its database). ``summary``: print doctor's line first."""
     note = use_embedded_prefect(state)
     if summary:
-        from .doctor import run_checks, summary_line
+        from prefixflow.flows.doctor import run_checks, summary_line
 
         console.print(f"[dim]{escape(summary_line(run_checks()))}[/]")
     if note:
@@ -60,7 +58,7 @@ class _UserErrorsWithoutTraceback(logging.Filter):
     """Prefect logs failed runs with their traceback; for bad input the message is the whole story."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from tasks.errors import is_user_error
+        from prefixflow.services.errors import is_user_error
 
         if record.exc_info and record.exc_info[1] is not None and is_user_error(record.exc_info[1]):
             record.exc_info, record.exc_text = None, None
@@ -74,7 +72,7 @@ def _quiet_user_errors() -> None:
 
 def _run_guarded(fn, *args, **kwargs):
     """Run a pipeline call; input errors end in one message (exit 2), others in a one-line summary (exit 1)."""
-    from tasks.errors import is_user_error
+    from prefixflow.services.errors import is_user_error
 
     _quiet_user_errors()
     try:
@@ -86,9 +84,10 @@ def _run_guarded(fn, *args, **kwargs):
               "(the Prefect logs above have the details)", code=1)
 
 
+@contextmanager
 def _progress_bar():
-    """A rich progress bar fed by training events of every pipeline in this process."""
-    from tasks import train_prefix
+    """A rich progress bar fed by the events of every training started within the block."""
+    from prefixflow.launch.training import watching
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                         TimeRemainingColumn(), console=console, transient=False)
@@ -106,12 +105,12 @@ def _progress_bar():
         info = f"loss {event['loss']:.3f}  {event['tokens_per_s']:.0f} tok/s"
         progress.update(bars[name], completed=event["step"], info=info)
 
-    train_prefix.LISTENERS[:] = [on_event]
-    return progress
+    with progress, watching(on_event):
+        yield progress
 
 
 def _load_spec(path: Path):
-    from tasks.spec import SpecError, load_spec
+    from prefixflow.services.spec import SpecError, load_spec
 
     try:
         return load_spec(path)
@@ -158,7 +157,7 @@ def demo(
     processes: int = typer.Option(1, min=1, help="training processes (2+ for ddp/deepspeed; gloo on CPU)"),
 ) -> None:
     """The whole pipeline on a generated task and the embedded model, then generations with and without."""
-    from .demo import run_demo
+    from prefixflow.flows.demo import run_demo
 
     _embedded_prefect(state, summary=True)
     console.print(f"[bold]prefixflow demo[/]: pipeline on base model [cyan]{model}[/], {steps} steps ({strategy}, "
@@ -183,7 +182,7 @@ def demo(
 def doctor() -> None:
     """What a run here will use and why: Python, torch, CPU and bf16, GPUs, Prefect, MLflow, S3, the model,
     disk. Exit code 1 when something must be fixed first."""
-    from .doctor import FAIL, WARN, run_checks
+    from prefixflow.flows.doctor import FAIL, WARN, run_checks
 
     checks = run_checks()
     table = Table(title="prefixflow doctor", show_lines=False)
@@ -204,7 +203,7 @@ def run(
 ) -> None:
     """Run the pipeline for one spec: prepare data, train, evaluate, gate, register."""
     _embedded_prefect()
-    from .pipeline import prefix_pipeline
+    from prefixflow.flows.pipeline import prefix_pipeline
 
     parsed = _load_spec(spec)
     with _progress_bar():
@@ -219,7 +218,7 @@ def fleet(
 ) -> None:
     """Run the pipeline for every spec in a folder, at most N trainings at a time."""
     _embedded_prefect()
-    from .fleet import retrain_fleet
+    from prefixflow.flows.fleet import retrain_fleet
 
     specs = [_load_spec(p) for p in _spec_files(folder)]
     with _progress_bar():
@@ -250,10 +249,10 @@ def deploy(
     folder: Path = typer.Argument(..., help="folder of pipeline specs (*.yaml); each becomes a deployment"),
 ) -> None:
     """Serve one deployment per spec, on its cron schedule, with the spec editable in the Prefect UI."""
-    if not os.environ.get("PREFECT_API_URL"):
+    if settings.prefect_api_url() is None:
         _fail('deploy needs a Prefect server: run `prefixflow stack up` and `eval "$(prefixflow stack env)"` '
               "(or set PREFECT_API_URL)")
-    from .deploy import deployment_name, serve_specs
+    from prefixflow.flows.deploy import deployment_name, serve_specs
 
     specs = [_load_spec(p) for p in _spec_files(folder)]
     for s in specs:
@@ -267,7 +266,7 @@ def pull(
     out: Path = typer.Option(..., help="folder to write the prefix to (replaced atomically)"),
 ) -> None:
     """Download a registered prefix and check it loads."""
-    from tasks import registry
+    from prefixflow.services import registry
 
     mv = _run_guarded(registry.resolve, ref)
     path = _run_guarded(registry.download_version, mv, out)
@@ -287,8 +286,8 @@ def generate(
     """Generate with a prefix (or none, for comparison)."""
     from prefix_core import MultiPrefixGenerator, PrefixArtifact, PrefixError, load_base_model
     from prefix_core.precision import decide
-    from tasks import registry
-    from tasks.storage import fetch_dir
+    from prefixflow.services import registry
+    from prefixflow.services.storage import fetch_dir
 
     try:
         chosen = decide(precision, "cpu")
@@ -318,7 +317,7 @@ def promote(
                                         "(or an alias, e.g. acme/e2e@candidate)"),
 ) -> None:
     """Make a version the @champion; the old champion becomes @previous."""
-    from tasks import registry
+    from prefixflow.services import registry
 
     mv = _run_guarded(registry.resolve, ref)
     old, new = registry.promote(mv.name, mv.version)
@@ -330,7 +329,7 @@ def rollback(
     name: str = typer.Argument(..., help="registered model (CLIENT-TASK) or CLIENT/TASK"),
 ) -> None:
     """Swap @champion and @previous (run again to undo)."""
-    from tasks import registry
+    from prefixflow.services import registry
 
     full = name.replace("/", "-")
     old, new = _run_guarded(registry.rollback, full)

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefix_core import DEFAULT_MODEL
-
-from .demo_task import TEMPLATE, split
-from .embedded import use_embedded_prefect
+from prefixflow.flows.demo_task import TEMPLATE, split
+from prefixflow.flows.embedded import use_embedded_prefect
 
 CLIENT, TASK = "demo", "restaurants"
 
@@ -20,7 +19,7 @@ CLIENT, TASK = "demo", "restaurants"
 def demo_spec(state: Path, steps: int, model: str, strategy: str = "single", processes: int = 1):
     """The demo's pipeline spec (its data written under ``state/input``); ``strategy``/``processes`` pick
     how training is launched (the prefix is the same up to floating-point noise)."""
-    from tasks.spec import parse_spec
+    from prefixflow.services.spec import parse_spec
 
     train, val, test = split(seed=0)
     folder = state / "input"
@@ -64,9 +63,8 @@ def run_demo(state: Path, steps: int = 150, model: str = DEFAULT_MODEL, fresh: b
     use_embedded_prefect(state)
     from prefix_core import MultiPrefixGenerator, PrefixArtifact, load_base_model
     from prefix_core.precision import decide
-    from tasks import registry
-
-    from .pipeline import prefix_pipeline
+    from prefixflow.flows.pipeline import prefix_pipeline
+    from prefixflow.services import registry
 
     spec = demo_spec(state, steps, model, strategy, processes)
     run_key = f"demo-{spec.spec_hash()}" + (f"-{uuid.uuid4().hex[:8]}" if fresh else "")

@@ -4,9 +4,8 @@ click away). Needs a Prefect server (``PREFECT_API_URL``, e.g. from ``prefixflow
 
 from __future__ import annotations
 
-from tasks.spec import PipelineSpec
-
-from .pipeline import prefix_pipeline
+from prefixflow.flows.pipeline import prefix_pipeline
+from prefixflow.services.spec import PipelineSpec
 
 
 def deployment_name(spec: PipelineSpec) -> str:

@@ -17,7 +17,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .embedded import STARTUP_TIMEOUT_S, STARTUP_TIMEOUT_VAR, state_folder
+from prefixflow.flows.embedded import STARTUP_TIMEOUT_S, STARTUP_TIMEOUT_VAR
+from prefixflow.settings import mlflow_tracking_uri, prefect_api_url, state_folder
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 MIN_FREE_GB = 5.0  # a run folder with checkpoints, the model cache and the stores fit in this
@@ -77,7 +78,7 @@ def check_torch() -> list[Check]:
 
 
 def check_prefect() -> Check:
-    url = os.environ.get("PREFECT_API_URL")
+    url = prefect_api_url()
     if url:
         problem = _reachable(url.rstrip("/") + "/health")
         return Check("prefect", f"server {url}" + (f": unreachable ({problem})" if problem else ": reachable"),
@@ -93,7 +94,7 @@ def check_prefect() -> Check:
 
 
 def check_mlflow() -> Check:
-    url = os.environ.get("MLFLOW_TRACKING_URI")
+    url = mlflow_tracking_uri()
     if not url:
         return Check("mlflow", f"embedded (sqlite:///{state_folder() / 'mlflow' / 'mlflow.db'})")
     if not url.startswith("http"):
@@ -174,5 +175,5 @@ def summary_line(checks: list[Check]) -> str:
                f"warnings: {', '.join(warnings)}" if warnings else "no problems")
     gpu_text = f"{gpus} GPU(s)" if gpus else "no GPU"
     return (f"doctor: torch {torch.__version__}; {decide('auto', 'cpu').reason}; {gpu_text}; "
-            f"Prefect {os.environ.get('PREFECT_API_URL') or 'embedded'}; "
-            f"MLflow {os.environ.get('MLFLOW_TRACKING_URI') or 'embedded'}; {verdict}")
+            f"Prefect {prefect_api_url() or 'embedded'}; "
+            f"MLflow {mlflow_tracking_uri() or 'embedded'}; {verdict}")

@@ -12,14 +12,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from prefixflow import settings
+
 STARTUP_TIMEOUT_VAR = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 STARTUP_TIMEOUT_S = 600  # covers a first migration on the slowest machine seen (~40 s) many times over
 DEFAULTS = {STARTUP_TIMEOUT_VAR: str(STARTUP_TIMEOUT_S), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-
-
-def state_folder() -> Path:
-    """``$PREFIXFLOW_HOME`` (default ``./state``) as an absolute path; not created."""
-    return Path(os.environ.get("PREFIXFLOW_HOME", "state")).expanduser().resolve()
 
 
 def prefect_defaults() -> None:
@@ -33,11 +30,12 @@ def use_embedded_prefect(state: Path | None = None) -> str | None:
     keep the ephemeral API's home under it. Returns a note for the user when this is the first run
     with that Prefect home (the API will first create its database), else None."""
     if state is not None:
-        os.environ["PREFIXFLOW_HOME"] = str(Path(state).expanduser().resolve())
+        os.environ[settings.STATE_ENV] = str(Path(state).expanduser().resolve())
     prefect_defaults()
-    if os.environ.get("PREFECT_API_URL"):
+    settings.apply_process_defaults()
+    if settings.prefect_api_url():
         return None
-    home = Path(os.environ.setdefault("PREFECT_HOME", str(state_folder() / "prefect")))
+    home = Path(os.environ.setdefault("PREFECT_HOME", str(settings.state_folder() / "prefect")))
     home.mkdir(parents=True, exist_ok=True)  # Prefect does not create parents
     if (home / "prefect.db").exists():
         return None

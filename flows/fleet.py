@@ -8,11 +8,10 @@ from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
-from tasks.errors import is_user_error
-from tasks.spec import PipelineSpec
-from tasks.train_prefix import TRAINING_LIMIT
-
-from .pipeline import prefix_pipeline
+from prefixflow.flows.pipeline import prefix_pipeline
+from prefixflow.services.errors import is_user_error
+from prefixflow.services.spec import PipelineSpec
+from prefixflow.tasks.train_prefix import TRAINING_LIMIT
 
 
 class FleetEntry(BaseModel):

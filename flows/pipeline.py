@@ -15,14 +15,18 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from tasks import tracking
-from tasks.evaluate_prefix import EvalReport, evaluate_prefix
-from tasks.prepare_data import PreparedData, prepare_data
-from tasks.register_prefix import Registration, register_prefix
-from tasks.spec import PipelineSpec
-from tasks.summary import publish_summary
-from tasks.tracking import open_tracking_run
-from tasks.train_prefix import TrainOutcome, train_prefix
+from prefixflow.services import tracking
+from prefixflow.services.evaluation import EvalReport
+from prefixflow.services.preparation import PreparedData
+from prefixflow.services.registration import Registration
+from prefixflow.services.spec import PipelineSpec
+from prefixflow.services.trained import TrainOutcome
+from prefixflow.tasks.evaluate_prefix import evaluate_prefix
+from prefixflow.tasks.open_tracking_run import open_tracking_run
+from prefixflow.tasks.prepare_data import prepare_data
+from prefixflow.tasks.publish_summary import publish_summary
+from prefixflow.tasks.register_prefix import register_prefix
+from prefixflow.tasks.train_prefix import train_prefix
 
 
 class PipelineResult(BaseModel):

@@ -1,10 +1,22 @@
-"""PrefixConfig: what a prefix is (length, parameterization, initialization)."""
+"""The two configs of prefix tuning, without torch: ``PrefixConfig`` (what a prefix is: length,
+parameterization, initialization) and ``TrainConfig`` (how it is trained). Their defaults live here and only
+here; the pipeline's spec takes its training defaults from ``TrainConfig``."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 INIT_MODES = ("random", "zero", "text")
+PRECISION_REQUESTS = ("auto", "fp32", "bf16")
+PRECISION_ALIASES = {"no": "fp32"}  # training's historic spelling (accelerate's mixed_precision="no")
+
+
+def normalize_precision(requested: str) -> str:
+    """``auto`` / ``fp32`` / ``bf16`` (``no`` means fp32); anything else raises ValueError."""
+    value = PRECISION_ALIASES.get(str(requested).lower(), str(requested).lower())
+    if value not in PRECISION_REQUESTS:
+        raise ValueError(f"precision must be one of auto, fp32 (or no), bf16; got {requested!r}")
+    return value
 
 
 @dataclass
@@ -46,3 +58,51 @@ class PrefixConfig:
     @classmethod
     def from_dict(cls, d: dict) -> PrefixConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training run. ``batch_size`` is examples per optimizer step, over
+    all processes and accumulation steps; it must divide by processes x grad_accum.
+
+    ``mixed_precision``: ``auto`` (bf16 autocast only where the device has native bf16, else fp32;
+    see :mod:`prefix_core.precision`), ``no``/``fp32`` or ``bf16``. Early stopping: after
+    ``early_stopping_patience`` validations in a row that do not lower the best validation loss by
+    more than ``early_stopping_min_delta`` (nats/token), training stops and the best prefix is kept."""
+
+    max_steps: int = 300
+    batch_size: int = 8
+    grad_accum: int = 1
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    max_length: int = 256
+    eval_every: int = 50
+    eval_batch_size: int = 16
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    mixed_precision: str = "auto"
+    gradient_checkpointing: bool = False
+    group_by_length: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.early_stopping_min_delta < 0:
+            raise ValueError(f"early_stopping_min_delta must be >= 0, got {self.early_stopping_min_delta}")
+        try:
+            normalize_precision(self.mixed_precision)
+        except ValueError:
+            raise ValueError(f"mixed_precision must be 'auto', 'no' (fp32) or 'bf16', got {self.mixed_precision!r}") \
+                from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .template import check_template, render
+
 IGNORE = -100
 
 
@@ -31,25 +33,6 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.target)
-
-
-def check_template(template: str) -> str:
-    if "{source}" not in template:
-        raise ValueError(
-            f"prompt template {template!r} has no {{source}} placeholder, e.g. 'Table: {{source}}\\nSentence:'"
-        )
-    try:
-        template.format(source="")
-    except (KeyError, IndexError, ValueError) as err:
-        raise ValueError(
-            f"prompt template {template!r} may only use the {{source}} placeholder "
-            f"(write literal braces as {{{{ }}}}): {err}"
-        ) from err
-    return template
-
-
-def render(template: str, source: str) -> str:
-    return template.format(source=source)
 
 
 def encode(tokenizer, examples: list[Example], template: str, max_length: int, target_prefix: str = " ",

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-REQUESTS = ("auto", "fp32", "bf16")
-ALIASES = {"no": "fp32"}  # training's historic spelling (accelerate's mixed_precision="no")
+from .config import normalize_precision as normalize
+
 SLOWDOWN_NOTE = "about 30x slower to train and 5x slower to run than fp32 on such CPUs"
 
 
@@ -47,14 +47,6 @@ class Precision:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def normalize(requested: str) -> str:
-    """``auto`` / ``fp32`` / ``bf16`` (``no`` means fp32); anything else raises ValueError."""
-    value = ALIASES.get(str(requested).lower(), str(requested).lower())
-    if value not in REQUESTS:
-        raise ValueError(f"precision must be one of auto, fp32 (or no), bf16; got {requested!r}")
-    return value
 
 
 def cpu_capability() -> str:

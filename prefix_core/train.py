@@ -7,7 +7,7 @@ split (1 process or N, any accumulation). Data order is a pure function of (seed
 what makes resuming from a checkpoint exact.
 
 The same loop runs in one process, under DDP and under DeepSpeed ZeRO-2/3 (one process per rank,
-started by ``accelerate launch``; see ``tasks/launch.py``). Under DeepSpeed the engine does the
+started by ``accelerate launch``; see ``prefixflow/launch/command.py``). Under DeepSpeed the engine does the
 gradient reduction, clipping and the optimizer step; under ZeRO-3 the prefix parameters are
 partitioned too, so every read of them (checkpoints, best state, export) gathers them first, and
 at the end the trained prefix is consolidated into an ordinary, unpartitioned ``model.prefix``.
@@ -33,10 +33,11 @@ from transformers import get_linear_schedule_with_warmup
 
 from . import checkpoint as ckpt
 from .base_model import weight_fingerprint
+from .config import TrainConfig
 from .data import Encoded, Example, collate, encode, length_grouped_batches, target_token_count
 from .encoder import PrefixEncoder
 from .model import PrefixModel
-from .precision import Precision, decide, normalize
+from .precision import Precision, decide
 
 Callback = Callable[[dict], None]
 DS_TAG = "state"  # the DeepSpeed checkpoint tag inside a checkpoint's ``deepspeed/`` folder
@@ -50,54 +51,6 @@ def make_accelerator() -> Accelerator:
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not torch.cuda.is_available():
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     return Accelerator(kwargs_handlers=handlers)
-
-
-@dataclass
-class TrainConfig:
-    """Hyperparameters of one training run. ``batch_size`` is examples per optimizer step, over
-    all processes and accumulation steps; it must divide by processes x grad_accum.
-
-    ``mixed_precision``: ``auto`` (bf16 autocast only where the device has native bf16, else fp32;
-    see :mod:`prefix_core.precision`), ``no``/``fp32`` or ``bf16``. Early stopping: after
-    ``early_stopping_patience`` validations in a row that do not lower the best validation loss by
-    more than ``early_stopping_min_delta`` (nats/token), training stops and the best prefix is kept."""
-
-    max_steps: int = 300
-    batch_size: int = 8
-    grad_accum: int = 1
-    learning_rate: float = 5e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    max_length: int = 256
-    eval_every: int = 0
-    eval_batch_size: int = 16
-    early_stopping_patience: int = 0
-    early_stopping_min_delta: float = 0.0
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    seed: int = 0
-    mixed_precision: str = "auto"
-    gradient_checkpointing: bool = False
-    group_by_length: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.early_stopping_min_delta < 0:
-            raise ValueError(f"early_stopping_min_delta must be >= 0, got {self.early_stopping_min_delta}")
-        try:
-            normalize(self.mixed_precision)
-        except ValueError:
-            raise ValueError(f"mixed_precision must be 'auto', 'no' (fp32) or 'bf16', got {self.mixed_precision!r}") \
-                from None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -1,1 +1,2 @@
-"""Prefect tasks over prefix_core and the services (see issue: pipeline)."""
+"""Prefect tasks: each a thin wrapper (retries, caching, Prefect logs and artifacts) over a plain function
+of prefixflow.services or prefixflow.launch, which is tested without Prefect."""

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from conftest import DECODER_ONLY, batch, make_base
 
 from prefix_core import ArtifactError, BaseModelMismatchError, PrefixArtifact, PrefixConfig, PrefixModel
 from prefix_core.artifact import PREFIX_FILE, TRAINABLE_FILE
+from support.tiny_models import DECODER_ONLY, batch, make_base
 
 
 def trained_model(family, hidden=8, seed=1):

@@ -33,7 +33,7 @@ def test_unknown_model_offline_fails_fast_with_alternatives(monkeypatch):
 
 
 def test_local_folder(tmp_path, tok):
-    from conftest import make_base
+    from support.tiny_models import make_base
 
     make_base("gpt2").save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
@@ -43,7 +43,7 @@ def test_local_folder(tmp_path, tok):
 
 
 def test_fingerprint_ignores_dtype_but_not_weights():
-    from conftest import make_base
+    from support.tiny_models import make_base
 
     a = bm.weight_fingerprint(make_base("llama"))
     assert a == bm.weight_fingerprint(make_base("llama").to(torch.bfloat16))

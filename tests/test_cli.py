@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.demo_task import TEMPLATE, make_examples, split
-from flows.embedded import STARTUP_TIMEOUT_VAR
 from prefix_core import PrefixArtifact, precision
+from prefixflow.flows.cli import app
+from prefixflow.flows.demo_task import TEMPLATE, make_examples, split
+from prefixflow.flows.embedded import STARTUP_TIMEOUT_VAR
 
 runner = CliRunner()
 
@@ -100,7 +100,7 @@ def test_demo_command_first_run_in_a_new_state_and_prefect_home(tmp_path):
 
 
 def test_first_run_note_only_for_a_new_prefect_home(tmp_path, monkeypatch):
-    from flows.embedded import use_embedded_prefect
+    from prefixflow.flows.embedded import use_embedded_prefect
 
     for var in ("PREFECT_API_URL", "PREFECT_HOME", "PREFIXFLOW_HOME"):
         monkeypatch.setenv(var, "")  # recorded, so monkeypatch restores what the calls below set

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.devices import gpu_slots, visible_gpus
-from tasks.errors import TrainingError
+from prefixflow.launch.gpu_slots import gpu_slots, visible_gpus
+from prefixflow.services.errors import TrainingError
 
 
 @pytest.fixture

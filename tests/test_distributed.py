@@ -1,6 +1,6 @@
 """The launched training job under single / DDP / DeepSpeed ZeRO-2 / ZeRO-3 (2 CPU processes, gloo).
 
-Every run is a real ``accelerate launch`` of ``tasks.train_job`` on a tiny random llama (saved with
+Every run is a real ``accelerate launch`` of ``prefixflow.launch.train_job`` on a tiny random llama (saved with
 save_pretrained) and the char tokenizer, fp32, 8 steps. What is checked:
 
 * all strategies fold to the same prefix at the same global batch (measured: max abs diff about
@@ -26,14 +26,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import char_tokenizer, make_base
-from pipeline_fixtures import survivors
 
 from prefix_core import PrefixArtifact
 from prefix_core import checkpoint as ckpt
-from tasks.launch import build_launch, run_launch
-from tasks.spec import TrainSpec
-from tasks.train_job import TrainJob
+from prefixflow.launch.command import build_launch
+from prefixflow.launch.gang import run_launch
+from prefixflow.launch.train_job import TrainJob
+from prefixflow.services.spec import TrainSpec
+from support.pipeline import survivors
+from support.tiny_models import char_tokenizer, make_base
 
 REPO = Path(__file__).resolve().parent.parent
 STRATEGIES = ["single", "ddp", "deepspeed-zero2", "deepspeed-zero3"]
@@ -108,7 +109,7 @@ def reference(work: Path, strategy: str):
 # --- fast ------------------------------------------------------------------------------------------
 def test_stale_extension_build_lock_is_removed(tmp_path, monkeypatch):
     """A launch killed while DeepSpeed JIT-built its op left NAME/lock: later builds would wait forever."""
-    from tasks.train_job import clear_stale_build_locks
+    from prefixflow.launch.train_job import clear_stale_build_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     stale = tmp_path / "deepspeed_shm_comm" / "lock"  # torch's layout under TORCH_EXTENSIONS_DIR

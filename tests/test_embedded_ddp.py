@@ -9,7 +9,8 @@ the strategy itself changes nothing."""
 from __future__ import annotations
 
 import pytest
-from pipeline_fixtures import patched_environ
+
+from support.pipeline import patched_environ
 
 STEPS = 5
 
@@ -25,10 +26,10 @@ def _history(result) -> list[dict]:
 def test_ddp_flow_run_registers_the_single_process_prefix(tmp_path):
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.demo import demo_spec
-    from flows.pipeline import prefix_pipeline
     from prefix_core import DEFAULT_MODEL, PrefixArtifact
-    from tasks import registry
+    from prefixflow.flows.demo import demo_spec
+    from prefixflow.flows.pipeline import prefix_pipeline
+    from prefixflow.services import registry
 
     with patched_environ({"PREFIXFLOW_HOME": str(tmp_path / "state")}, unset=("MLFLOW_TRACKING_URI",)), \
             prefect_test_harness(server_startup_timeout=120):

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import ALL_FAMILIES, batch, make_base
 
 from prefix_core import PrefixConfig, PrefixModel
+from support.tiny_models import ALL_FAMILIES, batch, make_base
 
 EOS = 1
 

@@ -1,6 +1,6 @@
 """The Kubernetes templates in infra/k8s/ and their renderer (no cluster: the manifests are rendered,
 parsed and checked field by field; the work-pool template goes through Prefect's own validation and
-placeholder filling). What each pod runs, ``infra.node_launch``, is tested in test_node_launch.py."""
+placeholder filling). What each pod runs, ``prefixflow.launch.node_launch``, is tested in test_node_launch.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra.k8s_render import (
+from prefixflow.launch.k8s_render import (
     MULTINODE_TEMPLATE,
     WORK_POOL_TEMPLATE,
     TemplateError,
@@ -19,7 +19,7 @@ from infra.k8s_render import (
     placeholders,
     render,
 )
-from tasks.spec import TrainSpec
+from prefixflow.services.spec import TrainSpec
 
 REPO = Path(__file__).resolve().parent.parent
 JOB_FILE = "/shared/prefixflow/runs/acme/e2e/run1/job.json"
@@ -64,7 +64,7 @@ def test_multinode_manifest(train, name):
     assert pod["subdomain"] == svc["metadata"]["name"]
 
     (c,) = pod["containers"]
-    assert c["image"] == "reg/pf:1" and c["command"] == ["python", "-m", "infra.node_launch"]
+    assert c["image"] == "reg/pf:1" and c["command"] == ["python", "-m", "prefixflow.launch.node_launch"]
     args = c["args"]
     assert args[0] == JOB_FILE and all(isinstance(a, str) for a in args)
     port = train.main_port or 29500

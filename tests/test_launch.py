@@ -1,4 +1,4 @@
-"""tasks.launch: the accelerate command per strategy, and running it as a gang (fast: fake ranks)."""
+"""launch.command and launch.gang: the accelerate command per strategy, and running it as a gang (fast: fake ranks)."""
 
 import json
 import os
@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tasks import launch as launch_mod
-from tasks.launch import Launch, build_launch, run_launch
-from tasks.spec import TrainSpec
-from tasks.train_job import TrainJob
+from prefixflow import processes
+from prefixflow.launch import command as launch_mod
+from prefixflow.launch import gang as gang_mod
+from prefixflow.launch.command import Launch, build_launch
+from prefixflow.launch.gang import run_launch
+from prefixflow.launch.train_job import TrainJob
+from prefixflow.services.spec import TrainSpec
 
 REPO = Path(__file__).resolve().parent.parent
 GANG = str(REPO / "tests" / "workers" / "gang.py")
@@ -23,13 +26,7 @@ def opt(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
 
-def alive(pid: int) -> bool:
-    """Running (not a zombie)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
+alive = processes.alive  # running, not a zombie
 
 
 def pids_in(lines: list[str]) -> list[int]:
@@ -46,7 +43,7 @@ def test_single_on_cpu(cpu_only, tmp_path):
     job = tmp_path / "job.json"
     lw = build_launch(TrainSpec(strategy="single"), job)
     assert lw.argv[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
-    assert lw.argv[-3:] == ["-m", "tasks.train_job", str(job)]
+    assert lw.argv[-3:] == ["-m", "prefixflow.launch.train_job", str(job)]
     assert opt(lw.argv, "--num_processes") == "1" and opt(lw.argv, "--num_machines") == "1"
     assert opt(lw.argv, "--config_file").endswith("infra/accelerate/single.yaml")
     assert Path(opt(lw.argv, "--config_file")).is_file()
@@ -131,7 +128,7 @@ def test_user_error_from_the_job(tmp_path):
     """A real train_job with an invalid template: PREFIXFLOW_ERROR, exit code 3, reason user_error."""
     job = TrainJob(base_model="unused", data_dir=str(tmp_path), template="no placeholder", strategy="single",
                    output_dir=str(tmp_path / "out")).to_json(tmp_path / "job.json")
-    direct = Launch([sys.executable, "-m", "tasks.train_job", str(job)], {"PYTHONPATH": str(REPO)})
+    direct = Launch([sys.executable, "-m", "prefixflow.launch.train_job", str(job)], {"PYTHONPATH": str(REPO)})
     res = run_launch(direct, lambda e: None, log_file=tmp_path / "log", cwd=REPO)
     assert res.returncode == 3 and res.reason == "user_error"
     assert "{source}" in res.error and "\n" not in res.error
@@ -160,7 +157,7 @@ def test_on_event_exception_kills_the_group_and_propagates(tmp_path):
 # --- run_launch: gang semantics --------------------------------------------------------------------
 def test_hang_kills_the_whole_group(monkeypatch, tmp_path):
     """No output for hang_timeout_s: SIGTERM (ignored here), then SIGKILL; nothing survives."""
-    monkeypatch.setattr(launch_mod, "TERM_GRACE_S", 1.0)
+    monkeypatch.setattr(gang_mod, "TERM_GRACE_S", 1.0)
     t = time.monotonic()
     res = run_launch(Launch([sys.executable, GANG, "launcher", "hang", "-m", "gang-rank"], {}), lambda e: None,
                      log_file=tmp_path / "log", hang_timeout_s=2)
@@ -185,7 +182,7 @@ def test_a_queued_launch_is_not_hung_before_its_first_output(tmp_path):
 
 def test_dying_rank_tears_down_a_launcher_that_does_not(monkeypatch, tmp_path):
     """The fake launcher ignores its dead rank: run_launch's own bound (GANG_GRACE_S) kills the group."""
-    monkeypatch.setattr(launch_mod, "GANG_GRACE_S", 1.0)
+    monkeypatch.setattr(gang_mod, "GANG_GRACE_S", 1.0)
     t = time.monotonic()
     res = run_launch(Launch([sys.executable, GANG, "launcher", "die", "-m", "gang-rank"], {}), lambda e: None,
                      log_file=tmp_path / "log", hang_timeout_s=60)
@@ -218,17 +215,17 @@ def test_torchrun_stops_the_gang_when_a_rank_dies(cpu_only, tmp_path):
     # torchrun relays both ranks' output through one pipe: their lines may run together
     ranks = [int(pid) for pid in re.findall(r"rank \d pid (\d+)", log)]
     assert len(ranks) == 2 and not any(alive(p) for p in ranks)
-    assert took < launch_mod.GANG_GRACE_S  # torchrun did it, not our fallback
+    assert took < gang_mod.GANG_GRACE_S  # torchrun did it, not our fallback
     assert os.environ.get("PREFIXFLOW_FAULT") is None
 
 
 def test_pipeline_refuses_multi_machine_training_with_guidance(tmp_path, monkeypatch):
     """train_prefix runs on the flow's machine: a multi-machine spec is refused (not retried) with a pointer
     to the Kubernetes / Slurm launch instead of waiting for machines that never come."""
-    from tasks.errors import TrainingError, is_user_error
-    from tasks.prepare_data import PreparedData
-    from tasks.spec import parse_spec
-    from tasks.train_prefix import train
+    from prefixflow.launch.training import train
+    from prefixflow.services.errors import TrainingError, is_user_error
+    from prefixflow.services.preparation import PreparedData
+    from prefixflow.services.spec import parse_spec
 
     monkeypatch.setenv("PREFIXFLOW_HOME", str(tmp_path))
     spec = parse_spec({"client": "acme", "task": "big", "base_model": str(tmp_path / "model"),

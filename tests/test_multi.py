@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import make_base
 
 from prefix_core import MultiPrefixGenerator, PrefixConfig, PrefixModel
+from support.tiny_models import make_base
 
 PROMPTS = {"a": "hello world", "b": "xy", "c": "the quick fox", None: "abc def"}
 

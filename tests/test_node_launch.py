@@ -1,4 +1,4 @@
-"""What each machine of a multi-machine training runs (``python -m infra.node_launch``): its rank and the
+"""What each machine of a multi-machine training runs (``python -m prefixflow.launch.node_launch``): its rank and the
 rendezvous from the flags or the scheduler's environment (Kubernetes, Slurm), only machine 0 watching for
 hangs, two "machines" on this host (ddp, gloo on CPU), and a user error as exit code 3."""
 
@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-import infra.node_launch as node_launch
-from infra.node_launch import (
+import prefixflow.launch.node_launch as node_launch
+from prefixflow.launch.node_launch import (
     SchedulerEnvError,
     machine_rank_from_env,
     main,
     slurm_main_address,
     slurm_main_port,
 )
-from tasks.spec import TrainSpec
+from prefixflow.services.spec import TrainSpec
 
 REPO = Path(__file__).resolve().parent.parent
 JOB_FILE = "/shared/prefixflow/runs/acme/e2e/run1/job.json"
@@ -55,12 +55,13 @@ def test_rank_address_and_port_come_from_the_scheduler(monkeypatch):
 
 def test_only_machine_0_watches_for_hangs(monkeypatch, tmp_path):
     """The job prints progress on its main process only, so machines > 0 are silent while healthy."""
-    import tasks.launch as launch_mod
+    import prefixflow.launch.command as launch_mod
+    import prefixflow.launch.gang as gang_mod
 
     seen = {}
     monkeypatch.setattr(launch_mod, "build_launch", lambda train, job, machine_rank: launch_mod.Launch(["x"]))
-    monkeypatch.setattr(launch_mod, "run_launch", lambda lw, on_event, log_file, hang_timeout_s: seen.update(
-        {log_file.name: hang_timeout_s}) or launch_mod.LaunchResult(0, "ok", None, []))
+    monkeypatch.setattr(gang_mod, "run_launch", lambda lw, on_event, log_file, hang_timeout_s: seen.update(
+        {log_file.name: hang_timeout_s}) or gang_mod.LaunchResult(0, "ok", None, []))
     train = TrainSpec(strategy="ddp", processes_per_machine=2, machines=2, main_address="localhost",
                       main_port=29500, hang_timeout_s=120)
     assert node_launch.launch_machine(tmp_path / "job.json", train, 0) == 0
@@ -74,11 +75,10 @@ def test_only_machine_0_watches_for_hangs(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_launch_two_machines_on_cpu(tmp_path):
     """Both ranks of a 2-machine ddp job through the pods' entry point (1 process per machine)."""
-    from conftest import char_tokenizer, make_base
-
     from prefix_core import PrefixArtifact
-    from tasks.launch import free_port
-    from tasks.train_job import TrainJob
+    from prefixflow.launch.command import free_port
+    from prefixflow.launch.train_job import TrainJob
+    from support.tiny_models import char_tokenizer, make_base
 
     make_base("llama").save_pretrained(tmp_path / "model")
     char_tokenizer().save_pretrained(tmp_path / "model")
@@ -92,7 +92,7 @@ def test_launch_two_machines_on_cpu(tmp_path):
                           "checkpoint_every": 2, "eval_every": 0},
                    strategy="ddp", checkpoint_dir=str(run / "ckpt"), output_dir=str(run / "prefix")).to_json(
         run / "job.json")
-    common = [sys.executable, "-m", "infra.node_launch", str(job), "--strategy", "ddp",
+    common = [sys.executable, "-m", "prefixflow.launch.node_launch", str(job), "--strategy", "ddp",
               "--processes-per-machine", "1", "--machines", "2", "--main-address", "localhost",
               "--main-port", str(free_port()), "--hang-timeout-s", "240"]
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
@@ -114,13 +114,14 @@ def test_launch_two_machines_on_cpu(tmp_path):
 @pytest.mark.slow
 def test_launch_fails_the_pod_on_a_user_error(tmp_path):
     """A job that cannot run exits non-zero (3, user error): podFailurePolicy then fails the Job."""
-    from tasks.launch import USER_ERROR_EXIT, free_port
-    from tasks.train_job import TrainJob
+    from prefixflow.launch.command import free_port
+    from prefixflow.launch.protocol import USER_ERROR_EXIT
+    from prefixflow.launch.train_job import TrainJob
 
     job = TrainJob(base_model="smollm2-135m", data_dir=str(tmp_path / "missing"), template="{source}",
                    train={"max_steps": 2}, strategy="single", checkpoint_dir=str(tmp_path / "ckpt"),
                    output_dir=str(tmp_path / "prefix")).to_json(tmp_path / "job.json")
-    out = subprocess.run([sys.executable, "-m", "infra.node_launch", str(job), "--strategy", "single",
+    out = subprocess.run([sys.executable, "-m", "prefixflow.launch.node_launch", str(job), "--strategy", "single",
                           "--processes-per-machine", "1", "--machines", "1", "--machine-rank", "0",
                           "--main-address", "localhost", "--main-port", str(free_port())],
                          cwd=REPO, capture_output=True, text=True, timeout=300)

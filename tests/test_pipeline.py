@@ -6,10 +6,10 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from pipeline_fixtures import patched_environ, save_tiny_model, spec_dict, write_task
 from typer.testing import CliRunner
 
-from tasks.spec import parse_spec
+from prefixflow.services.spec import parse_spec
+from support.pipeline import patched_environ, save_tiny_model, spec_dict, write_task
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def env(tmp_path_factory):
 
 
 def _versions(name: str) -> list:
-    from tasks import tracking
+    from prefixflow.services import tracking
 
     return sorted(tracking.client().search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
 
@@ -33,7 +33,7 @@ def _versions(name: str) -> list:
 @pytest.fixture(scope="module")
 def first_run(env):
     """The first, uninterrupted pipeline run of acme/rev (single process)."""
-    from flows.pipeline import prefix_pipeline
+    from prefixflow.flows.pipeline import prefix_pipeline
 
     return prefix_pipeline(parse_spec(spec_dict(env["model"], env["data"])), run_key="run-one")
 
@@ -41,7 +41,7 @@ def first_run(env):
 def test_pipeline_registers_a_champion_that_generates_as_evaluated(env, first_run):
     from prefix_core import MultiPrefixGenerator, PrefixArtifact, load_base_model
     from prefix_core.precision import decide
-    from tasks import registry, tracking
+    from prefixflow.services import registry, tracking
 
     spec = parse_spec(spec_dict(env["model"], env["data"]))
     result = first_run
@@ -86,8 +86,8 @@ def test_pipeline_registers_a_champion_that_generates_as_evaluated(env, first_ru
 
 
 def test_rerun_reuses_cached_work_and_registration_is_idempotent(env, first_run):
-    from flows.pipeline import prefix_pipeline
-    from tasks.register_prefix import register
+    from prefixflow.flows.pipeline import prefix_pipeline
+    from prefixflow.services.registration import register
 
     spec = parse_spec(spec_dict(env["model"], env["data"]))
     first = prefix_pipeline(spec, run_key="run-one")  # same run again: data reused, later tasks cached
@@ -99,8 +99,8 @@ def test_rerun_reuses_cached_work_and_registration_is_idempotent(env, first_run)
 
 
 def test_gate_refuses_a_worse_candidate_and_keeps_the_champion(env, first_run):
-    from flows.pipeline import prefix_pipeline
-    from tasks import registry
+    from prefixflow.flows.pipeline import prefix_pipeline
+    from prefixflow.services import registry
 
     d = spec_dict(env["model"], env["data"])
     d["evaluate"]["gate"]["min_gain_over_champion"] = 1000.0  # no candidate can pass
@@ -117,7 +117,7 @@ def test_gate_refuses_a_worse_candidate_and_keeps_the_champion(env, first_run):
     assert registry.rollback(spec.registered_model) == ("2", "1")
     assert registry.alias_version(spec.registered_model, "champion") == "1"
     # the same through the CLI, and a clear message for a version that does not exist
-    from flows.cli import app
+    from prefixflow.flows.cli import app
 
     runner = CliRunner()
     out = runner.invoke(app, ["promote", "acme/rev@candidate"])
@@ -133,7 +133,7 @@ def test_gate_refuses_a_worse_candidate_and_keeps_the_champion(env, first_run):
     ("column", "no column 'text'"),
 ])
 def test_bad_input_fails_cleanly_and_touches_nothing_registered(env, tmp_path, problem, message):
-    from flows.cli import app
+    from prefixflow.flows.cli import app
 
     d = spec_dict(env["model"], env["data"])
     if problem == "missing":
@@ -152,7 +152,7 @@ def test_bad_input_fails_cleanly_and_touches_nothing_registered(env, tmp_path, p
 
 
 def test_bad_spec_is_one_message(tmp_path):
-    from flows.cli import app
+    from prefixflow.flows.cli import app
 
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text("client: Acme!\ntask: e2e\ndata: {source: x.csv, template: 'no placeholder'}\nbogus: 1\n")
@@ -163,7 +163,7 @@ def test_bad_spec_is_one_message(tmp_path):
 
 
 def test_fleet_runs_at_most_n_trainings_at_once(env):
-    from flows.fleet import retrain_fleet
+    from prefixflow.flows.fleet import retrain_fleet
 
     specs = [parse_spec(spec_dict(env["model"], env["data"], client="fleet", task=f"t{i}")) for i in range(3)]
     entries = retrain_fleet(specs, max_concurrent_trainings=1)
@@ -175,23 +175,24 @@ def test_fleet_runs_at_most_n_trainings_at_once(env):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["single", "ddp", "deepspeed-zero2"])
-def test_killed_rank_is_retried_by_prefect_and_resumes_exactly(env, first_run, strategy, monkeypatch, tmp_path):
+def test_killed_rank_is_retried_by_prefect_and_resumes_exactly(env, first_run, strategy, monkeypatch, tmp_path,
+                                                               fault_rng):
     """SIGKILL one rank after a random step past the step-3 checkpoint; Prefect retries the training task,
     every rank is relaunched, training resumes from step 3 and ends with the prefix of an uninterrupted
     pipeline run of the same spec (<= 1e-6, fp32)."""
-    import random
-
-    from flows.pipeline import prefix_pipeline
     from prefix_core import PrefixArtifact
+    from prefixflow.flows.pipeline import prefix_pipeline
+    from support.faults import kill_fault
 
     d = spec_dict(env["model"], env["data"], client="resume", task=strategy)
     d["train"].update(strategy=strategy, processes_per_machine=1 if strategy == "single" else 2)
     # the uninterrupted run of the same spec (for single: the module's first run)
     uninterrupted = first_run if strategy == "single" else prefix_pipeline(parse_spec(d), run_key=f"ref-{strategy}")
-    step = random.Random().choice([4, 5])  # after the step-3 checkpoint, before the last step
-    rank = 0 if strategy == "single" else random.Random().choice([0, 1])
+    step = fault_rng.choice([4, 5])  # after the step-3 checkpoint, before the last step
+    rank = 0 if strategy == "single" else fault_rng.choice([0, 1])
     marker = tmp_path / "killed"
-    monkeypatch.setenv("PREFIXFLOW_FAULT", f"kill:{rank}:{step}:{marker}")
+    for key, value in kill_fault(rank, step, marker).items():
+        monkeypatch.setenv(key, value)
     result = prefix_pipeline(parse_spec(d), run_key=f"kill-{strategy}")
     assert marker.read_text() == str(step)  # the rank really died once
     assert result.trained.resumed_from == 3 and result.trained.steps == 6
@@ -206,7 +207,7 @@ def test_killed_rank_is_retried_by_prefect_and_resumes_exactly(env, first_run, s
 
 def test_flow_parameter_is_the_spec_form():
     """The Prefect UI renders the flow's parameters from this schema: the spec as a typed form."""
-    from flows.pipeline import prefix_pipeline
+    from prefixflow.flows.pipeline import prefix_pipeline
 
     schema = prefix_pipeline.parameters.model_dump()
     assert schema["required"] == ["spec"]

@@ -6,9 +6,9 @@ import logging
 
 import pytest
 import torch
-from conftest import make_base
 
 from prefix_core import Example, PrefixConfig, PrefixModel, TrainConfig, precision, train_prefix
+from support.tiny_models import make_base
 
 
 @pytest.fixture(params=[True, False], ids=["bf16-native", "not-native"])

@@ -5,10 +5,10 @@ import hashlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DECODER_ONLY, batch, make_base
 
 from prefix_core import PrefixConfig, PrefixModel, UnsupportedModelError, geometry_from_config
 from prefix_core.model import text_table
+from support.tiny_models import DECODER_ONLY, batch, make_base
 
 
 def weights_hash(model) -> str:
@@ -173,10 +173,10 @@ def test_eager_matches_sdpa(tok, family):
 
 def test_sites_with_different_head_layouts(tok, tmp_path):
     """Encoder and decoder with different head counts: per-site shapes differ, all still exact."""
-    from conftest import CONFIGS
     from transformers import AutoModelForSeq2SeqLM
 
     from prefix_core import PrefixArtifact
+    from support.tiny_models import CONFIGS
 
     config = CONFIGS["bart"]()
     config.encoder_attention_heads = 2

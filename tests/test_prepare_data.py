@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from pipeline_fixtures import save_tiny_model, spec_dict, write_task
 
-from tasks.errors import DataError
-from tasks.prepare_data import prepare, read_split
-from tasks.spec import parse_spec
+from prefixflow.services.errors import DataError
+from prefixflow.services.preparation import prepare, read_split
+from prefixflow.services.spec import parse_spec
+from support.pipeline import save_tiny_model, spec_dict, write_task
 
 
 @pytest.fixture

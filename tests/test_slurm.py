@@ -1,6 +1,6 @@
 """``train.launcher: slurm``: the pipeline runs training with ``srun`` over several nodes.
 
-The slow tests start a real Slurm cluster on this host (``infra/slurm_cluster.py``: munged, slurmctld
+The slow tests start a real Slurm cluster on this host (``tests/support/slurm_cluster.py``: munged, slurmctld
 and two slurmd "nodes" on 127.0.0.1; the Debian packages are installed by ``make setup`` when run as
 root). A 2-machine ddp training runs through the whole pipeline flow, one rank is SIGKILLed, Prefect
 retries the training task, every node is relaunched by a new ``srun`` and the run resumes from the
@@ -16,12 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline_fixtures import patched_environ, save_tiny_model, spec_dict, survivors, write_task
 
-from infra.slurm_cluster import missing_binaries, running_cluster
-from tasks import slurm
-from tasks.errors import TrainingError
-from tasks.spec import SlurmSpec, TrainSpec, parse_spec
+from prefixflow.launch import slurm
+from prefixflow.services.errors import TrainingError
+from prefixflow.services.spec import SlurmSpec, TrainSpec, parse_spec
+from support.faults import hang_fault
+from support.pipeline import patched_environ, save_tiny_model, spec_dict, survivors, write_task
+from support.slurm_cluster import missing_binaries, running_cluster
 
 
 def test_srun_runs_one_node_launch_per_machine(tmp_path):
@@ -35,9 +36,9 @@ def test_srun_runs_one_node_launch_per_machine(tmp_path):
     assert argv[:cut] == ["srun", "--quiet", "--job-name=prefixflow-acme-e2e-r1", "--nodes=3", "--ntasks=3",
                           "--ntasks-per-node=1", "--kill-on-bad-exit=1", f"--chdir={tmp_path}", "--partition=gpu",
                           "--account=ml", "--time=12:00:00", "--gpus-per-node=4", "--cpus-per-task=32", "--exclusive"]
-    assert argv[cut:] == [sys.executable, "-m", "infra.node_launch", str(tmp_path / "job.json"), "--strategy",
-                          "deepspeed-zero3", "--processes-per-machine", "4", "--machines", "3", "--hang-timeout-s",
-                          "600"]  # no --main-port: each node derives it from the Slurm job id
+    assert argv[cut:] == [sys.executable, "-m", "prefixflow.launch.node_launch", str(tmp_path / "job.json"),
+                          "--strategy", "deepspeed-zero3", "--processes-per-machine", "4", "--machines", "3",
+                          "--hang-timeout-s", "600"]  # no --main-port: each node derives it from the Slurm job id
     assert "--main-port" in slurm.build_srun(train.model_copy(update={"main_port": 29511}), tmp_path / "j", "n").argv
 
 
@@ -47,7 +48,7 @@ def test_job_names_are_per_run_and_safe():
 
 
 def test_without_slurm_commands_the_error_says_where_to_run(monkeypatch, tmp_path):
-    from tasks.train_prefix import _build
+    from prefixflow.launch.training import _build
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no srun here
     spec = parse_spec({"client": "a", "task": "b", "data": {"source": "x.csv"},
@@ -57,7 +58,7 @@ def test_without_slurm_commands_the_error_says_where_to_run(monkeypatch, tmp_pat
 
 
 def test_local_launcher_refuses_several_machines():
-    from tasks.train_prefix import _launch
+    from prefixflow.launch.training import _launch
 
     spec = parse_spec({"client": "a", "task": "b", "data": {"source": "x.csv"},
                        "train": {"strategy": "ddp", "machines": 2}})
@@ -70,9 +71,10 @@ def test_local_launcher_refuses_several_machines():
 def cluster(tmp_path_factory):
     if missing_binaries():
         if os.geteuid() == 0:  # CI runs as root and `make setup` installs Slurm: its absence is a failure
-            pytest.fail(f"Slurm binaries missing: {missing_binaries()}; run `python -m infra.slurm_cluster install`")
+            pytest.fail(f"Slurm binaries missing: {missing_binaries()}; "
+                        "run `python tests/support/test_packages.py install slurm`")
         pytest.skip(f"Slurm is not installed ({', '.join(missing_binaries())}); as root: "
-                    "`python -m infra.slurm_cluster install`")
+                    "`python tests/support/test_packages.py install slurm`")
     with running_cluster(tmp_path_factory.mktemp("slurm"), nodes=2) as c, patched_environ(c.env()):
         yield c
 
@@ -94,17 +96,18 @@ def _squeue(name: str | None = None) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_node_training_is_killed_retried_by_prefect_and_resumes_exactly(pipeline_env, monkeypatch, tmp_path):
-    import random
-
-    from flows.pipeline import prefix_pipeline
+def test_two_node_training_is_killed_retried_by_prefect_and_resumes_exactly(pipeline_env, monkeypatch, tmp_path,
+                                                                            fault_rng):
     from prefix_core import PrefixArtifact
+    from prefixflow.flows.pipeline import prefix_pipeline
+    from support.faults import kill_fault
 
     reference = prefix_pipeline(parse_spec(spec_dict(pipeline_env["model"], pipeline_env["data"], client="slurm",
                                                      task="local")), run_key="reference")
-    step, rank = random.Random().choice([4, 5]), random.Random().choice([0, 1])  # checkpoint at 3
+    step, rank = fault_rng.choice([4, 5]), fault_rng.choice([0, 1])  # checkpoint at 3
     marker = tmp_path / "killed"
-    monkeypatch.setenv("PREFIXFLOW_FAULT", f"kill:{rank}:{step}:{marker}")
+    for key, value in kill_fault(rank, step, marker).items():
+        monkeypatch.setenv(key, value)
     d = spec_dict(pipeline_env["model"], pipeline_env["data"], client="slurm", task="nodes")
     d["train"].update(strategy="ddp", processes_per_machine=1, machines=2, launcher="slurm", hang_timeout_s=240)
     result = prefix_pipeline(parse_spec(d), run_key="two-nodes")
@@ -142,9 +145,8 @@ def test_a_leftover_job_of_an_earlier_try_is_cancelled_before_relaunch(cluster):
 
 
 def _tiny_job(tmp_path: Path, steps: int) -> Path:
-    from pipeline_fixtures import save_tiny_model, write_task
-
-    from tasks.train_job import TrainJob
+    from prefixflow.launch.train_job import TrainJob
+    from support.pipeline import save_tiny_model, write_task
 
     model = save_tiny_model(tmp_path / "model")
     (tmp_path / "data").mkdir()
@@ -161,7 +163,7 @@ def _tiny_job(tmp_path: Path, steps: int) -> Path:
 def test_waiting_for_nodes_is_not_a_hang(cluster, tmp_path, monkeypatch):
     """Both nodes are busy for 52 s; the training's srun waits in the queue longer than its hang timeout
     (40 s, no backstop margin here) and then trains to the end."""
-    from tasks.launch import run_launch
+    from prefixflow.launch.gang import run_launch
 
     monkeypatch.setattr(slurm, "HANG_MARGIN_S", 0.0)
     job = _tiny_job(tmp_path, steps=4)
@@ -188,14 +190,14 @@ def test_a_hung_rank_on_a_node_ends_the_whole_srun(cluster, tmp_path):
     """Rank 1 (on node 1) hangs after step 2: rank 0 blocks in the all-reduce, machine 0's launcher sees
     no output for hang_timeout_s, kills its ranks and exits 1, srun's --kill-on-bad-exit ends node 1; the
     flow side gets one line saying so, and nothing of the job is left in Slurm's queue or the process table."""
-    from tasks.launch import run_launch
+    from prefixflow.launch.gang import run_launch
 
     job = _tiny_job(tmp_path, steps=6)
     run = job.parent
     train = TrainSpec(strategy="ddp", processes_per_machine=1, machines=2, launcher="slurm", hang_timeout_s=45)
     name = slurm.job_name("acme", "e2e", "hung")
     launch = slurm.build_srun(train, job, name)
-    launch.env["PREFIXFLOW_FAULT"] = "hang:1:2"
+    launch.env.update(hang_fault(1, 2))
     steps = []
     started = time.monotonic()
     result = run_launch(launch, lambda e: steps.append(e.get("step")) if e.get("event") == "step" else None,

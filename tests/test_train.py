@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from conftest import make_base
 
 from prefix_core import Example, PrefixConfig, PrefixModel, TrainConfig, train_prefix
 from prefix_core import checkpoint as ckpt
 from prefix_core.data import collate, encode, length_grouped_batches
 from prefix_core.train import _token_loss_sum
+from support.tiny_models import make_base
 
 TEMPLATE = "n {source} :"
 EXAMPLES = [Example(f"{i}", ["aaa", "bbb", "ccc"][i % 3] + " " * (i % 4)) for i in range(48)]

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -28,7 +27,9 @@ from typing import NamedTuple
 import pytest
 import yaml
 
-from infra.stack import StackConfig, running_stack
+from prefixflow import processes
+from prefixflow.infra.stack import StackConfig, running_stack
+from support.stack_ports import stack_config_with_free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +86,7 @@ def browser_context():
     """Headless chromium; skipped where it is missing, except in CI (env CI set), where that is a failure."""
     executable = shutil.which("chromium")
     if executable is None:
-        message = "chromium is not installed: as root run `python -m infra.test_packages install browser`"
+        message = "chromium is not installed: as root run `python tests/support/test_packages.py install browser`"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
@@ -110,7 +111,7 @@ def page(browser_context):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[Stack]:
-    config = StackConfig.with_free_ports(tmp_path_factory.mktemp("uistack"), ui_host=UI_HOST)
+    config = stack_config_with_free_ports(tmp_path_factory.mktemp("uistack"), ui_host=UI_HOST)
     with running_stack(config) as env:
         yield Stack(config, env)
 
@@ -129,13 +130,7 @@ def _deployment(api_url: str) -> dict | None:
 
 def _stop(proc: subprocess.Popen) -> None:
     """SIGTERM the serve process's group, wait up to 30 s, then SIGKILL whatever is left in the group."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(30)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(10)
+    processes.stop_group(proc.pid, 30, proc)
 
 
 @pytest.fixture(scope="module")
@@ -151,9 +146,8 @@ def deployment(stack, tmp_path_factory) -> Iterator[dict]:
     (specs / f"{DEPLOYMENT}.yaml").write_text(yaml.safe_dump(SPEC))
     log_path = root / "deploy.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "deploy", str(specs)], cwd=REPO,
-                                env={**os.environ, **stack.env}, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = processes.start([sys.executable, "-m", "prefixflow.flows.cli", "deploy", str(specs)], cwd=REPO,
+                               env={**os.environ, **stack.env}, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
         while (found := _deployment(stack.env["PREFECT_API_URL"])) is None:

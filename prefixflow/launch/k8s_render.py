@@ -14,9 +14,9 @@ GPUs each, and a headless Service through which every pod reaches pod 0 at
 
 CLI::
 
-    python -m infra.k8s_render multinode SPEC.yaml --image IMG --job-file /shared/.../job.json --out FILE
+    python -m prefixflow.launch.k8s_render multinode SPEC.yaml --image IMG --job-file /shared/.../job.json --out FILE
 
-Each pod runs ``python -m infra.node_launch`` (this machine's ranks; rank from
+Each pod runs ``python -m prefixflow.launch.node_launch`` (this machine's ranks; rank from
 ``$JOB_COMPLETION_INDEX``).
 """
 
@@ -29,9 +29,11 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tasks.spec import TrainSpec
+    from prefixflow.services.spec import TrainSpec
 
-K8S_DIR = Path(__file__).resolve().parent / "k8s"
+from prefixflow.launch.command import INFRA
+
+K8S_DIR = INFRA / "k8s"
 MULTINODE_TEMPLATE = K8S_DIR / "multinode-train.yaml"
 WORK_POOL_TEMPLATE = K8S_DIR / "work-pool-template.json"
 PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -121,7 +123,7 @@ def multinode_values(train: TrainSpec, job_name: str, image: str, job_file: str 
 
 # --- CLI ----------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m infra.k8s_render", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m prefixflow.launch.k8s_render", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("multinode", help="render infra/k8s/multinode-train.yaml for a pipeline spec")
     m.add_argument("spec", type=Path, help="pipeline spec YAML (its train section is used)")
@@ -139,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)  # one command for now: multinode
     if args.command == "multinode":
-        from tasks.spec import SpecError, load_spec
+        from prefixflow.services.spec import SpecError, load_spec
 
         try:
             spec = load_spec(args.spec)

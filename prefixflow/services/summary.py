@@ -3,13 +3,11 @@ with sample generations and a link to the MLflow run."""
 
 from __future__ import annotations
 
-from prefect import task
-
-from .evaluate_prefix import EvalReport
-from .prepare_data import PreparedData
-from .register_prefix import Registration
-from .spec import PipelineSpec
-from .train_prefix import TrainOutcome
+from prefixflow.services.evaluation import EvalReport
+from prefixflow.services.preparation import PreparedData
+from prefixflow.services.registration import Registration
+from prefixflow.services.spec import PipelineSpec
+from prefixflow.services.trained import TrainOutcome
 
 
 def _cell(text: str, limit: int = 160) -> str:
@@ -52,14 +50,3 @@ def summary_markdown(spec: PipelineSpec, data: PreparedData, trained: TrainOutco
         lines.append(f"| {_cell(s['source'])} | {_cell(s['reference'])} | "
                      + " | ".join(_cell(s[n]) for n in systems) + " |")
     return "\n".join(lines)
-
-
-@task(name="publish_summary")
-def publish_summary(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, report: EvalReport,
-                    reg: Registration, link: str) -> str:
-    from prefect.artifacts import create_markdown_artifact
-
-    markdown = summary_markdown(spec, data, trained, report, reg, link)
-    create_markdown_artifact(markdown, key=f"{spec.client}-{spec.task}-summary",
-                             description=f"{reg.name} v{reg.version}: candidate vs baseline vs champion")
-    return markdown

@@ -14,8 +14,8 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
-from .errors import TrainingError
-from .storage import home
+from prefixflow.services.errors import TrainingError
+from prefixflow.services.storage import home
 
 
 def visible_gpus() -> list[str]:

@@ -5,9 +5,9 @@
 groups, configured and logged under one state folder; nothing under /etc is used. ``SLURM_CONF``
 (from :meth:`SlurmCluster.env`) points ``srun``/``squeue``/``scancel`` at it.
 
-    python -m infra.slurm_cluster install        # apt-get install the Debian packages (as root)
-    python -m infra.slurm_cluster up STATE_DIR [--nodes 2]   # prints `export SLURM_CONF=...`
-    python -m infra.slurm_cluster down STATE_DIR
+    PYTHONPATH=tests python -m support.slurm_cluster install   # apt-get the Debian packages (as root)
+    PYTHONPATH=tests python -m support.slurm_cluster up STATE_DIR [--nodes 2]   # prints `export SLURM_CONF=...`
+    PYTHONPATH=tests python -m support.slurm_cluster down STATE_DIR
 
 Tasks run as the user who started the cluster (``SlurmUser`` = ``SlurmdUser`` = that user), in the
 submitting shell's environment. It is a test bed, not a production setup: no accounting, no cgroups.
@@ -16,10 +16,8 @@ submitting shell's environment. It is a test bed, not a production setup: no acc
 from __future__ import annotations
 
 import argparse
-import contextlib
 import getpass
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import test_packages
+from prefixflow import processes
+from support import test_packages
 
 PACKAGES = test_packages.GROUPS["slurm"]["packages"]
 BINARIES = test_packages.GROUPS["slurm"]["binaries"]
@@ -54,7 +53,7 @@ def install() -> None:
 
 
 def _free_port() -> int:
-    from tasks.launch import free_port
+    from prefixflow.launch.command import free_port
 
     return free_port("127.0.0.1")
 
@@ -67,6 +66,7 @@ class SlurmCluster:
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
+        self._procs: dict[str, subprocess.Popen] = {}  # the daemons this process started
 
     @property
     def conf(self) -> Path:
@@ -120,8 +120,8 @@ PartitionName=batch Nodes=node[0-{self.nodes - 1}] Default=YES MaxTime=INFINITE 
 
     def _start(self, name: str, argv: list[str]) -> None:
         with open(self.state_dir / "log" / f"{name}.out", "ab") as log:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True, env={**os.environ, **self.env()})
+            proc = processes.start(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env()})
+        self._procs[name] = proc
         self._pid(name).write_text(str(proc.pid))
 
     def _idle_nodes(self) -> int:
@@ -133,7 +133,7 @@ PartitionName=batch Nodes=node[0-{self.nodes - 1}] Default=YES MaxTime=INFINITE 
         """Start the daemons and wait until every node is idle; returns the client environment."""
         if missing_binaries():
             raise SlurmClusterError(f"Slurm is not installed (missing {', '.join(missing_binaries())}); run "
-                                    "`python -m infra.slurm_cluster install` as root")
+                                    "`PYTHONPATH=tests python -m support.slurm_cluster install` as root")
         self.down()
         self._write_config()
         m = self.state_dir / "munge"
@@ -154,11 +154,8 @@ PartitionName=batch Nodes=node[0-{self.nodes - 1}] Default=YES MaxTime=INFINITE 
         return self.env()
 
     def _check_alive(self, name: str, deadline: float) -> None:
-        try:
-            os.kill(int(self._pid(name).read_text()), 0)
-            dead = False
-        except ProcessLookupError:
-            dead = True
+        proc = self._procs.get(name)
+        dead = proc.poll() is not None if proc is not None else not processes.alive(int(self._pid(name).read_text()))
         if dead or time.monotonic() > deadline:
             log = self.state_dir / "log" / f"{name}.out"
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
@@ -176,18 +173,7 @@ PartitionName=batch Nodes=node[0-{self.nodes - 1}] Default=YES MaxTime=INFINITE 
             pid_file = self._pid(name)
             if not pid_file.exists():
                 continue
-            pgid = int(pid_file.read_text())
-            try:
-                os.killpg(pgid, signal.SIGTERM)
-                deadline = time.monotonic() + grace_s
-                while time.monotonic() < deadline:
-                    with contextlib.suppress(ChildProcessError):
-                        os.waitpid(pgid, os.WNOHANG)  # a daemon this process started: reap it, not wait on a zombie
-                    os.killpg(pgid, 0)
-                    time.sleep(0.1)
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            processes.stop_group(int(pid_file.read_text()), grace_s, self._procs.pop(name, None))
             pid_file.unlink(missing_ok=True)
 
 
@@ -203,7 +189,7 @@ def running_cluster(state_dir: Path, nodes: int = 2):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.slurm_cluster", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m support.slurm_cluster", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("install", help="apt-get install Slurm and munge (as root)")
     for name in ("up", "down"):

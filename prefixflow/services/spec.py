@@ -15,12 +15,15 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from prefix_core.data import check_template
+from prefix_core.config import TrainConfig
+from prefix_core.template import check_template
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, description="lowercase letters, digits and inner hyphens; 1-40")]
 Metric = Literal["bleu", "chrf", "rougeL", "exact_match", "accuracy"]
-Strategy = Literal["single", "ddp", "deepspeed-zero2", "deepspeed-zero3"]
+STRATEGIES = ("single", "ddp", "deepspeed-zero2", "deepspeed-zero3")  # how a training is launched (launch.command)
+Strategy = Literal[STRATEGIES]
+HANG_TIMEOUT_S = 900.0  # no output from a training for this long: it hung (train.hang_timeout_s)
 
 
 class SpecError(ValueError):
@@ -81,32 +84,44 @@ class SlurmSpec(_Strict):
         return value
 
 
+_T = TrainConfig  # the training defaults live there, and only there
+
+
 class TrainSpec(_Strict):
-    max_steps: int = Field(300, ge=1)
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    learning_rate: float = Field(5e-4, gt=0)
-    warmup_steps: int = Field(0, ge=0)
+    """The spec's ``train`` section: the hyperparameters of ``prefix_core.TrainConfig`` that a spec may set
+    (defaults from it; :meth:`train_config` maps them) and how the training is launched."""
+
+    max_steps: int = Field(_T.max_steps, ge=1)
+    batch_size: int = Field(_T.batch_size, ge=1)
+    grad_accum: int = Field(_T.grad_accum, ge=1)
+    learning_rate: float = Field(_T.learning_rate, gt=0)
+    warmup_steps: int = Field(_T.warmup_steps, ge=0)
     mixed_precision: Literal["auto", "no", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast only where the hardware computes bf16 natively, else fp32; "
-                            "no/fp32: always fp32; bf16: always bf16 (slow where not native)")
-    gradient_checkpointing: bool = False
-    eval_every: int = Field(50, ge=0)
-    early_stopping_patience: int = Field(0, ge=0, description="stop after this many validations without a "
-                                                               "significant improvement (0: never)")
-    early_stopping_min_delta: float = Field(0.0, ge=0, description="a validation loss must beat the best by more "
-                                                                   "than this (nats/token) to count as improvement")
-    checkpoint_every: int = Field(50, ge=0)
-    seed: int = 0
+        _T.mixed_precision, description="auto: bf16 autocast only where the hardware computes bf16 natively, else "
+                                        "fp32; no/fp32: always fp32; bf16: always bf16 (slow where not native)")
+    gradient_checkpointing: bool = _T.gradient_checkpointing
+    eval_every: int = Field(_T.eval_every, ge=0)
+    early_stopping_patience: int = Field(_T.early_stopping_patience, ge=0, description=(
+        "stop after this many validations without a significant improvement (0: never)"))
+    early_stopping_min_delta: float = Field(_T.early_stopping_min_delta, ge=0, description=(
+        "a validation loss must beat the best by more than this (nats/token) to count as improvement"))
+    checkpoint_every: int = Field(_T.checkpoint_every, ge=0)
+    seed: int = _T.seed
     strategy: Strategy = "single"
     processes_per_machine: int = Field(1, ge=1)
     machines: int = Field(1, ge=1)
     main_address: str = "127.0.0.1"
     main_port: int | None = None
-    hang_timeout_s: float = 900
+    hang_timeout_s: float = HANG_TIMEOUT_S
     launcher: Literal["local", "slurm"] = Field(
         "local", description="local: on the machine running the flow; slurm: srun over train.machines nodes")
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+
+    def train_config(self, max_length: int) -> TrainConfig:
+        """The job's ``TrainConfig``: every field of this section that TrainConfig has, the data's
+        ``max_length``, and a log line about every 1/30 of the run (at most every 25 steps)."""
+        shared = {name: getattr(self, name) for name in _T.__dataclass_fields__ if name in type(self).model_fields}
+        return TrainConfig(**shared, max_length=max_length, log_every=max(1, min(25, self.max_steps // 30)))
 
     @model_validator(mode="after")
     def _slurm_options_need_slurm(self) -> TrainSpec:

@@ -13,12 +13,13 @@ import hashlib
 import os
 from pathlib import Path
 
-from .errors import DataError
+from prefixflow import settings
+from prefixflow.services.errors import DataError
 
 
 def home() -> Path:
     """The state folder (created on demand), as an absolute path."""
-    path = Path(os.environ.get("PREFIXFLOW_HOME", "state")).expanduser().resolve()
+    path = settings.state_folder()
     path.mkdir(parents=True, exist_ok=True)
     return path
 

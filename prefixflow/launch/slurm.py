@@ -1,9 +1,9 @@
 """Multi-machine training through Slurm (``train.launcher: slurm``).
 
 The flow runs one foreground ``srun`` (``build_srun``): ``train.machines`` nodes, one task per node,
-each task ``python -m infra.node_launch JOB.json ...`` (that machine's ranks, rank from
+each task ``python -m prefixflow.launch.node_launch JOB.json ...`` (that machine's ranks, rank from
 ``$SLURM_PROCID``, rendezvous at the first node). ``srun`` relays the tasks' output, so the flow sees
-machine 0's progress lines exactly as from a local launch and :func:`tasks.launch.run_launch` applies
+machine 0's progress lines exactly as from a local launch and :func:`prefixflow.launch.gang.run_launch` applies
 the same teardown (SIGTERM to ``srun`` is forwarded to every task); the time the job waits in the queue
 (``--quiet``: no output until a node starts) does not count towards the hang timeout. Gang semantics
 across nodes are Slurm's: ``--kill-on-bad-exit=1`` ends every task when one exits non-zero.
@@ -16,7 +16,6 @@ folder, the project and its Python at the same paths on every node (a shared fil
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -24,10 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-from .launch import REPO_ROOT, Launch
-from .spec import TrainSpec
+from prefixflow.launch.command import Launch
+from prefixflow.services.spec import TrainSpec
 
-NODE_MODULE = "infra.node_launch"
+NODE_MODULE = "prefixflow.launch.node_launch"
 COMMANDS = ("srun", "scancel", "squeue")
 HANG_MARGIN_S = 60.0  # machine 0 detects a hang itself and says so; the flow's timer is the backstop
 
@@ -70,8 +69,7 @@ def build_srun(train: TrainSpec, job_file: Path, name: str) -> Launch:
              "--hang-timeout-s", f"{train.hang_timeout_s:g}"]
     if train.main_port is not None:
         argv += ["--main-port", str(train.main_port)]
-    env = {"PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
+    env = {"PYTHONUNBUFFERED": "1"}
     return Launch(argv, env, queued=True)  # no output while the job waits for nodes: not a hang
 
 

@@ -8,20 +8,15 @@ whose artifact store may be S3. Without it, an embedded store under the state fo
 from __future__ import annotations
 
 import logging
-import os
 
-from prefect import task
-from prefect.tasks import exponential_backoff
-
-from .errors import retry_on_io
-from .storage import home
+from prefixflow import settings
+from prefixflow.services.storage import home
 
 RUN_KEY_TAG = "prefixflow.run_key"
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def tracking_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = settings.mlflow_tracking_uri()
     if uri:
         return uri
     folder = home() / "mlflow"
@@ -30,7 +25,7 @@ def tracking_uri() -> str:
 
 
 def is_embedded() -> bool:
-    return not os.environ.get("MLFLOW_TRACKING_URI")
+    return settings.mlflow_tracking_uri() is None
 
 
 def client():
@@ -40,6 +35,7 @@ def client():
     from mlflow import MlflowClient
 
     logging.getLogger("alembic").setLevel(logging.WARNING)  # SQLite migrations on first use
+    settings.apply_process_defaults()  # no artifact progress bars in task logs
     uri = tracking_uri()  # passed explicitly: mlflow.set_tracking_uri() would export MLFLOW_TRACKING_URI
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
@@ -123,16 +119,3 @@ def flatten(prefix: str, obj) -> dict[str, str]:
 
 def close_run(run_id: str, status: str = "FINISHED") -> None:
     client().set_terminated(run_id, status=status)
-
-
-@task(name="open_tracking_run", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-      retry_condition_fn=retry_on_io)
-def open_tracking_run(spec, run_key: str, data_fingerprint: str) -> str:
-    """Prefect task: the MLflow run of this pipeline run (idempotent by run key)."""
-    from prefect.runtime import flow_run
-
-    tags = {"client": spec.client, "task": spec.task, "prefect.flow_run_id": str(flow_run.id or ""),
-            "prefect.flow_run_name": str(flow_run.name or ""), "data_fingerprint": data_fingerprint,
-            "spec_hash": spec.spec_hash(), "base_model": spec.base_model}
-    return open_run(spec.experiment, run_key, f"{spec.task}-{run_key[:8]}", tags,
-                    flatten("", spec.model_dump(mode="json")))

@@ -18,15 +18,7 @@ class TrainingError(PrefixError):
 
 def is_user_error(exc: BaseException) -> bool:
     """True for errors caused by the input (retrying cannot help)."""
-    from .spec import SpecError
+    from prefixflow.services.spec import SpecError
 
     return isinstance(exc, PrefixError | SpecError)
 
-
-def retry_on_io(task, task_run, state) -> bool:
-    """Prefect ``retry_condition_fn``: retry failures, except those caused by the input."""
-    try:
-        state.result()
-    except Exception as exc:
-        return not is_user_error(exc)
-    return True

@@ -1,4 +1,5 @@
-"""Cache policy of the per-run tasks (train, evaluate, register): one result per pipeline run.
+"""Prefect policies the tasks share: the cache policy of the per-run tasks (train, evaluate, register), one
+result per pipeline run, and the retry condition (retry failures, never those caused by the input).
 
 The key is (task source, run key, spec hash, data fingerprint), not the full inputs: timings and
 "reused" flags in the inputs change between attempts, and must not make a retried flow redo work.
@@ -10,6 +11,8 @@ import hashlib
 
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 
+from prefixflow.services.errors import is_user_error
+
 
 def _run_scoped_key(context, parameters: dict) -> str:
     spec, data = parameters["spec"], parameters["data"]
@@ -18,3 +21,12 @@ def _run_scoped_key(context, parameters: dict) -> str:
 
 
 PER_RUN = TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_run_scoped_key)
+
+
+def retry_on_io(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry failures, except those caused by the input."""
+    try:
+        state.result()
+    except Exception as exc:
+        return not is_user_error(exc)
+    return True

@@ -1,6 +1,6 @@
 """Debian packages that only the test suite needs, installed by ``make test`` when run as root.
 
-    python -m infra.test_packages install [GROUP ...]    # default: every group
+    python tests/support/test_packages.py install [GROUP ...]    # default: every group
 
 Groups: ``slurm`` (a local Slurm cluster for the tests of ``train.launcher: slurm``) and ``browser``
 (Debian's chromium, driven by Playwright in the UI smoke tests). ``make demo`` installs none of them.
@@ -57,7 +57,7 @@ def install(groups: list[str] | None = None) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] != "install" or any(g not in GROUPS for g in args[1:]):
-        print(f"usage: python -m infra.test_packages install [{' | '.join(GROUPS)} ...]", file=sys.stderr)
+        print(f"usage: python tests/support/test_packages.py install [{' | '.join(GROUPS)} ...]", file=sys.stderr)
         return 2
     try:
         done = install(args[1:] or None)

@@ -14,9 +14,8 @@ import tempfile
 from pathlib import Path
 
 from prefix_core import PrefixArtifact
-
-from . import tracking
-from .errors import RegistryError
+from prefixflow.services import tracking
+from prefixflow.services.errors import RegistryError
 
 ALIASES = ("candidate", "champion", "previous")
 _REF = re.compile(r"^(?:models:/(?P<name>[^/@]+)|(?P<client>[a-z0-9-]+)/(?P<task>[a-z0-9-]+))"

@@ -1,13 +1,13 @@
 """The training job run inside every process that ``accelerate launch`` starts.
 
-    python -m tasks.train_job JOB.json
+    python -m prefixflow.launch.train_job JOB.json
 
 ``JOB.json`` is a :class:`TrainJob`. Every rank loads the base model and the prepared data and runs
 the same :class:`prefix_core.train.Trainer`; the main process prints one ``PREFIXFLOW_EVENT {json}``
 line per trainer event (plus ``loaded`` after the model is loaded and ``artifact`` at the end) and
 writes the folded prefix artifact to ``output_dir`` (atomically). A user error prints one line
 ``PREFIXFLOW_ERROR <message>`` and exits with code 3 (retrying will not help); anything else
-propagates (traceback, exit code 1). ``tasks/launch.py`` builds the command and reads the output.
+propagates (traceback, exit code 1). ``prefixflow/launch/command.py`` builds the command and reads the output.
 
 Test-only fault injection: ``PREFIXFLOW_FAULT=kill|hang:RANK:STEP[:ONCE_FILE]`` makes that rank SIGKILL
 itself (or hang) after finishing STEP (after its checkpoint, if one is due at that step); with ONCE_FILE,
@@ -26,11 +26,9 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-EVENT_PREFIX = "PREFIXFLOW_EVENT "
-ERROR_PREFIX = "PREFIXFLOW_ERROR "
-USER_ERROR_EXIT = 3
-STRATEGIES = ("single", "ddp", "deepspeed-zero2", "deepspeed-zero3")
-FAULT_ENV = "PREFIXFLOW_FAULT"
+from prefixflow.launch.protocol import ERROR_PREFIX, EVENT_PREFIX, FAULT_ENV, USER_ERROR_EXIT
+from prefixflow.services.spec import STRATEGIES
+
 log = logging.getLogger("prefixflow.train_job")
 
 
@@ -275,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     if len(args) != 1:
-        print_error("usage: python -m tasks.train_job JOB.json")
+        print_error("usage: python -m prefixflow.launch.train_job JOB.json")
         return USER_ERROR_EXIT
     from prefix_core import PrefixError
 

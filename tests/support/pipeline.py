@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from conftest import char_tokenizer, make_base
+from prefixflow import processes
+from support.tiny_models import char_tokenizer, make_base
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
 
@@ -75,14 +76,4 @@ def patched_environ(values: dict[str, str], unset: tuple[str, ...] = ()) -> Iter
 
 def survivors(job_file: Path) -> list[int]:
     """Processes still running this job (there must be none after run_launch returns)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
-                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if str(job_file) in cmd and state != "Z":
-                out.append(int(entry))
-    return out
+    return processes.survivors(str(job_file))

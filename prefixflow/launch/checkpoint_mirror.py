@@ -18,8 +18,7 @@ import threading
 from pathlib import Path
 
 from prefix_core.checkpoint import MARKER, complete_checkpoints
-
-from .storage import _s3_call, s3_client, upload_dir
+from prefixflow.services.storage import _s3_call, s3_client, upload_dir
 
 log = logging.getLogger("prefixflow.run_storage")
 
@@ -80,6 +79,11 @@ class CheckpointMirror:
     def push(self, step_path: Path) -> None:
         """Queue a complete local checkpoint for upload."""
         self.jobs.put(Path(step_path))
+
+    def on_event(self, event: dict) -> None:
+        """A training event listener: each ``checkpoint`` event queues that checkpoint for upload."""
+        if event.get("event") == "checkpoint":
+            self.push(Path(event["path"]))
 
     def _upload(self, path: Path) -> None:
         upload_dir(path, f"s3://{self.bucket}/{self.prefix}/{path.name}", last=MARKER)

@@ -1,9 +1,10 @@
 """What each machine of a multi-machine training runs: this machine's ranks of one ``job.json``.
 
-    python -m infra.node_launch JOB.json --strategy ddp --processes-per-machine 4 --machines 2 \\
+    python -m prefixflow.launch.node_launch JOB.json --strategy ddp --processes-per-machine 4 --machines 2 \\
         [--machine-rank N] [--main-address HOST] [--main-port P] [--hang-timeout-s T]
 
-It is :func:`tasks.launch.build_launch` + :func:`tasks.launch.run_launch` for this machine: a dying rank
+It is :func:`prefixflow.launch.command.build_launch` + :func:`prefixflow.launch.gang.run_launch` for this
+machine: a dying rank
 kills every rank of the machine and the command exits non-zero, which the scheduler turns into the end
 of the whole training (Kubernetes: ``podFailurePolicy`` fails the Job; Slurm: ``srun --kill-on-bad-exit``).
 Exit codes: 0 done, 3 user error (bad job: not worth a retry), 1 anything else, 2 bad arguments.
@@ -33,8 +34,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from prefixflow.services.spec import HANG_TIMEOUT_S
+
 if TYPE_CHECKING:
-    from tasks.spec import TrainSpec
+    from prefixflow.services.spec import TrainSpec
 
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000
 
@@ -86,7 +89,9 @@ def slurm_main_port(env: dict[str, str]) -> int | None:
 
 def launch_machine(job_file: Path, train: TrainSpec, machine_rank: int, *, dns_timeout_s: float = 600) -> int:
     """Run this machine's ranks of ``job_file`` as a gang; returns the exit code for the scheduler."""
-    from tasks.launch import USER_ERROR_EXIT, build_launch, run_launch
+    from prefixflow.launch.command import build_launch
+    from prefixflow.launch.gang import run_launch
+    from prefixflow.launch.protocol import ERROR_PREFIX, EVENT_PREFIX, USER_ERROR_EXIT
 
     wait_for_host(train.main_address, dns_timeout_s)
     launch = build_launch(train, job_file, machine_rank=machine_rank)
@@ -95,21 +100,21 @@ def launch_machine(job_file: Path, train: TrainSpec, machine_rank: int, *, dns_t
           f"(log: {log_file})", flush=True)
 
     def show(event: dict) -> None:
-        print("PREFIXFLOW_EVENT " + json.dumps(event, default=str), flush=True)
+        print(EVENT_PREFIX + json.dumps(event, default=str), flush=True)
 
     hang_timeout_s = train.hang_timeout_s if machine_rank == 0 else float("inf")
     result = run_launch(launch, show, log_file=log_file, hang_timeout_s=hang_timeout_s)
     if result.reason == "ok":
         return 0
     if result.reason == "user_error":
-        print(f"PREFIXFLOW_ERROR {result.error}", flush=True)
+        print(f"{ERROR_PREFIX}{result.error}", flush=True)
     print("\n".join(result.tail), file=sys.stderr)
     print(f"training {result.reason} on machine {machine_rank}: {result.error}", file=sys.stderr, flush=True)
     return USER_ERROR_EXIT if result.reason == "user_error" else 1
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m infra.node_launch", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m prefixflow.launch.node_launch", description=__doc__.split("\n")[0])
     parser.add_argument("job_file", type=Path)
     parser.add_argument("--strategy", required=True)
     parser.add_argument("--processes-per-machine", type=int, required=True)
@@ -117,13 +122,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--machine-rank", type=int, help="default: $JOB_COMPLETION_INDEX, else $SLURM_PROCID")
     parser.add_argument("--main-address", help="default on Slurm: the first node's address")
     parser.add_argument("--main-port", type=int, help="default on Slurm: derived from $SLURM_JOB_ID")
-    parser.add_argument("--hang-timeout-s", type=float, default=900)
+    parser.add_argument("--hang-timeout-s", type=float, default=HANG_TIMEOUT_S)
     parser.add_argument("--dns-timeout-s", type=float, default=600)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tasks.spec import TrainSpec
+    from prefixflow.services.spec import TrainSpec
 
     args = _parser().parse_args(argv)
     env = dict(os.environ)

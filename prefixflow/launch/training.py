@@ -1,0 +1,222 @@
+"""train_prefix: run prefix_core's training as an ``accelerate launch`` subprocess (one process by
+default; DDP/DeepSpeed by the spec's strategy), stream its progress to Prefect (logs, a progress
+artifact) and MLflow (metrics), and return the folded prefix artifact's URI.
+
+The run's folder ``$PREFIXFLOW_HOME/runs/CLIENT/TASK/RUN_KEY/`` holds ``job.json``, ``train.log``,
+``checkpoints/`` and ``prefix/``. A retried task relaunches every rank and the job resumes from the
+newest complete checkpoint; a finished prefix is reused as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
+from pathlib import Path
+
+from prefixflow.launch import slurm
+from prefixflow.launch.checkpoint_mirror import CheckpointMirror, remote_checkpoints_uri
+from prefixflow.launch.gpu_slots import gpu_slots
+from prefixflow.services import tracking
+from prefixflow.services.errors import TrainingError
+from prefixflow.services.preparation import PreparedData
+from prefixflow.services.spec import PipelineSpec
+from prefixflow.services.storage import run_dir
+from prefixflow.services.trained import TrainOutcome
+
+log = logging.getLogger("prefixflow.train")
+_WATCHERS: ContextVar[tuple[Callable[[PipelineSpec, dict], None], ...]] = ContextVar("prefixflow_training_watchers",
+                                                                                   default=())
+
+
+@contextmanager
+def watching(watcher: Callable[[PipelineSpec, dict], None]) -> Iterator[None]:
+    """Within the block, ``watcher(spec, event)`` gets every event of every training started in this context
+    (Prefect copies the context into the threads that run tasks), e.g. the CLI's progress bar."""
+    token = _WATCHERS.set((*_WATCHERS.get(), watcher))
+    try:
+        yield
+    finally:
+        _WATCHERS.reset(token)
+
+
+def make_job(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path):
+    from prefixflow.launch.train_job import TrainJob
+
+    t = spec.train
+    config = t.train_config(spec.data.max_length)
+    prefix = {**spec.prefix.model_dump(), "seed": t.seed}
+    pipeline = {"client": spec.client, "task": spec.task, "run_key": run_key, "spec_hash": spec.spec_hash(),
+                "data_fingerprint": data.fingerprint}
+    return TrainJob(base_model=spec.base_model, data_dir=data.uri, template=spec.data.template, prefix=prefix,
+                    train=config.to_dict(), strategy=t.strategy, checkpoint_dir=str(folder / "checkpoints"),
+                    output_dir=str(folder / "prefix"), manifest_fields={"pipeline": pipeline})
+
+
+def _finished(out: Path) -> bool:
+    from prefix_core import ArtifactError, PrefixArtifact
+
+    try:
+        PrefixArtifact.load(out)
+        return True
+    except ArtifactError:
+        return False
+
+
+def _precision(out: Path) -> dict | None:
+    """The precision the job trained in, as recorded in the artifact's manifest."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    return manifest.get("training", {}).get("precision")
+
+
+def _history(checkpoints: Path) -> list[dict]:
+    from prefix_core.checkpoint import complete_checkpoints
+
+    done = complete_checkpoints(checkpoints) if checkpoints.exists() else []
+    return json.loads((done[-1] / "state.json").read_text())["history"] if done else []
+
+
+class Progress:
+    """Turns the job's events into log lines and MLflow metrics, and hands each to ``listeners``."""
+
+    def __init__(self, spec: PipelineSpec, mlflow_run_id: str | None, logger,
+                 listeners: tuple[Callable[[dict], None], ...] = ()) -> None:
+        self.spec, self.run_id, self.logger = spec, mlflow_run_id, logger
+        self.end: dict = {}
+        self.listeners = listeners  # called with every event (a progress artifact, the checkpoint mirror)
+
+    def __call__(self, event: dict) -> None:
+        for watcher in _WATCHERS.get():
+            watcher(self.spec, event)
+        for listener in self.listeners:
+            listener(event)
+        kind = event.get("event")
+        if kind == "step":
+            self.logger.info("step %d/%d: loss %.4f, %.0f tokens/s, eta %.0f s", event["step"], event["max_steps"],
+                             event["loss"], event["tokens_per_s"], event["eta_s"])
+            self._metrics({"train_loss": event["loss"], "learning_rate": event["lr"],
+                           "tokens_per_s": event["tokens_per_s"], "grad_norm": event.get("grad_norm")}, event["step"])
+        elif kind == "eval":
+            self.logger.info("step %d: validation loss %.4f (best %.4f)", event["step"], event["eval_loss"],
+                             event["best_eval_loss"])
+            self._metrics({"eval_loss": event["eval_loss"]}, event["step"])
+        elif kind == "precision":
+            if event.get("warning"):
+                self.logger.warning(event["warning"])
+            self.logger.info("precision: %s", event["reason"])
+        elif kind == "resume":
+            self.logger.warning("resumed from checkpoint %s (step %d)", event["path"], event["step"])
+        elif kind == "loaded":
+            self.logger.info("job started: %s", {k: v for k, v in event.items() if k != "event"})
+        elif kind == "end":
+            self.end = event
+            if event.get("stopped_early"):
+                self.logger.info("stopped early at step %d of %d: no validation improvement of more than %g in %d "
+                                 "validations (best validation loss %.4f, its prefix is kept)", event["steps"],
+                                 self.spec.train.max_steps, self.spec.train.early_stopping_min_delta,
+                                 self.spec.train.early_stopping_patience, event["best_eval_loss"])
+
+    def _metrics(self, values: dict, step: int) -> None:
+        if self.run_id:
+            try:
+                tracking.log_metrics(self.run_id, values, step)
+            except Exception as err:  # metrics are best effort; training goes on
+                self.logger.warning("could not log metrics to MLflow: %s", err)
+
+
+def _devices(spec: PipelineSpec):
+    """GPU slots on this machine for a local launch; under Slurm the scheduler allocates devices."""
+    from contextlib import nullcontext
+
+    return gpu_slots(spec.train.processes_per_machine) if spec.train.launcher == "local" else nullcontext({})
+
+
+def _build(spec: PipelineSpec, job_file: Path, run_key: str, logger):
+    """The launch command: ``accelerate launch`` here, or ``srun`` over the nodes (after cancelling any job
+    of an earlier try of this run that is still in Slurm's queue)."""
+    from prefixflow.launch.command import build_launch
+
+    if spec.train.launcher == "local":
+        return build_launch(spec.train, job_file)
+    try:
+        slurm.check_commands()
+    except slurm.SlurmUnavailable as err:
+        raise TrainingError(str(err)) from None
+    name = slurm.job_name(spec.client, spec.task, run_key)
+    for leftover in slurm.cancel_leftovers(name):
+        logger.warning("cancelled Slurm job %s (%s) left by an earlier try of this run", name, leftover)
+    return slurm.build_srun(spec.train, job_file, name)
+
+
+def _launch(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, progress: Progress,
+            logger, slot: Callable[[], AbstractContextManager] = nullcontext) -> tuple[float, float]:
+    """Write the job, restore/mirror checkpoints, wait for a training slot and GPUs, run the launch.
+    Returns (launched_at, finished_at); raises TrainingError (bad input) or RuntimeError (retry)."""
+    from prefixflow.launch.gang import run_launch
+
+    if spec.train.machines > 1 and spec.train.launcher == "local":
+        raise TrainingError(
+            f"train.machines is {spec.train.machines} but train.launcher is local: a local launch cannot start "
+            "other machines. Set train.launcher: slurm (the flow runs srun over the nodes), launch the Kubernetes "
+            "Indexed Job (infra/k8s/multinode-train.yaml, docs/scale-out.md), or set train.machines: 1")
+    job = make_job(spec, data, run_key, folder)
+    job.to_json(folder / "job.json")
+    remote = remote_checkpoints_uri(spec.client, spec.task, run_key)
+    mirror = CheckpointMirror(folder / "checkpoints", remote, job.train["keep_checkpoints"]) if remote else None
+    if mirror is not None:
+        restored = mirror.restore()
+        if restored is not None:
+            logger.info("checkpoint %s restored from %s", restored.name, remote)
+        progress.listeners = (*progress.listeners, mirror.on_event)
+    with slot(), _devices(spec) as device_env:
+        launch = _build(spec, folder / "job.json", run_key, logger)
+        launch.env.update(device_env)
+        launched = time.time()
+        logger.info("launching %s training: %s", spec.train.strategy, " ".join(launch.argv))
+        hang_s = spec.train.hang_timeout_s if spec.train.launcher == "local" else slurm.flow_hang_timeout(spec.train)
+        result = run_launch(launch, progress, log_file=folder / "train.log", hang_timeout_s=hang_s)
+        landed = time.time()
+    for problem in mirror.close() if mirror is not None else []:
+        logger.warning("checkpoint not mirrored to %s: %s", remote, problem)
+    if result.reason == "user_error":
+        raise TrainingError(result.error or "training refused its input")
+    if result.reason != "ok":
+        tail = "\n".join(result.tail[-15:])
+        raise RuntimeError(f"training {result.reason} (exit code {result.returncode}): {result.error}; "
+                           f"full log: {folder / 'train.log'}\n{tail}")
+    return launched, landed
+
+
+def train(spec: PipelineSpec, data: PreparedData, run_key: str, mlflow_run_id: str | None = None,
+          logger: logging.Logger | logging.LoggerAdapter = log, *,
+          slot: Callable[[], AbstractContextManager] = nullcontext,
+          listeners: tuple[Callable[[dict], None], ...] = ()) -> TrainOutcome:
+    """Launch (or resume) the training of pipeline run ``run_key`` and wait for it. ``slot()`` is held
+    while the job runs (a concurrency limit); ``listeners`` get every job event."""
+    folder = run_dir(spec.client, spec.task, run_key)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / "prefix"
+    started = launched = landed = time.time()
+    progress = Progress(spec, mlflow_run_id, logger, listeners)
+    if _finished(out):
+        logger.info("prefix of run %s already trained: %s", run_key, out)
+    else:
+        launched, landed = _launch(spec, data, run_key, folder, progress, logger, slot)
+    history = _history(folder / "checkpoints")
+    (folder / "history.json").write_text(json.dumps(history))
+    precision = _precision(out)
+    if mlflow_run_id and precision:
+        tracking.log_params(mlflow_run_id, {"train.precision_used": precision["mode"],
+                                            "train.precision_reason": precision["reason"]}, logger)
+    end = progress.end
+    steps = [h for h in history if "loss" in h]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    return TrainOutcome(
+        artifact_uri=str(out), run_dir=str(folder), steps=end.get("steps", steps[-1]["step"] if steps else 0),
+        resumed_from=end.get("resumed_from"), best_eval_loss=min(evals) if evals else None,
+        final_train_loss=steps[-1]["loss"] if steps else None, history_uri=str(folder / "history.json"),
+        precision=precision,
+        seconds=time.time() - started, launched_at=launched, finished_at=landed)

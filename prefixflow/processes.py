@@ -1,0 +1,144 @@
+"""Process groups: start a command as the leader of a new session (its own process group), signal the
+whole group, wait for it with a deadline, and list the processes left over.
+
+One helper for everything that runs a tree of processes: the training launcher (``launch.gang``), the
+local server stack (``infra.stack``), the Slurm test cluster and the tests. Liveness comes from /proc
+(zombies count as gone); where there is no /proc, from ``killpg(pgid, 0)``. A group leader that this
+process started is reaped while waiting (through its ``Popen`` when one is given, so its exit code is
+kept), so a dead child never reads as alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+TERM_GRACE_S = 10.0  # SIGTERM -> SIGKILL
+KILL_WAIT_S = 10.0  # after SIGKILL: how long to wait for the group to disappear
+POLL_S = 0.05
+
+
+def start(argv: list[str], **popen_kwargs) -> subprocess.Popen:
+    """``subprocess.Popen(argv, start_new_session=True, ...)``: the child leads a new session and process
+    group whose id is its pid (stdin is /dev/null unless given)."""
+    popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
+    return subprocess.Popen(argv, start_new_session=True, **popen_kwargs)
+
+
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(one-letter state, process group id) of ``pid`` from /proc, or None if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    rest = raw[raw.rfind(")") + 2 :].split()  # after "pid (comm) "
+    return rest[0], int(rest[2])
+
+
+def alive(pid: int) -> bool:
+    """``pid`` exists and is not a zombie."""
+    stat = proc_stat(pid)
+    if stat is not None:
+        return stat[0] not in ("Z", "X")
+    if Path("/proc/self/stat").exists():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cmdline(pid: int) -> str:
+    """The command line of ``pid`` (arguments joined by spaces), or "" if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _reap(pgid: int, proc: subprocess.Popen | None) -> None:
+    """Collect the leader's exit status if it is our child (else a zombie leader keeps the group 'alive')."""
+    if proc is not None:
+        proc.poll()
+        return
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pgid, os.WNOHANG)
+
+
+def group_pids(pgid: int) -> list[int] | None:
+    """Live (non-zombie) processes of group ``pgid``; None where there is no /proc to tell."""
+    if not Path("/proc/self/stat").exists():
+        return None
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = proc_stat(int(entry))
+            if stat is not None and stat[1] == pgid and stat[0] not in ("Z", "X"):
+                out.append(int(entry))
+    return out
+
+
+def group_alive(pgid: int, proc: subprocess.Popen | None = None) -> bool:
+    """Any live process left in group ``pgid`` (``proc``: its leader, if this process started it)."""
+    _reap(pgid, proc)
+    pids = group_pids(pgid)
+    if pids is not None:
+        return bool(pids)
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to every process of group ``pgid``; False if the group is gone. PermissionError
+    (a group of another user) propagates."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_gone(pgid: int, timeout_s: float, proc: subprocess.Popen | None = None) -> bool:
+    """Wait up to ``timeout_s`` for group ``pgid`` to be gone; True if it is."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not group_alive(pgid, proc):
+            return True
+        time.sleep(POLL_S)
+    return not group_alive(pgid, proc)
+
+
+def stop_group(pgid: int, grace_s: float = TERM_GRACE_S, proc: subprocess.Popen | None = None,
+               on_escalate=None) -> bool:
+    """SIGTERM the whole group, SIGKILL whatever is left after ``grace_s``, wait up to ``KILL_WAIT_S``
+    more. Returns True once the group is gone. ``on_escalate()`` is called before the SIGKILL."""
+    if not signal_group(pgid, signal.SIGTERM) or wait_gone(pgid, grace_s, proc):
+        _reap(pgid, proc)
+        return True
+    if on_escalate is not None:
+        on_escalate()
+    signal_group(pgid, signal.SIGKILL)
+    gone = wait_gone(pgid, KILL_WAIT_S, proc)
+    _reap(pgid, proc)
+    return gone
+
+
+def survivors(marker: str) -> list[int]:
+    """Live processes whose command line contains ``marker`` (e.g. a job file's path)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and marker in cmdline(int(entry)) and alive(int(entry)):
+            out.append(int(entry))
+    return out

@@ -1,0 +1,168 @@
+"""evaluate_prefix: generate on the test split with the candidate prefix, the bare base model (the
+baseline: same template, no prefix) and the current champion if there is one, all in one mixed-prefix
+batch per step; score them; decide the gate; log metrics, a sample table and the loss curve to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from prefixflow.services import registry, tracking
+from prefixflow.services.metrics import score_all
+from prefixflow.services.preparation import PreparedData, read_split
+from prefixflow.services.spec import GateSpec, PipelineSpec
+from prefixflow.services.trained import TrainOutcome
+
+SYSTEMS = ("candidate", "baseline", "champion")
+log = logging.getLogger("prefixflow.evaluate")
+
+
+class GateDecision(BaseModel):
+    metric: str
+    passed: bool
+    reason: str
+
+
+class EvalReport(BaseModel):
+    """Scores per system (``candidate``, ``baseline``, ``champion`` when one exists), the gate, samples."""
+
+    metrics: dict[str, dict[str, float]]
+    champion_version: str | None
+    champion_note: str | None
+    gate: GateDecision
+    samples: list[dict]
+    test_sources: int
+    seconds: float
+    precision: dict | None = None  # prefix_core.precision.Precision.to_dict(): the base's dtype for generation
+
+
+def decide_gate(gate: GateSpec, metrics: dict[str, dict[str, float]]) -> GateDecision:
+    """Pass when the candidate beats the baseline and the champion (if any) by the required margins."""
+    m = gate.metric
+    cand, base = metrics["candidate"][m], metrics["baseline"][m]
+    reasons, passed = [f"{m} {cand:.2f} vs baseline {base:.2f} (needs +{gate.min_gain_over_baseline:g})"], True
+    if cand - base < gate.min_gain_over_baseline:
+        passed = False
+    if "champion" in metrics:
+        champ = metrics["champion"][m]
+        reasons.append(f"vs champion {champ:.2f} (needs +{gate.min_gain_over_champion:g})")
+        if cand - champ < gate.min_gain_over_champion:
+            passed = False
+    return GateDecision(metric=m, passed=passed, reason=", ".join(reasons))
+
+
+def test_set(data_uri: str, limit: int | None) -> tuple[list[str], list[list[str]]]:
+    """Distinct test sources (in order) and all references of each."""
+    refs: dict[str, list[str]] = {}
+    for row in read_split(data_uri, "test"):
+        refs.setdefault(row["source"], []).append(row["target"])
+    sources = list(refs)[:limit] if limit else list(refs)
+    return sources, [refs[s] for s in sources]
+
+
+def _clean(text: str, single_line: bool) -> str:
+    text = text.strip()
+    return text.split("\n", 1)[0].strip() if single_line else text
+
+
+def generate_all(base, tokenizer, prefixes: dict, template: str, sources: list[str], batch_size: int,
+                 max_new_tokens: int, single_line: bool) -> dict[str, list[str]]:
+    """Greedy generations of each system for every source: ``{system: [text, ...]}``. Systems are
+    mixed in one batch (the baseline is the ``None`` prefix); each row computes what it would alone."""
+    from prefix_core import MultiPrefixGenerator
+
+    gen = MultiPrefixGenerator(base, tokenizer, prefixes)
+    systems = ["candidate", "baseline", *(["champion"] if "champion" in prefixes else [])]
+    requests = [(name, s) for s in sources for name in systems]
+    prompts = [(None if n == "baseline" else n,
+                template.format(source=s) if n == "baseline" else gen.render(n, s)) for n, s in requests]
+    texts: list[str] = []
+    per_batch = max(1, batch_size // len(systems)) * len(systems)
+    for i in range(0, len(prompts), per_batch):
+        texts += gen.generate(prompts[i : i + per_batch], max_new_tokens=max_new_tokens, do_sample=False)
+    out = {n: [] for n in systems}
+    for (name, _), text in zip(requests, texts, strict=True):
+        out[name].append(_clean(text, single_line))
+    return out
+
+
+def loss_curve(history: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [h for h in history if "loss" in h]
+    evals = [h for h in history if "eval_loss" in h]
+    ax.plot([h["step"] for h in steps], [h["loss"] for h in steps], label="train")
+    if evals:
+        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="validation")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title="prefix training")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def evaluate(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, mlflow_run_id: str | None) -> EvalReport:
+    from transformers.utils import logging as hf_logging
+
+    from prefix_core import BaseModelMismatchError, PrefixArtifact, load_base_model
+    from prefix_core.precision import decide
+
+    hf_logging.disable_progress_bar()
+    t0 = time.time()
+    sources, refs = test_set(data.uri, spec.evaluate.max_examples)
+    precision = decide(spec.evaluate.precision, "cpu")
+    if precision.warning:
+        log.warning(precision.warning)
+    log.info("evaluation precision: %s", precision.reason)
+    base, tokenizer = load_base_model(spec.base_model, dtype=precision.dtype)
+    prefixes = {"candidate": PrefixArtifact.load(trained.artifact_uri)}
+    champion, note = registry.aliased(spec.registered_model, "champion"), None
+    champion_version = None if champion is None else str(champion.version)
+    if champion is not None:
+        champ = PrefixArtifact.load(registry.download_version(champion))
+        try:
+            champ.check_base(base)
+            prefixes["champion"] = champ
+        except BaseModelMismatchError as err:
+            note = f"champion v{champion_version} not compared: {err}"
+            log.warning(note)
+    single_line = not any("\n" in r for rs in refs for r in rs)
+    outputs = generate_all(base, tokenizer, prefixes, spec.data.template, sources, spec.evaluate.batch_size,
+                           spec.evaluate.max_new_tokens, single_line)
+    metrics = {name: score_all(spec.evaluate.metrics, hyps, refs) for name, hyps in outputs.items()}
+    gate = decide_gate(spec.evaluate.gate, metrics)
+    samples = [{"source": s, "reference": r[0], **{n: outputs[n][i] for n in outputs}}
+               for i, (s, r) in enumerate(zip(sources, refs, strict=True))]
+    report = EvalReport(metrics=metrics, champion_version=champion_version if "champion" in prefixes else None,
+                        champion_note=note, gate=gate, samples=samples[:20], test_sources=len(sources),
+                        seconds=time.time() - t0, precision=precision.to_dict())
+    if mlflow_run_id:
+        _log(mlflow_run_id, report, samples, trained)
+    return report
+
+
+def _log(run_id: str, report: EvalReport, samples: list[dict], trained: TrainOutcome) -> None:
+    import matplotlib.pyplot as plt
+
+    c = tracking.client()
+    if report.precision:
+        tracking.log_params(run_id, {"evaluate.precision_used": report.precision["mode"],
+                                     "evaluate.precision_reason": report.precision["reason"]})
+    tracking.log_metrics(run_id, {f"{'test' if n == 'candidate' else n}_{m}": v
+                                  for n, ms in report.metrics.items() for m, v in ms.items()})
+    c.log_table(run_id, data={k: [s[k] for s in samples] for k in samples[0]}, artifact_file="eval/samples.json")
+    c.log_dict(run_id, report.model_dump(mode="json", exclude={"samples"}), "eval/report.json")
+    history = json.loads(Path(trained.history_uri).read_text()) if trained.history_uri else []
+    if history:
+        fig = loss_curve(history)
+        c.log_figure(run_id, fig, "eval/loss_curve.png")
+        plt.close(fig)
+    c.set_tag(run_id, "gate", "passed" if report.gate.passed else "refused")

@@ -1,0 +1,19 @@
+"""What a finished training hands to evaluation and registration (the ``train_prefix`` task's result)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class TrainOutcome(BaseModel):
+    artifact_uri: str
+    run_dir: str
+    steps: int
+    resumed_from: int | None
+    best_eval_loss: float | None
+    final_train_loss: float | None
+    history_uri: str | None
+    precision: dict | None = None  # prefix_core.precision.Precision.to_dict() of the training job
+    seconds: float
+    launched_at: float  # when the launch began (after waiting for a training slot and GPUs)
+    finished_at: float  # when the launch ended

@@ -1,0 +1,24 @@
+"""Prefect task ``open_tracking_run``: the MLflow run of a pipeline run, tagged with its Prefect flow run
+(services.tracking)."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.tasks import exponential_backoff
+
+from prefixflow.services.tracking import flatten, open_run
+
+from .policies import retry_on_io
+
+
+@task(name="open_tracking_run", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
+      retry_condition_fn=retry_on_io)
+def open_tracking_run(spec, run_key: str, data_fingerprint: str) -> str:
+    """Prefect task: the MLflow run of this pipeline run (idempotent by run key)."""
+    from prefect.runtime import flow_run
+
+    tags = {"client": spec.client, "task": spec.task, "prefect.flow_run_id": str(flow_run.id or ""),
+            "prefect.flow_run_name": str(flow_run.name or ""), "data_fingerprint": data_fingerprint,
+            "spec_hash": spec.spec_hash(), "base_model": spec.base_model}
+    return open_run(spec.experiment, run_key, f"{spec.task}-{run_key[:8]}", tags,
+                    flatten("", spec.model_dump(mode="json")))

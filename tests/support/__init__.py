@@ -1,0 +1,1 @@
+"""Test-only code: tiny models, pipeline fixtures, the local Slurm cluster."""
