@@ -20,6 +20,7 @@ _WHERE = {
     "Geometry": "geometry", "Site": "geometry", "geometry_from_config": "geometry",
     "PrefixModel": "model",
     "MultiPrefixGenerator": "multi",
+    "DecodeEngine": "serving", "EngineConfig": "serving",
     "TrainResult": "train", "train_prefix": "train",
 }
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "EMBEDDED_MODELS",
     "ArtifactError",
     "BaseModelMismatchError",
+    "DecodeEngine",
+    "EngineConfig",
     "Example",
     "Geometry",
     "ModelNotFoundError",
@@ -66,4 +69,5 @@ if TYPE_CHECKING:
     from .geometry import Geometry, Site, geometry_from_config
     from .model import PrefixModel
     from .multi import MultiPrefixGenerator
+    from .serving import DecodeEngine, EngineConfig
     from .train import TrainResult, train_prefix

@@ -19,17 +19,24 @@ import pytest
 import torch
 
 from prefixflow.flows.embedded import prefect_defaults
+from prefixflow.launch.protocol import STEP_HOOK_ENV
+from support.faults import STEP_HOOK
 from support.tiny_models import ALL_FAMILIES, DECODER_ONLY, char_tokenizer
 
 prefect_defaults()  # before any test module imports prefect (it reads its settings once, at import)
+# The ranks of every training a test launches load the fault hook of tests/support/faults.py (a no-op unless
+# the test sets PREFIXFLOW_FAULT): the product's one test seam.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(__file__), os.environ.get("PYTHONPATH")) if p)
+os.environ[STEP_HOOK_ENV] = STEP_HOOK
 if "OMP_NUM_THREADS" in os.environ:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 # Rough seconds per xdist group under ``make test`` on a 2-core AVX2 CPU (only their order matters: it decides
 # which groups start first). Groups not listed take seconds.
-GROUP_SECONDS = {"test_distributed": 600, "test_pipeline": 400, "test_cli": 300, "test_slurm": 300,
-                 "live_stack": 200, "test_embedded_ddp": 160, "test_ui_browser": 130, "test_stack": 120,
+# The demo's end-to-end test (one test of about 5 minutes) starts first, the many-test groups next.
+GROUP_SECONDS = {"test_cli": 900, "test_distributed": 600, "test_pipeline": 400, "test_slurm": 300,
+                 "test_embedded_ddp": 160, "live_stack": 200, "test_ui_browser": 130, "test_stack": 120,
                  "test_node_launch": 60, "test_base_model": 40, "test_launch": 30, "test_packaging": 25}
 
 

@@ -33,6 +33,7 @@ from prefixflow.launch.command import build_launch
 from prefixflow.launch.gang import run_launch
 from prefixflow.launch.train_job import TrainJob
 from prefixflow.services.spec import TrainSpec
+from support.faults import FAULT_ENV
 from support.pipeline import survivors
 from support.tiny_models import char_tokenizer, make_base
 
@@ -83,7 +84,7 @@ def launch(work: Path, job_file: Path, strategy: str, fault: str | None = None):
         i = lw.argv.index("--deepspeed_config_file")
         lw.argv[i + 1] = str(work / "zero3-all.json")
     if fault:
-        lw.env["PREFIXFLOW_FAULT"] = fault
+        lw.env[FAULT_ENV] = fault
     events: list[dict] = []
     res = run_launch(lw, events.append, log_file=job_file.parent / "launch.log", hang_timeout_s=240, cwd=REPO)
     return res, events

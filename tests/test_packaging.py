@@ -67,3 +67,12 @@ def test_wheel_installs_beside_a_project_with_its_own_flows_and_tasks(tmp_path):
     cli = subprocess.run([str(venv / "bin" / "prefixflow"), "--help"], cwd=project, capture_output=True, text=True,
                          timeout=300)
     assert cli.returncode == 0 and "demo" in cli.stdout, cli.stdout + cli.stderr
+
+
+def test_prefix_core_names_load_on_first_use():
+    import prefix_core
+
+    assert set(prefix_core.__all__) == set(prefix_core._WHERE)
+    for name in prefix_core.__all__:
+        assert getattr(prefix_core, name) is getattr(__import__(f"prefix_core.{prefix_core._WHERE[name]}",
+                                                                fromlist=[name]), name)

@@ -9,24 +9,23 @@ writes the folded prefix artifact to ``output_dir`` (atomically). A user error p
 ``PREFIXFLOW_ERROR <message>`` and exits with code 3 (retrying will not help); anything else
 propagates (traceback, exit code 1). ``prefixflow/launch/command.py`` builds the command and reads the output.
 
-Test-only fault injection: ``PREFIXFLOW_FAULT=kill|hang:RANK:STEP[:ONCE_FILE]`` makes that rank SIGKILL
-itself (or hang) after finishing STEP (after its checkpoint, if one is due at that step); with ONCE_FILE,
-only once.
+Tests inject faults (a rank killed or hung after a step) through one seam, ``PREFIXFLOW_STEP_HOOK``
+(:func:`_step_hook`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from prefixflow.launch.protocol import ERROR_PREFIX, EVENT_PREFIX, FAULT_ENV, USER_ERROR_EXIT
+from prefixflow.launch.protocol import ERROR_PREFIX, EVENT_PREFIX, STEP_HOOK_ENV, USER_ERROR_EXIT
 from prefixflow.services.spec import STRATEGIES
 
 log = logging.getLogger("prefixflow.train_job")
@@ -132,31 +131,15 @@ def _configs(job: TrainJob):
     return PrefixConfig(**job.prefix), TrainConfig(**job.train)
 
 
-def _fault_hook():
-    """Test-only: ``PREFIXFLOW_FAULT=kill:RANK:STEP[:ONCE_FILE]`` kills that rank with SIGKILL after
-    STEP (``hang:...`` makes it sleep forever instead); with ONCE_FILE only the first time (the file
-    records that it happened), so a retried launch that passes STEP again survives."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
+def _step_hook():
+    """The one test seam in the product: ``PREFIXFLOW_STEP_HOOK=module:factory`` names a factory that every
+    rank calls once; what it returns (``hook(trainer)`` or None) runs after each optimizer step. The tests
+    kill or hang a rank through it (tests/support/faults.py); nothing sets it in production."""
+    target = os.environ.get(STEP_HOOK_ENV)
+    if not target:
         return None
-    kind, rank, step, *once = spec.split(":", 3)
-    if kind not in ("kill", "hang"):
-        raise ValueError(f"{FAULT_ENV}: unknown fault {kind!r}")
-
-    def hook(trainer) -> None:
-        if trainer.step == int(step) and trainer.acc.process_index == int(rank):
-            if once:
-                if os.path.exists(once[0]):
-                    return
-                Path(once[0]).write_text(str(trainer.step))
-            sys.stdout.flush()
-            sys.stderr.flush()
-            if kind == "hang":
-                while True:
-                    time.sleep(3600)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)()
 
 
 # --- the job ---------------------------------------------------------------------------------------
@@ -248,7 +231,7 @@ def run_job(job: TrainJob) -> Path | None:
         trainer = Trainer(model, tokenizer, train_enc, train_cfg, val_enc, job.checkpoint_dir or None, [emit], acc)
     except ValueError as err:  # config validation (batch sizes, template, init text ...)
         raise UserError(str(err)) from err
-    hook = _fault_hook()
+    hook = _step_hook()
     if hook is not None:
         trainer.step_hooks.append(hook)
     result = trainer.run()  # ends with the prefix consolidated on every rank

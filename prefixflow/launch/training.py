@@ -1,6 +1,8 @@
-"""train_prefix: run prefix_core's training as an ``accelerate launch`` subprocess (one process by
-default; DDP/DeepSpeed by the spec's strategy), stream its progress to Prefect (logs, a progress
-artifact) and MLflow (metrics), and return the folded prefix artifact's URI.
+"""One training of a pipeline run: run prefix_core's training as an ``accelerate launch`` subprocess (one
+process by default; DDP/DeepSpeed by the spec's strategy; ``srun`` over the nodes with ``launcher: slurm``),
+turn its events into log lines and MLflow metrics (and hand them to listeners, e.g. the Prefect task's
+progress artifact), and return the folded prefix artifact's URI. No Prefect here: the ``train_prefix`` task
+adds retries, the global training limit and the progress artifact.
 
 The run's folder ``$PREFIXFLOW_HOME/runs/CLIENT/TASK/RUN_KEY/`` holds ``job.json``, ``train.log``,
 ``checkpoints/`` and ``prefix/``. A retried task relaunches every rank and the job resumes from the

@@ -1,5 +1,5 @@
-"""The pipeline run's summary: a Prefect markdown artifact comparing candidate, baseline and champion,
-with sample generations and a link to the MLflow run."""
+"""The pipeline run's summary as markdown: candidate, baseline and champion metrics, sample generations and a
+link to the MLflow run (the ``publish_summary`` task publishes it as a Prefect artifact)."""
 
 from __future__ import annotations
 
