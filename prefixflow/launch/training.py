@@ -172,14 +172,14 @@ def _launch(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, 
         restored = mirror.restore()
         if restored is not None:
             logger.info("checkpoint %s restored from %s", restored.name, remote)
-        progress.listeners = (*progress.listeners, mirror.on_event)
     with slot(), _devices(spec) as device_env:
         launch = _build(spec, folder / "job.json", run_key, logger)
         launch.env.update(device_env)
         launched = time.time()
         logger.info("launching %s training: %s", spec.train.strategy, " ".join(launch.argv))
         hang_s = spec.train.hang_timeout_s if spec.train.launcher == "local" else slurm.flow_hang_timeout(spec.train)
-        result = run_launch(launch, progress, log_file=folder / "train.log", hang_timeout_s=hang_s)
+        on_event = progress if mirror is None else lambda event: (progress(event), mirror.on_event(event))
+        result = run_launch(launch, on_event, log_file=folder / "train.log", hang_timeout_s=hang_s)
         landed = time.time()
     for problem in mirror.close() if mirror is not None else []:
         logger.warning("checkpoint not mirrored to %s: %s", remote, problem)
