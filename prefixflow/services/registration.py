@@ -9,12 +9,15 @@ finds it and creates nothing new.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from prefixflow.services import registry, tracking
 from prefixflow.services.evaluation import EvalReport
+from prefixflow.services.mlflow_flavor import write_mlmodel
 from prefixflow.services.preparation import PreparedData
 from prefixflow.services.spec import PipelineSpec
 from prefixflow.services.trained import TrainOutcome
@@ -48,30 +51,48 @@ def version_tags(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, 
 
 def register(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, report: EvalReport, run_key: str,
              mlflow_run_id: str) -> Registration:
-    from mlflow.exceptions import MlflowException
-
-    c, name = tracking.client(), spec.registered_model
-    try:
-        c.get_registered_model(name)
-    except MlflowException:
-        try:
-            c.create_registered_model(name, tags={"client": spec.client, "task": spec.task},
-                                      description=f"Prefixes for {spec.client}/{spec.task} on {spec.base_model}")
-        except MlflowException:
-            c.get_registered_model(name)  # created concurrently: fine
+    name = spec.registered_model
+    ensure_model(name, spec.client, spec.task, f"Prefixes for {spec.client}/{spec.task} on {spec.base_model}")
     existing = registry.versions_for_run(name, run_key)
     if existing:
         mv, created = existing[0], False
     else:
-        if not c.list_artifacts(mlflow_run_id, "prefix"):
-            c.log_artifacts(mlflow_run_id, trained.artifact_uri, "prefix")
-        mv = c.create_model_version(name, source=f"runs:/{mlflow_run_id}/prefix", run_id=mlflow_run_id,
-                                    tags=version_tags(spec, data, trained, report, run_key),
-                                    description=report.gate.reason)
+        mv = publish(name, Path(trained.artifact_uri), mlflow_run_id,
+                     version_tags(spec, data, trained, report, run_key), report.gate.reason)
         created = True
-    c.set_registered_model_alias(name, "candidate", mv.version)
+    tracking.client().set_registered_model_alias(name, "candidate", mv.version)
     if report.gate.passed:
         registry.promote(name, mv.version)
     return Registration(name=name, version=str(mv.version), created=created,
                         model_uri=f"models:/{name}/{mv.version}", champion=registry.alias_version(name, "champion"),
                         previous=registry.alias_version(name, "previous"), gate_passed=report.gate.passed)
+
+
+def ensure_model(name: str, client: str, task: str, description: str) -> None:
+    """Create the registered model ``name`` tagged with its client and task, unless it exists."""
+    from mlflow.exceptions import MlflowException
+
+    c = tracking.client()
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        try:
+            c.create_registered_model(name, tags={"client": client, "task": task}, description=description)
+        except MlflowException:
+            c.get_registered_model(name)  # created concurrently: fine
+
+
+def publish(name: str, prefix_dir: Path, mlflow_run_id: str, tags: dict[str, str], description: str = ""):
+    """Log a prefix folder to the run's ``prefix`` artifacts with the pyfunc ``MLmodel`` file (so
+    ``mlflow.pyfunc.load_model`` loads the version) and create a version of ``name`` from it. A partial upload
+    of an earlier attempt is completed, not trusted. Returns the ModelVersion."""
+    c = tracking.client()
+    with tempfile.TemporaryDirectory(prefix="prefixflow-publish-") as tmp:
+        staged = Path(tmp) / "prefix"
+        shutil.copytree(prefix_dir, staged)
+        write_mlmodel(staged)
+        uploaded = {Path(f.path).name for f in c.list_artifacts(mlflow_run_id, "prefix")}
+        if not {f.name for f in staged.iterdir()} <= uploaded:
+            c.log_artifacts(mlflow_run_id, str(staged), "prefix")
+    return c.create_model_version(name, source=f"runs:/{mlflow_run_id}/prefix", run_id=mlflow_run_id, tags=tags,
+                                  description=description)

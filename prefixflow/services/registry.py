@@ -109,9 +109,42 @@ def download_version(mv, out: Path | None = None) -> Path:
             shutil.rmtree(out)
         staged.rename(out)
         return out
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-downloaded is left behind
+        raise
     finally:
         if out is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_version(mv) -> PrefixArtifact:
+    """Download a resolved ModelVersion into a temporary folder, verify and load it, and remove the folder."""
+    folder = download_version(mv)
+    try:
+        return PrefixArtifact.load(folder)
+    finally:
+        shutil.rmtree(folder.parent if folder.parent.name.startswith("prefixflow-pull-") else folder,
+                      ignore_errors=True)
+
+
+def owner(name: str) -> str | None:
+    """The client a registered model belongs to (its ``client`` tag; None when untagged). RegistryError when
+    there is no such model."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return tracking.client().get_registered_model(name).tags.get("client")
+    except MlflowException as err:
+        if _missing(err):
+            raise RegistryError(f"no registered model {name!r}") from None
+        raise
+
+
+def models(client: str | None = None) -> list:
+    """Registered models (all, or one client's by its ``client`` tag), with their tags and aliases."""
+    found = tracking.client().search_registered_models(
+        filter_string=f"tags.client = '{client}'" if client else None, max_results=1000)
+    return sorted(found, key=lambda m: m.name)
 
 
 def versions_for_run(name: str, run_key: str) -> list:

@@ -1,0 +1,238 @@
+"""The HTTP API of ``prefixflow serve`` (FastAPI): OpenAI's ``/v1/completions``, ``/v1/chat/completions`` and
+``/v1/models``, plus ``/health`` (200 once the base is loaded) and ``/metrics`` (Prometheus text).
+
+``model`` in a request names a registered prefix (``CLIENT/TASK@ALIAS``, ``CLIENT/TASK/VERSION``,
+``models:/NAME@ALIAS``, ``models:/NAME/VERSION``) or ``base`` (the base model without a prefix). Errors come
+in OpenAI's shape with 400 (bad request), 401 (no or unknown key), 403 (another client's prefix), 404 (no such
+model), 429 (rate limit or full queue, with ``Retry-After``) or 503 (still loading).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from prefix_core.template import render
+from prefixflow.serving import openai_api as oa
+from prefixflow.serving.bank import BASE, Prefix
+from prefixflow.serving.keys import Caller
+from prefixflow.serving.server import Choice, ServeConfig, Server
+
+CLIENT_GONE = 499  # nginx's code for "the client closed the request" (only in metrics; nobody receives it)
+
+
+def create_app(server: Server) -> FastAPI:
+    """The ASGI app over ``server`` (its base loads when the app starts)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.start()
+        yield
+        server.stop()
+
+    app = FastAPI(title="prefixflow serve", version="1", lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(oa.APIError)
+    async def api_error(request: Request, err: oa.APIError):
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError):
+        message, param = oa.validation_message(err.errors())
+        return JSONResponse(oa.APIError(400, message, param=param).body(), status_code=400)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        if route is not None and route.path.startswith("/v1/"):
+            server.metrics.requests.labels(route.path, str(response.status_code)).inc()
+        return response
+
+    def authorize(authorization: str | None) -> Caller:
+        server.check_ready()
+        return server.caller(authorization)
+
+    @app.get("/health")
+    async def health():
+        if server.ready.is_set():
+            return {"status": "ready", "base": server.base_name}
+        status = "failed" if server.load_error else "loading"
+        return JSONResponse({"status": status, "base": server.base_name, "error": server.load_error},
+                            status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models(authorization: str | None = Header(None)):
+        caller = authorize(authorization)
+        return {"object": "list", "data": await run_in_threadpool(_models, caller)}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str, authorization: str | None = Header(None)):
+        caller = authorize(authorization)
+        if model != BASE:
+            await server.prefix_for(model, caller)  # 403/404 as for generation
+        return {"id": model, "object": "model", "created": 0, "owned_by": "prefixflow"}
+
+    def _models(caller: Caller) -> list[dict]:
+        from prefixflow.services import registry
+
+        data = [{"id": BASE, "object": "model", "created": 0, "owned_by": "prefixflow"}]
+        for m in registry.models(None if caller.is_admin else caller.client):
+            client, task = m.tags.get("client"), m.tags.get("task")
+            if not caller.may_use(client):
+                continue
+            for alias in sorted(m.aliases or {}):
+                ref = f"{client}/{task}@{alias}" if client and task else f"models:/{m.name}@{alias}"
+                data.append({"id": ref, "object": "model", "created": int((m.creation_timestamp or 0) / 1000),
+                             "owned_by": client or "prefixflow"})
+        return data
+
+    @app.post("/v1/completions")
+    async def completions(body: oa.CompletionRequest, request: Request, authorization: str | None = Header(None)):
+        caller = authorize(authorization)
+        prefix = await server.prefix_for(body.model, caller)
+        prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
+        if all(isinstance(p, int) for p in prompts):
+            prompts = [prompts]
+        ids = []
+        for p in prompts:
+            if isinstance(p, str):
+                text = render(prefix.template, p) if prefix is not None and prefix.template else p
+                ids.append(list(server.tokenizer(text)["input_ids"]))
+            else:
+                ids.append([int(t) for t in p])
+        limit = body.max_tokens or 16
+        return await _generate(request, body, caller, prefix, ids, limit, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: oa.ChatRequest, request: Request, authorization: str | None = Header(None)):
+        caller = authorize(authorization)
+        prefix = await server.prefix_for(body.model, caller)
+        tok = server.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise oa.APIError(400, f"the base model {server.base_name!r} has no chat template; use /v1/completions",
+                              code="no_chat_template")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        limit = body.limit
+        if limit is None:  # as much as fits, up to the server's limit
+            room = _positions(server) - (prefix.num_virtual_tokens if prefix else 0) - len(ids)
+            limit = max(1, min(server.config.max_tokens, room))
+        return await _generate(request, body, caller, prefix, [ids], limit, chat=True)
+
+    async def _generate(request: Request, body, caller: Caller, prefix: Prefix | None, prompts: list[list[int]],
+                        max_tokens: int, chat: bool):
+        if max_tokens > server.config.max_tokens:
+            raise oa.APIError(400, f"max_tokens {max_tokens} exceeds this server's limit of "
+                                   f"{server.config.max_tokens} per request", param="max_tokens")
+        if any(not p for p in prompts):
+            raise oa.APIError(400, "the prompt is empty", param="prompt")
+        rid = server.request_id(chat)
+        rows = server.rows(prompts, body.n, prefix, max_tokens, body.temperature, body.top_p, body.stops,
+                           body.seed, rid)
+        started = time.monotonic()
+        await server.admit(rows)
+        prompt_tokens = sum(len(p) for p in prompts)
+        server.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in rows))
+        choices = [Choice(server.tokenizer, body.stops) for _ in rows]
+        timing = _Timing(server, started, len(rows))
+
+        if body.stream:
+            async def events():
+                try:
+                    if chat:
+                        for i in range(len(rows)):
+                            yield oa.chunk(rid, body.model, i, None, None, chat, first=True)
+                    async for i, out in server.tokens(rows):
+                        if choices[i].finish:
+                            continue
+                        timing.token(i, out.finished)
+                        text = choices[i].add(out.token_id, out.finished, out.finish_reason)
+                        if text or choices[i].finish:
+                            yield oa.chunk(rid, body.model, i, text, choices[i].finish, chat)
+                except oa.APIError as err:
+                    yield oa.sse(err.body())
+                    return
+                if body.include_usage:
+                    yield oa.usage_chunk(rid, body.model, _usage(prompt_tokens, choices), chat)
+                yield oa.sse("[DONE]")
+
+            return StreamingResponse(events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        async def collect() -> None:
+            async for i, out in server.tokens(rows):
+                if not choices[i].finish:
+                    timing.token(i, out.finished)
+                    choices[i].add(out.token_id, out.finished, out.finish_reason)
+
+        task = asyncio.create_task(collect())
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.25)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()  # server.tokens cancels the unfinished rows: their batch rows are freed
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return Response(status_code=CLIENT_GONE)
+        task.result()
+        return oa.completion(rid, body.model, [(c.text, c.finish) for c in choices], _usage(prompt_tokens, choices),
+                             chat)
+
+    return app
+
+
+class _Timing:
+    """Per-row time to first token, time per output token and latency, into the server's histograms."""
+
+    def __init__(self, server: Server, started: float, rows: int) -> None:
+        self.metrics, self.started = server.metrics, started
+        self.first: list[float | None] = [None] * rows
+        self.count = [0] * rows
+
+    def token(self, i: int, finished: bool) -> None:
+        now = time.monotonic()
+        self.count[i] += 1
+        self.metrics.completion_tokens.inc()
+        if self.first[i] is None:
+            self.first[i] = now
+            self.metrics.ttft.observe(now - self.started)
+        if finished:
+            self.metrics.latency.observe(now - self.started)
+            if self.count[i] > 1:
+                self.metrics.tpot.observe((now - self.first[i]) / (self.count[i] - 1))
+
+
+def _usage(prompt_tokens: int, choices: list[Choice]) -> dict:
+    return oa.usage(prompt_tokens, sum(len(c.ids) for c in choices))
+
+
+def _positions(server: Server) -> int:
+    return int(getattr(server.base.config, "max_position_embeddings", None) or 2048)
+
+
+def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, engine_factory=None,
+        log_level: str = "info") -> Server:
+    """Serve until interrupted (SIGINT/SIGTERM stop it gracefully). Returns the Server (``load_error`` set when
+    the base could not be loaded: the process should exit with an error)."""
+    import uvicorn
+
+    server = Server(config, engine_factory)
+    web = uvicorn.Server(uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level,
+                                        timeout_graceful_shutdown=10))
+    server.on_fatal = lambda: setattr(web, "should_exit", True)
+    web.run()
+    return server

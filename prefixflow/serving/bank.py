@@ -1,0 +1,283 @@
+"""PrefixBank: the registered prefixes a server holds in memory, loaded on first use, bounded in bytes.
+
+A ``model`` name of a request resolves to a registry version (``CLIENT/TASK@ALIAS``, ``CLIENT/TASK/VERSION``,
+``models:/NAME@ALIAS``, ``models:/NAME/VERSION``), whose artifact is downloaded, verified (checksums, then the
+base identity: a prefix trained on another base is refused) and folded into per-layer keys/values in the base's
+dtype and device. Only a completely loaded and verified prefix enters the bank; loads of one version happen once
+however many requests wait for it.
+
+Aliases are remembered once used and polled every ``refresh_s`` seconds; when one moves, the new version is
+loaded first and the alias switched after, so requests never wait on a load because of a move. A request keeps
+the ``Prefix`` it started with (its tensors stay alive while it runs), so it finishes on that version even if
+the alias moves or the entry is evicted meanwhile. Eviction is least-recently-used over ``max_bytes``.
+
+Thread-safe: request handlers call ``get`` from worker threads; one poller thread refreshes aliases. ``on_event``
+is never called with the bank's lock held (it may read ``loaded`` and ``nbytes``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prefix_core import PrefixArtifact
+from prefix_core.errors import PrefixError
+from prefixflow.services.errors import RegistryError
+
+log = logging.getLogger("prefixflow.serve")
+BASE = "base"
+
+
+class ModelAccessError(PrefixError):
+    """A request names a model its key may not use (HTTP 403)."""
+
+
+class ModelNotFound(PrefixError):
+    """A request names a model that does not exist (HTTP 404)."""
+
+
+class PrefixUnusable(PrefixError):
+    """The named version exists but cannot be served here: wrong base, corrupt artifact (HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """A verified prefix ready to serve. ``keys``/``values``: per attention layer ``[kv_heads, P, head_dim]`` in
+    the base's dtype and device (never modified). ``nbytes``: their size in memory."""
+
+    name: str
+    version: str
+    client: str | None
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    template: str | None
+    nbytes: int
+
+    @property
+    def kv(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return list(self.keys), list(self.values)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.keys[0].shape[1]
+
+
+class RegistrySource:
+    """How the bank reads the registry (``prefixflow.services.registry`` over the configured MLflow)."""
+
+    def parse(self, model: str) -> tuple[str, str | None, str | None]:
+        from prefixflow.services import registry
+
+        return registry.parse_ref(model)
+
+    def owner(self, name: str) -> str | None:
+        """The model's ``client`` tag; RegistryError when there is no such registered model."""
+        from prefixflow.services import registry
+
+        return registry.owner(name)
+
+    def version_of(self, name: str, alias: str) -> str | None:
+        from prefixflow.services import registry
+
+        return registry.alias_version(name, alias)
+
+    def exists(self, name: str, version: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        from prefixflow.services import tracking
+
+        try:
+            tracking.client().get_model_version(name, version)
+            return True
+        except MlflowException:
+            return False
+
+    def load(self, name: str, version: str) -> PrefixArtifact:
+        from prefixflow.services import registry, tracking
+
+        return registry.load_version(tracking.client().get_model_version(name, version))
+
+
+class PrefixBank:
+    """Registered prefixes in memory for one ``base``. ``on_event(kind, amount)`` feeds the server's metrics:
+    kinds ``hit``, ``load``, ``evict``, ``alias_move``."""
+
+    def __init__(self, base: nn.Module, source: RegistrySource | None = None, max_bytes: int = 1 << 30,
+                 refresh_s: float = 5.0, on_event: Callable[[str, int], None] | None = None) -> None:
+        self.base = base
+        self.source = source or RegistrySource()
+        self.max_bytes = max_bytes
+        self.refresh_s = refresh_s
+        self.on_event = on_event or (lambda kind, amount: None)
+        param = next(base.parameters())
+        self._cast = {"dtype": param.dtype, "device": param.device}
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[str, str], Prefix] = OrderedDict()  # LRU order: oldest first
+        self._aliases: dict[tuple[str, str], str] = {}  # (name, alias) -> version, for the aliases in use
+        self._owners: dict[str, str | None] = {}
+        self._loading: dict[tuple[str, str], threading.Lock] = {}
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+
+    # --- lookups ----------------------------------------------------------------------------------------------
+    def resolve(self, model: str, client: str | None) -> Prefix | None:
+        """The prefix a request's ``model`` names, for a caller of ``client`` (``None``: admin): ``None`` for the
+        bare base. Raises ModelAccessError (another client's), ModelNotFound, PrefixUnusable, or RegistryError
+        (not a model name)."""
+        if model == BASE:
+            return None
+        name, alias, version = self.source.parse(model)
+        if client is not None and not name.startswith(f"{client}-"):
+            raise ModelAccessError(f"this API key belongs to client {client!r} and may use only its own prefixes "
+                                   f"({client}/TASK@ALIAS); {model!r} is not one of them")
+        owner = self._owner(name)
+        if client is not None and owner != client:
+            raise ModelAccessError(f"this API key belongs to client {client!r} and may use only its own prefixes; "
+                                   f"{model!r} belongs to another client")
+        if alias is not None:
+            version = self._alias(name, alias, model)
+        elif not self._has(name, version) and not self.source.exists(name, version):
+            raise ModelNotFound(f"{model}: {name!r} has no version {version}")
+        return self.get(name, version, owner)
+
+    def get(self, name: str, version: str, owner: str | None = None) -> Prefix:
+        """The loaded prefix of ``name`` version ``version`` (loaded now if needed; one load per version)."""
+        key = (name, version)
+        with self._lock:
+            entry = self._touch(key)
+            gate = self._loading.setdefault(key, threading.Lock())
+        if entry is not None:
+            self.on_event("hit", 1)
+            return entry
+        with gate:
+            with self._lock:
+                entry = self._touch(key)  # loaded by the request we waited for
+            if entry is not None:
+                self.on_event("hit", 1)
+                return entry
+            entry = self._load(name, version, owner if owner is not None else self._owner(name))
+            with self._lock:
+                self._entries[key] = entry
+                self._loading.pop(key, None)
+                evicted = self._evict()
+        self.on_event("load", 1)
+        if evicted:
+            self.on_event("evict", evicted)
+        return entry
+
+    def _touch(self, key: tuple[str, str]) -> Prefix | None:
+        """The entry at ``key`` marked most recently used, or None (call with the lock held)."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    @property
+    def loaded(self) -> list[Prefix]:
+        with self._lock:
+            return list(self._entries.values())
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(e.nbytes for e in self._entries.values())
+
+    def _has(self, name: str, version: str) -> bool:
+        with self._lock:
+            return (name, version) in self._entries
+
+    def _owner(self, name: str) -> str | None:
+        if name not in self._owners:
+            try:
+                self._owners[name] = self.source.owner(name)
+            except RegistryError as err:
+                raise ModelNotFound(str(err)) from None
+        return self._owners[name]
+
+    def _alias(self, name: str, alias: str, model: str) -> str:
+        with self._lock:
+            version = self._aliases.get((name, alias))
+        if version is None:
+            version = self.source.version_of(name, alias)
+            if version is None:
+                raise ModelNotFound(f"{model}: {name!r} has no alias @{alias}")
+            with self._lock:
+                self._aliases[(name, alias)] = version
+        return version
+
+    def _load(self, name: str, version: str, owner: str | None) -> Prefix:
+        started = time.monotonic()
+        try:
+            art = self.source.load(name, version)
+            art.check_base(self.base)
+        except PrefixError as err:
+            raise PrefixUnusable(f"{name} v{version} cannot be served by this server: {err}") from None
+        keys, values = art.keys_values()
+        keys = tuple(k.to(**self._cast).contiguous() for k in keys)
+        values = tuple(v.to(**self._cast).contiguous() for v in values)
+        nbytes = sum(t.numel() * t.element_size() for t in (*keys, *values))
+        log.info("loaded prefix %s v%s (P=%d, %d bytes) in %.2f s", name, version, keys[0].shape[1], nbytes,
+                 time.monotonic() - started)
+        return Prefix(name, str(version), owner, keys, values, art.prompt_template, nbytes)
+
+    def _evict(self) -> int:
+        """Drop least-recently-used entries over the byte budget (the newest entry always stays); returns how
+        many (call with the lock held)."""
+        total, dropped = sum(e.nbytes for e in self._entries.values()), 0
+        while total > self.max_bytes and len(self._entries) > 1:
+            _, entry = self._entries.popitem(last=False)
+            total -= entry.nbytes
+            dropped += 1
+        return dropped
+
+    # --- alias refresh ----------------------------------------------------------------------------------------
+    def refresh(self) -> list[tuple[str, str, str, str]]:
+        """Check every alias in use once; load each moved alias's new version, then switch the alias. Returns
+        the moves ``(name, alias, old, new)``; an alias that was removed is forgotten (its next use is a 404)."""
+        with self._lock:
+            aliases = dict(self._aliases)
+        moves = []
+        for (name, alias), old in aliases.items():
+            new = self.source.version_of(name, alias)
+            if new == old:
+                continue
+            if new is not None:
+                try:
+                    self.get(name, new)
+                except PrefixError as err:  # keep serving the old version; the move is retried next round
+                    log.warning("alias %s@%s moved to v%s, which cannot be served: %s", name, alias, new, err)
+                    continue
+            with self._lock:
+                if new is None:
+                    self._aliases.pop((name, alias), None)
+                else:
+                    self._aliases[(name, alias)] = new
+            moves.append((name, alias, old, new))
+            self.on_event("alias_move", 1)
+            log.info("alias %s@%s moved: v%s -> v%s", name, alias, old, new)
+        return moves
+
+    def start(self) -> None:
+        """Start the poller thread (every ``refresh_s`` seconds; registry errors are logged and retried)."""
+        if self.refresh_s <= 0 or self._poller is not None:
+            return
+
+        def poll() -> None:
+            while not self._stop.wait(self.refresh_s):
+                try:
+                    self.refresh()
+                except Exception as err:  # an unreachable registry must not stop serving what is loaded
+                    log.warning("alias refresh failed (retrying in %.0f s): %s", self.refresh_s, err)
+
+        self._poller = threading.Thread(target=poll, name="prefix-bank-refresh", daemon=True)
+        self._poller.start()
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,167 @@
+"""EngineLoop: one thread owns the decode engine; request handlers (asyncio) submit rows and receive tokens.
+
+A row is one generated sequence (a request with ``n`` choices or several prompts submits several rows). The
+thread adds submitted rows to the engine between steps, applies cancellations (a client that went away frees its
+row at once), runs ``engine.step()`` while there is work and sends each row's events to its asyncio queue:
+
+- ``("accepted", None)``: the engine took the row (its length and parameters are valid);
+- ``("error", message)``: it refused it (the message says why; HTTP 400), or the step failed (HTTP 500);
+- ``("token", StepOutput)``: one new token; the last one has ``finished`` set.
+
+Admission is bounded: ``submit`` raises ``Overloaded`` (HTTP 429) when more than ``max_queued`` rows would wait
+for a batch row, so every admitted row is answered and the server never grows without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+from prefixflow.serving.bank import Prefix
+from prefixflow.serving.metrics import ServerMetrics
+
+log = logging.getLogger("prefixflow.serve")
+
+
+class Overloaded(Exception):
+    """Too many rows waiting; ``retry_after`` (whole seconds) estimates when there will be room."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(eq=False)
+class Row:
+    """One sequence to generate. ``prefix``: the bank entry it started with (kept until it ends)."""
+
+    id: str
+    prompt_ids: list[int]
+    prefix: Prefix | None
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...]
+    seed: int | None
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    submitted: float = field(default_factory=time.monotonic)
+
+
+class EngineLoop:
+    """Drives ``engine`` (a ``prefix_core.DecodeEngine`` or anything with its ``add/cancel/step`` interface)."""
+
+    def __init__(self, engine, metrics: ServerMetrics, max_queued: int) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.max_queued = max_queued
+        self._cond = threading.Condition()
+        self._inbox: list[Row] = []
+        self._cancels: set[str] = set()
+        self._rows: dict[str, Row] = {}  # rows the engine holds (queued in it or running)
+        self._stopping = False
+        self._mean_latency = 1.0  # seconds per finished row, smoothed: for Retry-After
+        self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    @property
+    def waiting(self) -> int:
+        """Rows admitted but not yet in the running batch."""
+        return len(self._inbox) + self.engine.num_pending
+
+    def submit(self, rows: list[Row]) -> None:
+        """Hand rows to the engine thread (all or none). Raises Overloaded when the queue is full."""
+        with self._cond:
+            if self._stopping:
+                raise Overloaded("the server is shutting down; retry on another replica", 5)
+            waiting = self.waiting
+            if waiting + len(rows) > self.max_queued:
+                batch = max(1, getattr(getattr(self.engine, "config", None), "max_batch", 1))
+                retry = max(1, min(60, math.ceil(self._mean_latency * (waiting + len(rows)) / batch)))
+                raise Overloaded(f"the server is at capacity ({waiting} requests waiting, at most "
+                                 f"{self.max_queued}); retry after {retry} s", retry)
+            self._inbox.extend(rows)
+            self._cond.notify()
+
+    def cancel(self, row_ids: list[str]) -> None:
+        """Drop rows (queued or running); their batch rows are freed before the next step."""
+        with self._cond:
+            self._cancels.update(row_ids)
+            self._cond.notify()
+
+    # --- the engine thread ------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            with self._cond:
+                while not (self._inbox or self._cancels or engine.has_work or self._stopping):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                inbox, self._inbox = self._inbox, []
+                cancels, self._cancels = self._cancels, set()
+            for row in inbox:
+                if row.id in cancels:
+                    continue
+                try:
+                    engine.add(row.id, row.prompt_ids, row.prefix.kv if row.prefix else None,
+                               max_new_tokens=row.max_tokens, temperature=row.temperature, top_p=row.top_p,
+                               stop=row.stop, seed=row.seed)
+                except ValueError as err:
+                    self._send(row, "error", str(err))
+                    continue
+                self._rows[row.id] = row
+                self._send(row, "accepted", None)
+            for row_id in cancels:
+                if engine.cancel(row_id):
+                    self._rows.pop(row_id, None)
+            if engine.has_work:
+                self._step()
+            self.metrics.running.set(engine.num_active)
+            self.metrics.queued.set(self.waiting)
+        for row in [*self._inbox, *self._rows.values()]:
+            self._send(row, "error", "the server is shutting down")
+
+    def _step(self) -> None:
+        engine = self.engine
+        if engine.num_active:
+            self.metrics.batch_size.observe(engine.num_active)
+        started = time.monotonic()
+        try:
+            outputs = engine.step()
+        except Exception as err:  # a failed step fails its rows, never the server
+            log.exception("decode step failed; failing its %d rows", len(self._rows))
+            for row_id, row in list(self._rows.items()):
+                engine.cancel(row_id)
+                self._send(row, "error", f"generation failed: {type(err).__name__}: {err}")
+            self._rows.clear()
+            return
+        now = time.monotonic()
+        for out in outputs:
+            row = self._rows.get(out.request_id)
+            if row is None:
+                continue
+            if out.index == 0:
+                self.metrics.queue_wait.observe(max(0.0, started - row.submitted))
+            self._send(row, "token", out)
+            if out.finished:
+                del self._rows[out.request_id]
+                self._mean_latency = 0.9 * self._mean_latency + 0.1 * (now - row.submitted)
+
+    @staticmethod
+    def _send(row: Row, kind: str, payload) -> None:
+        with contextlib.suppress(RuntimeError):  # its event loop is closed: the server is going down
+            row.loop.call_soon_threadsafe(row.events.put_nowait, (kind, payload))

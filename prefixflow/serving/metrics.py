@@ -1,0 +1,46 @@
+"""The server's Prometheus metrics (``GET /metrics``), in a registry of their own (one per app)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+disable_created_metrics()  # no *_created series: they only add noise to dashboards
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServerMetrics:
+    """Counters, gauges and histograms of one server. Units: seconds and tokens."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("prefixflow_requests", "Requests answered, by endpoint and HTTP status",
+                                ["endpoint", "status"], registry=r)
+        self.cancelled = Counter("prefixflow_requests_cancelled", "Requests whose client went away before the end",
+                                 registry=r)
+        self.prompt_tokens = Counter("prefixflow_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.completion_tokens = Counter("prefixflow_completion_tokens", "Tokens generated", registry=r)
+        self.queue_wait = Histogram("prefixflow_queue_wait_seconds", "Time from admission to a batch row",
+                                    buckets=_LATENCY, registry=r)
+        self.ttft = Histogram("prefixflow_time_to_first_token_seconds", "Time from request to its first token",
+                              buckets=_LATENCY, registry=r)
+        self.tpot = Histogram("prefixflow_time_per_output_token_seconds",
+                              "Mean time between a request's tokens after the first", buckets=_PER_TOKEN, registry=r)
+        self.latency = Histogram("prefixflow_request_duration_seconds", "Time from request to its last token",
+                                 buckets=_LATENCY, registry=r)
+        self.batch_size = Histogram("prefixflow_batch_size", "Rows in the running batch at each decode step",
+                                    buckets=_BATCH, registry=r)
+        self.running = Gauge("prefixflow_running_requests", "Rows decoding now", registry=r)
+        self.queued = Gauge("prefixflow_queued_requests", "Admitted rows waiting for a batch row", registry=r)
+        self.prefixes_loaded = Gauge("prefixflow_prefixes_loaded", "Prefix versions held in the bank", registry=r)
+        self.bank_bytes = Gauge("prefixflow_prefix_bank_bytes", "Bytes of prefix keys/values in the bank",
+                                registry=r)
+        self.bank = Counter("prefixflow_prefix_bank_events", "Prefix bank hits, loads, evictions and alias moves",
+                            ["event"], registry=r)
+        self.rejected = Counter("prefixflow_requests_rejected", "Requests refused before admission, by reason",
+                                ["reason"], registry=r)
+
+    def bank_event(self, kind: str, amount: int) -> None:
+        self.bank.labels(kind).inc(amount)

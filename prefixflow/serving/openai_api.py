@@ -1,0 +1,216 @@
+"""The OpenAI API surface the server speaks: request bodies (validated, unknown fields refused), the error shape,
+and the objects and stream chunks of ``/v1/completions`` and ``/v1/chat/completions``.
+
+Parameters the engine cannot honour are accepted only at their neutral value (``echo: false``,
+``presence_penalty: 0``, ...) and refused otherwise, with a message saying so, rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # engine reason -> OpenAI finish_reason
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    TYPES: ClassVar[dict[int, str]] = {
+        400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+        404: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error",
+    }
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Fields shared by both endpoints."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stops
+
+    @model_validator(mode="after")
+    def _neutral(self):
+        unsupported = {"presence_penalty": self.presence_penalty != 0, "frequency_penalty": self.frequency_penalty != 0,
+                       "logit_bias": bool(self.logit_bias)}
+        for name, used in unsupported.items():
+            if used:
+                raise ValueError(f"{name} is not supported by prefixflow serve; leave it unset")
+        return self
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return tuple(self.stop or ())
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``. ``prompt``: a string, a list of strings, token ids or lists of token ids. With a
+    prefix that was trained with a prompt template, string prompts are the task input and are rendered through it
+    (as ``prefixflow generate`` does)."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _supported(self):
+        if self.echo:
+            raise ValueError("echo is not supported by prefixflow serve; leave it unset")
+        if self.logprobs is not None:
+            raise ValueError("logprobs is not supported by prefixflow serve; leave it unset")
+        if self.best_of not in (None, 1, self.n):
+            raise ValueError("best_of is not supported by prefixflow serve; use n")
+        if self.suffix:
+            raise ValueError("suffix is not supported by prefixflow serve; leave it unset")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt is empty")
+        return self
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text":
+                raise ValueError(f"message content of type {part.get('type')!r} is not supported; send text")
+            parts.append(str(part.get("text", "")))
+        return "".join(parts)
+
+
+class ChatRequest(_Sampling):
+    """``POST /v1/chat/completions``: the messages are rendered with the base model's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+
+    @model_validator(mode="after")
+    def _supported(self):
+        if self.logprobs:
+            raise ValueError("logprobs is not supported by prefixflow serve; leave it unset")
+        if self.tools:
+            raise ValueError("tools are not supported by prefixflow serve; leave them unset")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise ValueError("response_format other than text is not supported by prefixflow serve")
+        for m in self.messages:
+            m.text()  # refuses non-text parts here, as a 400
+        return self
+
+    @property
+    def limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """One line from pydantic's errors: ``(message, param)``."""
+    first = errors[0]
+    where = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(where) or None
+    msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        msg = f"unrecognized request argument {param!r}; prefixflow serve follows the OpenAI API"
+    elif first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    elif first.get("type") == "missing":
+        msg = f"missing required argument {param!r}"
+    elif param:
+        msg = f"{param}: {msg}"
+    return msg + (f" ({len(errors) - 1} more problem(s))" if len(errors) > 1 else ""), param
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion(rid: str, model: str, choices: list[tuple[str, str | None]], use: dict, chat: bool) -> dict:
+    """The whole response; ``choices``: ``(text, finish_reason)`` in index order."""
+    created = int(time.time())
+    if chat:
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                             "finish_reason": fin} for i, (text, fin) in enumerate(choices)], "usage": use}
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": fin}
+                        for i, (text, fin) in enumerate(choices)], "usage": use}
+
+
+def chunk(rid: str, model: str, index: int, text: str | None, finish: str | None, chat: bool,
+          first: bool = False) -> str:
+    """One server-sent event of a stream (``text`` None with ``first``: the chat role announcement)."""
+    created = int(time.time())
+    if chat:
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    else:
+        body = {"id": rid, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}]}
+    return sse(body)
+
+
+def usage_chunk(rid: str, model: str, use: dict, chat: bool) -> str:
+    return sse({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": model, "choices": [], "usage": use})
+
+
+def sse(body: dict | str) -> str:
+    return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"

@@ -1,0 +1,263 @@
+"""Server: what one ``prefixflow serve`` process holds (the frozen base, the engine thread, the prefix bank, keys,
+limits, metrics) and how a request becomes engine rows and text. ``app.py`` puts HTTP routes over it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefixflow.serving.bank import BASE, ModelAccessError, ModelNotFound, Prefix, PrefixBank, PrefixUnusable
+from prefixflow.serving.engine_loop import EngineLoop, Overloaded, Row
+from prefixflow.serving.keys import Caller, KeyStore
+from prefixflow.serving.metrics import ServerMetrics
+from prefixflow.serving.openai_api import FINISH, APIError
+
+log = logging.getLogger("prefixflow.serve")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Settings of one server. ``max_batch``: rows decoding together; ``max_queued``: rows waiting for a batch row
+    before new requests get 429; ``max_tokens``: the most tokens one request may ask for (and the chat default);
+    ``rate_limit``: requests per second per key (0: none; bursts up to max(1, rate)); ``bank_mb``: memory for
+    prefix keys/values; ``refresh_s``: how often used aliases are re-read from the registry (0: never)."""
+
+    base: str = "smollm2-135m"
+    keys_file: Path | None = None
+    max_batch: int = 16
+    max_queued: int = 256
+    max_tokens: int = 512
+    rate_limit: float = 0.0
+    bank_mb: float = 1024
+    refresh_s: float = 5.0
+    precision: str = "auto"
+
+
+EngineFactory = Callable[..., object]  # (base, tokenizer, max_batch) -> an engine with DecodeEngine's interface
+
+
+def decode_engine(base, tokenizer, max_batch: int):
+    from prefix_core import DecodeEngine
+
+    return DecodeEngine(base, copy.deepcopy(tokenizer), max_batch=max_batch)  # its own tokenizer: another thread
+
+
+class _RateLimiter:
+    """A token bucket per key: ``rate`` requests per second, bursts up to ``max(1, rate)``."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate, self.burst = rate, max(1.0, rate)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def check(self, key_id: str) -> None:
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        tokens, last = self._buckets.get(key_id, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens < 1:
+            retry = max(1, math.ceil((1 - tokens) / self.rate))
+            raise APIError(429, f"rate limit of {self.rate:g} requests per second for this key reached; retry after "
+                                f"{retry} s", code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
+        self._buckets[key_id] = (tokens - 1, now)
+
+
+@dataclass
+class Choice:
+    """The text of one generated row as it grows. Stop sequences are cut off (OpenAI's semantics); while the row
+    runs, the tail that could still become a stop sequence (or an incomplete UTF-8 character) is held back."""
+
+    tokenizer: object
+    stops: tuple[str, ...]
+    ids: list[int] = field(default_factory=list)
+    sent: int = 0  # characters already emitted
+    finish: str | None = None
+
+    def add(self, token_id: int, finished: bool, reason: str | None) -> str:
+        """Add a token; returns the new text that can be emitted."""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            text, finished, reason = text[:cut], True, reason or "stop"
+        if finished:
+            self.finish = FINISH.get(reason or "stop", "stop")
+        else:
+            hold = max((len(s) - 1 for s in self.stops), default=0)
+            text = text[: len(text) - hold] if hold else text
+            text = text.rstrip("\ufffd")
+        new = text[self.sent:] if len(text) > self.sent else ""
+        self.sent = max(self.sent, len(text))
+        return new
+
+    @property
+    def text(self) -> str:
+        """The whole text so far, cut at the first stop sequence."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        return text[:cut] if cut >= 0 else text
+
+
+class Server:
+    """One process's serving state. ``start()`` loads the base in a thread; ``ready`` is set when it is loaded
+    (``load_error`` holds why it could not be)."""
+
+    def __init__(self, config: ServeConfig, engine_factory: EngineFactory | None = None,
+                 keys: KeyStore | None = None) -> None:
+        self.config = config
+        self.engine_factory = engine_factory or decode_engine
+        self.keys = keys if keys is not None else KeyStore.load(config.keys_file)
+        self.metrics = ServerMetrics()
+        self.limiter = _RateLimiter(config.rate_limit)
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+        self.on_fatal: Callable[[], None] = lambda: None
+        self.base = self.tokenizer = self.bank = self.loop = None
+        self.base_name = config.base
+
+    # --- lifecycle --------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        threading.Thread(target=self._load, name="load-base", daemon=True).start()
+
+    def _load(self) -> None:
+        from prefix_core import PrefixError, load_base_model
+        from prefix_core.precision import decide
+
+        started = time.monotonic()
+        try:
+            chosen = decide(self.config.precision, "cpu")
+            base, tokenizer = load_base_model(self.config.base, dtype=chosen.dtype)
+            engine = self.engine_factory(base, tokenizer, self.config.max_batch)
+        except (PrefixError, ValueError, OSError) as err:
+            self.load_error = f"cannot load base model {self.config.base!r}: {err}"
+            log.error(self.load_error)
+            self.on_fatal()
+            return
+        self.base, self.tokenizer = base, tokenizer
+        self.bank = PrefixBank(base, max_bytes=int(self.config.bank_mb * 2**20), refresh_s=self.config.refresh_s,
+                               on_event=self._bank_event)
+        self.loop = EngineLoop(engine, self.metrics, self.config.max_queued)
+        self.loop.start()
+        self.bank.start()
+        self.ready.set()
+        log.info("base %s loaded in %.1f s (%s); serving", self.config.base, time.monotonic() - started,
+                 chosen.dtype)
+
+    def stop(self) -> None:
+        if self.bank is not None:
+            self.bank.stop()
+        if self.loop is not None:
+            self.loop.stop()
+
+    def _bank_event(self, kind: str, amount: int) -> None:
+        self.metrics.bank_event(kind, amount)
+        if self.bank is not None:
+            self.metrics.prefixes_loaded.set(len(self.bank.loaded))
+            self.metrics.bank_bytes.set(self.bank.nbytes)
+
+    def check_ready(self) -> None:
+        if not self.ready.is_set():
+            raise APIError(503, self.load_error or "the base model is still loading; retry in a few seconds",
+                           headers={"Retry-After": "5"})
+
+    # --- who may do what --------------------------------------------------------------------------------------
+    def caller(self, authorization: str | None) -> Caller:
+        key = None
+        if authorization:
+            scheme, _, token = authorization.partition(" ")
+            key = token.strip() if scheme.lower() == "bearer" else None
+        caller = self.keys.identify(key)
+        if caller is None:
+            raise APIError(401, "missing or unknown API key: send it as `Authorization: Bearer KEY`"
+                           if key else "missing API key: send it as `Authorization: Bearer KEY`",
+                           code="invalid_api_key")
+        self.limiter.check(caller.key_id)
+        return caller
+
+    async def prefix_for(self, model: str, caller: Caller) -> Prefix | None:
+        """The bank entry a request uses (None: the bare base); errors as OpenAI-shaped HTTP errors."""
+        from starlette.concurrency import run_in_threadpool
+
+        from prefix_core.errors import PrefixError
+
+        try:
+            return await run_in_threadpool(self.bank.resolve, model, None if caller.is_admin else caller.client)
+        except ModelAccessError as err:
+            raise APIError(403, str(err), param="model", code="model_not_permitted") from None
+        except ModelNotFound as err:
+            raise APIError(404, str(err), param="model", code="model_not_found") from None
+        except PrefixUnusable as err:
+            raise APIError(400, str(err), param="model", code="prefix_unusable") from None
+        except PrefixError as err:  # not a model name
+            raise APIError(400, f"model {model!r}: {err}; or {BASE!r} for the base model without a prefix",
+                           param="model", code="model_not_found") from None
+
+    # --- generation -------------------------------------------------------------------------------------------
+    def rows(self, prompts: list[list[int]], n: int, prefix: Prefix | None, max_tokens: int, temperature: float,
+             top_p: float, stops: tuple[str, ...], seed: int | None, rid: str) -> list[Row]:
+        """``n`` rows per prompt, in choice-index order (prompt i, choice j -> index i * n + j)."""
+        loop = asyncio.get_running_loop()
+        out = []
+        for i, ids in enumerate(prompts):
+            for j in range(n):
+                index = i * n + j
+                out.append(Row(f"{rid}-{index}", ids, prefix, max_tokens, temperature, top_p, stops,
+                               None if seed is None else seed + index, loop))
+        return out
+
+    async def admit(self, rows: list[Row]) -> None:
+        """Submit rows and wait until the engine accepted all of them (400 with the reason if it refused one;
+        429 when the queue is full: then nothing was admitted)."""
+        try:
+            self.loop.submit(rows)
+        except Overloaded as err:
+            self.metrics.rejected.labels("overloaded").inc()
+            raise APIError(429, str(err), code="server_overloaded",
+                           headers={"Retry-After": str(err.retry_after)}) from None
+        for row in rows:
+            kind, payload = await row.events.get()
+            if kind != "accepted":
+                self.loop.cancel([r.id for r in rows])
+                raise APIError(400, str(payload), code="invalid_request")
+
+    async def tokens(self, rows: list[Row]) -> AsyncIterator[tuple[int, object]]:
+        """``(choice index, StepOutput)`` as they come, until every row finished. Cancels the rows that have not
+        finished if the consumer stops early (the client went away)."""
+        merged: asyncio.Queue = asyncio.Queue()
+        open_rows = set(range(len(rows)))
+
+        async def forward(i: int, row: Row) -> None:
+            while True:
+                item = await row.events.get()
+                await merged.put((i, item))
+                if item[0] == "error" or (item[0] == "token" and item[1].finished):
+                    return
+
+        tasks = [asyncio.create_task(forward(i, r)) for i, r in enumerate(rows)]
+        try:
+            while open_rows:
+                i, (kind, payload) = await merged.get()
+                if kind == "error":
+                    raise APIError(500, str(payload), code="generation_failed")
+                if payload.finished:
+                    open_rows.discard(i)
+                yield i, payload
+        finally:
+            for t in tasks:
+                t.cancel()
+            if open_rows:
+                self.loop.cancel([rows[i].id for i in open_rows])
+                self.metrics.cancelled.inc()
+
+    @staticmethod
+    def request_id(chat: bool) -> str:
+        return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]

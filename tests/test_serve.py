@@ -1,0 +1,332 @@
+"""`prefixflow serve` as a real process on 127.0.0.1, called with the official `openai` client (and httpx/curl-like
+raw requests where the client hides the wire): completions, chat, streaming, isolation by key, alias moves without
+a restart, mixed-prefix batches equal to each prefix alone, overload, disconnects, bad requests, and MLflow's
+pyfunc flavour of a registered version. A tiny random llama; prefixes registered in an embedded MLflow store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from support.pipeline import patched_environ
+from support.serving import TEMPLATE, register_random_prefix, serve_process, served_model_dir
+
+MAX_BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def registry_home(tmp_path_factory):
+    """An embedded MLflow registry with acme/rev v1 (@champion) and v2 (no alias), globex/rev v1 (@champion),
+    and acme/other v1 (@champion), a prefix trained on another base (same shape, other weights)."""
+    root = tmp_path_factory.mktemp("serve")
+    home = root / "home"
+    env = {"PREFIXFLOW_HOME": str(home)}
+    with patched_environ(env, unset=("MLFLOW_TRACKING_URI",)):
+        model = served_model_dir(root / "model")
+        other = root / "other-model"
+        from support.tiny_models import char_tokenizer, make_base
+
+        make_base("llama", seed=7).save_pretrained(other)
+        char_tokenizer().save_pretrained(other)
+        versions = {
+            "acme-v1": register_random_prefix(model, "acme", "rev", seed=1),
+            "acme-v2": register_random_prefix(model, "acme", "rev", seed=2, alias=None),
+            "globex": register_random_prefix(model, "globex", "rev", seed=3),
+            "other-base": register_random_prefix(other, "acme", "other", seed=4),
+        }
+        yield {"root": root, "env": env, "model": model, "versions": versions}
+
+
+@pytest.fixture(scope="module")
+def keys(registry_home):
+    """A keys file with one key per client and an admin key: ``{client: key}``."""
+    file = registry_home["root"] / "keys.yaml"
+    out = {}
+    for client in ("acme", "globex", "*"):
+        res = subprocess.run([sys.executable, "-m", "prefixflow.flows.cli", "keys", "add", "--client", client,
+                              "--file", str(file)], capture_output=True, text=True, check=True)
+        out[client] = res.stdout.strip().splitlines()[-1]
+    return {"file": file, **out}
+
+
+@pytest.fixture(scope="module")
+def server(registry_home, keys):
+    with patched_environ(registry_home["env"], unset=("MLFLOW_TRACKING_URI",)), \
+            serve_process(registry_home["model"], registry_home["env"], "--keys", str(keys["file"]), "--refresh", "1",
+                          "--max-batch", str(MAX_BATCH), "--max-tokens", "64") as url:
+        yield url
+
+
+def client(url: str, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(registry_home):
+    """Greedy generation of one request alone, in this process (no server): ``ref(version or None, prompt, n)``."""
+    from transformers import AutoTokenizer
+
+    from prefix_core import DecodeEngine, load_base_model
+    from prefix_core.template import render
+    from prefixflow.services import registry
+
+    base, _ = load_base_model(str(registry_home["model"]))
+    tok = AutoTokenizer.from_pretrained(registry_home["model"])
+    arts = {}
+
+    def ref(ref_name: str | None, prompt: str, max_tokens: int) -> str:
+        engine = DecodeEngine(base, tok, max_batch=1)
+        art = None
+        if ref_name is not None:
+            with patched_environ(registry_home["env"], unset=("MLFLOW_TRACKING_URI",)):
+                if ref_name not in arts:
+                    arts[ref_name] = registry.load_version(registry.resolve(ref_name))
+            art = arts[ref_name]
+        text = render(TEMPLATE, prompt) if art is not None else prompt
+        engine.add(0, text, art, max_new_tokens=max_tokens)
+        return tok.decode(engine.run()[0], skip_special_tokens=True)
+
+    return ref
+
+
+def test_completion_chat_and_stream_with_the_openai_client(server, keys, reference):
+    c = client(server, keys["acme"])
+    r = c.completions.create(model="acme/rev@champion", prompt="red cat", max_tokens=10, temperature=0)
+    assert r.object == "text_completion" and r.model == "acme/rev@champion"
+    assert r.choices[0].text == reference("acme/rev/1", "red cat", 10)
+    assert r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.completion_tokens <= 10 and r.usage.prompt_tokens == len("in: red cat\nout:")
+
+    streamed = c.completions.create(model="acme/rev@champion", prompt="red cat", max_tokens=10, temperature=0,
+                                    stream=True, stream_options={"include_usage": True})
+    chunks = list(streamed)
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == r.choices[0].text
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == r.choices[0].finish_reason
+
+    chat = c.chat.completions.create(model="acme/rev@champion", messages=[{"role": "user", "content": "blue sun"}],
+                                     max_tokens=8, temperature=0)
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    parts = list(c.chat.completions.create(model="acme/rev@champion", max_tokens=8, temperature=0, stream=True,
+                                           messages=[{"role": "user", "content": "blue sun"}]))
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == chat.choices[0].message.content
+
+    # n choices with a seed: reproducible; stop sequences are cut off as OpenAI does
+    a = c.completions.create(model="base", prompt="dog", max_tokens=12, temperature=1.0, n=3, seed=5)
+    b = c.completions.create(model="base", prompt="dog", max_tokens=12, temperature=1.0, n=3, seed=5)
+    assert [x.text for x in a.choices] == [x.text for x in b.choices] and len(a.choices) == 3
+    full = c.completions.create(model="base", prompt="tree", max_tokens=12, temperature=0).choices[0].text
+    stop = full[3:5]
+    cut = c.completions.create(model="base", prompt="tree", max_tokens=12, temperature=0, stop=[stop]).choices[0]
+    assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_mixed_prefix_batches_equal_each_prefix_alone_under_concurrent_load(server, keys, reference):
+    c = client(server, keys["*"])
+    jobs = [(model, prompt, tokens) for model, prompt, tokens in [
+        ("acme/rev@champion", "red cat dog", 20), ("acme/rev/2", "sun", 7), ("globex/rev@champion", "moon tree", 15),
+        ("base", "blue", 11), ("acme/rev/2", "green green red", 18), ("globex/rev/1", "cat", 5),
+        ("acme/rev/1", "tree sun moon dog", 12), ("base", "red", 16), ("globex/rev@champion", "dog", 9),
+        ("acme/rev@champion", "moon", 14), ("acme/rev/2", "cat sun", 10), ("base", "green tree", 6),
+    ]]
+
+    def call(job):
+        model, prompt, tokens = job
+        return c.completions.create(model=model, prompt=prompt, max_tokens=tokens, temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(call, jobs))
+    refs = {"acme/rev@champion": "acme/rev/1", "globex/rev@champion": "globex/rev/1", "base": None}
+    want = [reference(refs.get(m, m), p, n) for m, p, n in jobs]
+    assert got == want
+    assert len(set(got)) > 6  # the prefixes really change the output
+    metrics = httpx.get(f"{server}/metrics").text
+    sizes = _histogram(metrics, "prefixflow_batch_size")
+    assert sizes[f"{MAX_BATCH}.0"] > sizes["1.0"]  # some steps decoded several prefixes together
+
+
+def test_a_key_uses_and_lists_only_its_clients_prefixes(server, keys):
+    acme = client(server, keys["acme"])
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        acme.completions.create(model="globex/rev@champion", prompt="red", max_tokens=2)
+    assert err.value.status_code == 403 and "acme" in err.value.body["message"]
+    with pytest.raises(openai.PermissionDeniedError):
+        acme.completions.create(model="models:/globex-rev/1", prompt="red", max_tokens=2)
+    ids = {m.id for m in acme.models.list()}
+    assert ids == {"base", "acme/rev@champion", "acme/other@champion"}
+    assert {"globex/rev@champion", *ids} <= {m.id for m in client(server, keys["*"]).models.list()}
+    assert client(server, keys["globex"]).completions.create(model="globex/rev@champion", prompt="red",
+                                                             max_tokens=2).choices
+    with pytest.raises(openai.AuthenticationError):
+        client(server, "pf-not-a-key").models.list()
+    r = httpx.post(f"{server}/v1/completions", json={"model": "base", "prompt": "x"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
+def test_an_alias_moved_by_promote_is_served_without_a_restart(server, keys, registry_home, reference):
+    c = client(server, keys["acme"])
+    before = c.completions.create(model="acme/rev@champion", prompt="dog sun", max_tokens=10, temperature=0)
+    assert before.choices[0].text == reference("acme/rev/1", "dog sun", 10)
+    env = {**registry_home["env"]}
+    with patched_environ(env, unset=("MLFLOW_TRACKING_URI",)):
+        subprocess.run([sys.executable, "-m", "prefixflow.flows.cli", "promote", "acme/rev/2"], check=True,
+                       capture_output=True)
+    want = reference("acme/rev/2", "dog sun", 10)
+    assert want != before.choices[0].text
+    deadline = time.monotonic() + 30
+    while True:
+        text = c.completions.create(model="acme/rev@champion", prompt="dog sun", max_tokens=10,
+                                    temperature=0).choices[0].text
+        if text == want or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert text == want
+    assert "alias_move" in httpx.get(f"{server}/metrics").text
+    with patched_environ(env, unset=("MLFLOW_TRACKING_URI",)):  # back, for the other tests
+        subprocess.run([sys.executable, "-m", "prefixflow.flows.cli", "promote", "acme/rev/1"], check=True,
+                       capture_output=True)
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"model": "base", "prompt": "x", "max_tokens": 5, "temprature": 0}, 400, "unrecognized request argument"),
+    ({"model": "base", "prompt": "x", "temperature": 7}, 400, "temperature"),
+    ({"model": "base", "prompt": "x", "max_tokens": 65}, 400, "limit of 64"),
+    ({"model": "base", "prompt": "x" * 600, "max_tokens": 5}, 400, "too long"),
+    ({"model": "base"}, 400, "missing required argument 'prompt'"),
+    ({"model": "acme/rev@nope", "prompt": "x"}, 404, "no alias @nope"),
+    ({"model": "acme/zzz@champion", "prompt": "x"}, 404, "no registered model"),
+    ({"model": "not a model!", "prompt": "x"}, 400, "not a registry reference"),
+    ({"model": "acme/other@champion", "prompt": "x"}, 400, "trained on"),
+    ({"model": "base", "prompt": "x", "echo": True}, 400, "echo is not supported"),
+    ({"model": "base", "prompt": [], "max_tokens": 5}, 400, "prompt is empty"),
+    ({"model": "base", "prompt": [999999], "max_tokens": 5}, 400, "token ids"),
+])
+def test_bad_requests_get_one_clear_error(server, keys, body, status, words):
+    r = httpx.post(f"{server}/v1/completions", json=body, headers={"Authorization": f"Bearer {keys['acme']}"},
+                   timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert words in err["message"] and "Traceback" not in r.text
+    assert set(err) == {"message", "type", "param", "code"}
+
+
+def test_a_client_that_disconnects_frees_its_row(server, keys):
+    headers = {"Authorization": f"Bearer {keys['*']}"}
+    body = {"model": "base", "prompt": "red", "max_tokens": 64, "stream": True, "temperature": 0}
+    before = _counter(httpx.get(f"{server}/metrics").text, "prefixflow_requests_cancelled_total")
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=headers, timeout=30) as r:
+        next(r.iter_lines())  # the first event: generation has started
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        metrics = httpx.get(f"{server}/metrics").text
+        if _counter(metrics, "prefixflow_requests_cancelled_total") > before:
+            break
+        time.sleep(0.2)
+    assert _counter(metrics, "prefixflow_requests_cancelled_total") == before + 1
+    assert _counter(metrics, "prefixflow_running_requests") == 0
+    assert client(server, keys["*"]).completions.create(model="base", prompt="red", max_tokens=3).choices
+
+
+def test_overload_gets_429_and_every_admitted_request_is_answered(registry_home, keys):
+    with serve_process(registry_home["model"], registry_home["env"], "--max-batch", "1", "--max-queued", "2",
+                       "--refresh", "0") as url:
+        c = client(url, "open")
+
+        def call(i):
+            try:
+                r = c.completions.create(model="base", prompt="red cat", max_tokens=40, temperature=0)
+                return "ok", r.choices[0].finish_reason, r.usage.completion_tokens
+            except openai.RateLimitError as err:
+                return "429", err.response.headers.get("retry-after"), err.body["message"]
+
+        with ThreadPoolExecutor(10) as pool:
+            results = list(pool.map(call, range(10)))
+        ok = [r for r in results if r[0] == "ok"]
+        refused = [r for r in results if r[0] == "429"]
+        assert ok and refused and len(ok) + len(refused) == 10
+        assert all(r[1] in ("length", "stop") for r in ok)
+        assert all(int(r[1]) >= 1 and "at capacity" in r[2] for r in refused)
+        metrics = httpx.get(f"{url}/metrics").text
+        assert _counter(metrics, 'prefixflow_requests_total{endpoint="/v1/completions",status="200"}') == len(ok)
+        assert _counter(metrics, 'prefixflow_requests_rejected_total{reason="overloaded"}') == len(refused)
+    with serve_process(registry_home["model"], registry_home["env"], "--rate-limit", "1", "--refresh", "0",
+                       "--keys", str(keys["file"])) as url:
+        c = client(url, keys["acme"])
+        codes = []
+        for _ in range(3):
+            try:
+                c.completions.create(model="base", prompt="red", max_tokens=1)
+                codes.append(200)
+            except openai.RateLimitError as err:
+                codes.append(429)
+                assert "rate limit of 1 requests per second" in err.body["message"]
+        assert codes[0] == 200 and 429 in codes
+        assert client(url, keys["globex"]).completions.create(model="base", prompt="red", max_tokens=1).choices
+
+
+def test_a_registered_version_loads_with_mlflow_pyfunc(server, keys, registry_home):
+    """As a team serving through MLflow would: MLFLOW_TRACKING_URI set, ``mlflow.pyfunc.load_model`` by alias."""
+    from prefixflow.services import tracking
+
+    with patched_environ(registry_home["env"], unset=("MLFLOW_TRACKING_URI",)):
+        uri = tracking.tracking_uri()
+    code = ("import json, mlflow.pyfunc; m = mlflow.pyfunc.load_model('models:/globex-rev@champion'); "
+            "print(json.dumps(m.predict(['red cat', 'moon'], params={'max_tokens': 8})))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**_env(), "MLFLOW_TRACKING_URI": uri})
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    c = client(server, keys["globex"])
+    want = [c.completions.create(model="globex/rev@champion", prompt=p, max_tokens=8, temperature=0)
+            .choices[0].text.strip() for p in ("red cat", "moon")]
+    assert got == want
+
+
+def test_serve_refuses_a_base_it_cannot_load_in_one_message(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "prefixflow.flows.cli", "serve", "--base", str(tmp_path / "none"),
+                        "--port", "1"], capture_output=True, text=True, timeout=120,
+                       env={**_env(), "PREFIXFLOW_HOME": str(tmp_path)})
+    assert r.returncode == 2 and "cannot load base model" in r.stderr and "Traceback" not in r.stderr + r.stdout
+    bad = tmp_path / "keys.yaml"
+    bad.write_text("keys: [{client: acme, sha256: nothex}]")
+    r = subprocess.run([sys.executable, "-m", "prefixflow.flows.cli", "serve", "--keys", str(bad)],
+                       capture_output=True, text=True, timeout=120, env=_env())
+    assert r.returncode == 2 and "entry 1 needs" in r.stderr
+
+
+def test_keys_are_stored_hashed(keys):
+    text = Path(keys["file"]).read_text()
+    assert keys["acme"] not in text and keys["*"] not in text
+    assert len(json.dumps(text)) > 0 and text.count("sha256:") == 3
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+
+
+def _counter(metrics: str, name: str) -> float:
+    """The value of the series ``name`` (with its labels, exactly as exported), 0 when absent."""
+    for line in metrics.splitlines():
+        if line.rsplit(" ", 1)[0] == name:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _histogram(metrics: str, name: str) -> dict[str, float]:
+    out = {}
+    for line in metrics.splitlines():
+        if line.startswith(f"{name}_bucket{{le="):
+            le = line.split('le="')[1].split('"')[0]
+            out[le] = float(line.rsplit(" ", 1)[1])
+    return out
