@@ -325,6 +325,7 @@ def serve(
     bank_mb: float = typer.Option(1024, min=1, help="memory for loaded prefixes (least recently used leave first)"),
     refresh: float = typer.Option(5.0, min=0, help="seconds between registry checks of the aliases in use"),
     precision: str = typer.Option("auto", help="dtype of the base: auto (bf16 only where native), fp32, bf16"),
+    device: str = typer.Option("auto", help="auto (the first GPU if any, else the CPU), cpu, cuda, cuda:N"),
 ) -> None:
     """Serve registered prefixes over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models), one
     base model for every client, with /health and /metrics."""
@@ -341,7 +342,7 @@ def serve(
                      "reach this port may use every prefix (add keys with `prefixflow keys add`)")
     config = ServeConfig(base=base, keys_file=keys, max_batch=max_batch, max_queued=max_queued,
                          max_tokens=max_tokens, rate_limit=rate_limit, bank_mb=bank_mb, refresh_s=refresh,
-                         precision=precision)
+                         precision=precision, device=device)
     console.print(f"prefixflow serve: base [cyan]{escape(base)}[/] on http://{host}:{port}/v1 "
                   f"({'open: no keys' if store.is_open else f'{len(store.clients)} client(s) with keys'}); "
                   f"registry {escape(_registry_target())}")

@@ -174,3 +174,53 @@ def test_work_pool_template_is_valid_for_prefect():
     assert env["PREFIXFLOW_HOME"].startswith(mounts["shared"] + "/")
     assert config["env"] == {"X": "1"} and config["stream_output"] is True
     assert not find_placeholders(json.dumps(config))
+
+
+# --- the prefix server ---------------------------------------------------------------------------------------
+def test_serve_manifest_is_a_gpu_deployment_ready_on_health_with_keys_from_a_secret(tmp_path):
+    import typer.main
+
+    from prefixflow.flows.cli import app
+    from prefixflow.launch.k8s_render import SERVE_TEMPLATE, serve_values
+
+    out = tmp_path / "serve.yaml"
+    assert main(["serve", "--image", "reg/pf:3", "--base", "/models/smollm2", "--replicas", "3", "--gpus", "1",
+                 "--rate-limit", "20", "--out", str(out)]) == 0
+    svc, dep = yaml.safe_load_all(out.read_text())
+    assert svc["kind"] == "Service" and dep["kind"] == "Deployment" and dep["apiVersion"] == "apps/v1"
+    assert dep["spec"]["replicas"] == 3
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items()
+    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["image"] == "reg/pf:3" and c["command"] == ["prefixflow", "serve"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    port = c["ports"][0]
+    assert port["name"] == "http" and svc["spec"]["ports"][0]["targetPort"] == "http"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 600
+    env = {e["name"]: e for e in c["env"]}
+    assert env["PREFIXFLOW_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "prefixflow-serve-keys",
+                                                                       "key": "api-keys"}
+    assert c["envFrom"][0]["secretRef"]["name"] == "prefixflow-env"  # MLFLOW_TRACKING_URI, S3 settings
+    assert all(isinstance(e.get("value", ""), str) for e in c["env"])
+    args = dict(a.removeprefix("--").split("=", 1) for a in c["args"])
+    assert args["port"] == str(port["containerPort"]) and args["host"] == "0.0.0.0"
+    assert args["base"] == "/models/smollm2" and args["device"] == "cuda" and args["rate-limit"] == "20"
+    # every flag is one `prefixflow serve` accepts
+    serve = typer.main.get_command(app).commands["serve"]
+    accepted = {o.removeprefix("--") for p in serve.params for o in p.opts}
+    assert set(args) <= accepted
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts["models"] == "/models" and args["base"].startswith(mounts["models"] + "/")
+
+    cpu = yaml.safe_load_all(render(SERVE_TEMPLATE, serve_values("cpu-serve", "img", "smollm2-135m", gpus=0)))
+    (cpu_c,) = list(cpu)[1]["spec"]["template"]["spec"]["containers"]
+    assert "--device=cpu" in cpu_c["args"] and cpu_c["resources"]["limits"]["nvidia.com/gpu"] == 0
+    with pytest.raises(ValueError, match="lowercase"):
+        serve_values("Serve_1", "img", "m")
+    with pytest.raises(ValueError, match="replicas"):
+        serve_values("s", "img", "m", replicas=-1)
+    assert main(["serve", "--image", "bad image", "--base", "m"]) == 2

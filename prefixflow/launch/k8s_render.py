@@ -1,4 +1,5 @@
-"""Kubernetes manifests for training beyond one machine, and the entry point of each training pod.
+"""Kubernetes manifests: training beyond one machine (and the entry point of each training pod), and the
+prefix server.
 
 ``render`` fills a template from ``infra/k8s/`` whose placeholders are ``${NAME}`` (letters, digits
 and underscores). Every placeholder must get a value and every value must be used, otherwise one
@@ -12,9 +13,13 @@ Prefect's ``{{ var }}`` placeholders, filled by the Prefect worker.)
 GPUs each, and a headless Service through which every pod reaches pod 0 at
 ``<job>-0.<service>:<main_port>``.
 
+``serve_values`` fills ``infra/k8s/serve.yaml``: a Deployment of ``prefixflow serve`` replicas (one GPU each,
+ready when ``/health`` is) behind a Service, keys and registry/S3 settings from Secrets.
+
 CLI::
 
     python -m prefixflow.launch.k8s_render multinode SPEC.yaml --image IMG --job-file /shared/.../job.json --out FILE
+    python -m prefixflow.launch.k8s_render serve --image IMG --base /models/NAME --replicas 2 --out FILE
 
 Each pod runs ``python -m prefixflow.launch.node_launch`` (this machine's ranks; rank from
 ``$JOB_COMPLETION_INDEX``).
@@ -36,6 +41,7 @@ from prefixflow.launch.command import INFRA
 K8S_DIR = INFRA / "k8s"
 MULTINODE_TEMPLATE = K8S_DIR / "multinode-train.yaml"
 WORK_POOL_TEMPLATE = K8S_DIR / "work-pool-template.json"
+SERVE_TEMPLATE = K8S_DIR / "serve.yaml"
 PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 DEFAULT_MAIN_PORT = 29500
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -121,6 +127,36 @@ def multinode_values(train: TrainSpec, job_name: str, image: str, job_file: str 
     }
 
 
+def serve_values(name: str, image: str, base_model: str, *, namespace: str = "default", replicas: int = 1,
+                 gpus: int = 1, port: int = 8000, max_batch: int = 64, max_queued: int = 1024, max_tokens: int = 512,
+                 rate_limit: float = 0.0, bank_mb: float = 4096, refresh_s: float = 5.0,
+                 keys_secret: str = "prefixflow-serve-keys", env_secret: str = "prefixflow-env",
+                 model_pvc: str = "prefixflow-models", cpu: str = "4", memory: str = "32Gi",
+                 startup_timeout_s: int = 900, image_pull_policy: str = "IfNotPresent") -> dict[str, Any]:
+    """Values of ``serve.yaml``: Deployment and Service ``name``, ``replicas`` servers of ``base_model`` (a folder
+    on the ``model_pvc`` volume mounted at /models, an embedded name, or an HF id in the pods' cache), ``gpus`` per
+    replica (0: CPU). The Secret ``keys_secret`` holds the API keys under ``api-keys``; ``env_secret`` the
+    registry and S3 settings."""
+    if not DNS_LABEL.match(name) or len(name) > 63:
+        raise ValueError(f"server name {name!r} must be lowercase letters, digits and inner hyphens (at most 63)")
+    if not image or any(c.isspace() or c in "\"'" for c in image):
+        raise ValueError(f"image {image!r} must be a non-empty image reference without spaces or quotes")
+    if not base_model or any(c.isspace() for c in base_model):
+        raise ValueError(f"base model {base_model!r} must be a folder under /models, an embedded name or an HF id")
+    for label, value, low in (("replicas", replicas, 0), ("gpus", gpus, 0), ("max_batch", max_batch, 1),
+                              ("max_queued", max_queued, 1), ("max_tokens", max_tokens, 1), ("port", port, 1)):
+        if int(value) != value or value < low:
+            raise ValueError(f"{label} must be a whole number >= {low}, got {value}")
+    return {
+        "NAME": name, "NAMESPACE": namespace, "IMAGE": image, "IMAGE_PULL_POLICY": image_pull_policy,
+        "REPLICAS": replicas, "GPUS": gpus, "DEVICE": "cuda" if gpus else "cpu", "PORT": port,
+        "BASE_MODEL": base_model, "MAX_BATCH": max_batch, "MAX_QUEUED": max_queued, "MAX_TOKENS": max_tokens,
+        "RATE_LIMIT": f"{rate_limit:g}", "BANK_MB": f"{bank_mb:g}", "REFRESH_S": f"{refresh_s:g}",
+        "KEYS_SECRET": keys_secret, "ENV_SECRET": env_secret, "MODEL_PVC": model_pvc, "CPU": cpu,
+        "MEMORY": memory, "STARTUP_PROBES": max(1, -(-int(startup_timeout_s) // 5)),
+    }
+
+
 # --- CLI ----------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m prefixflow.launch.k8s_render", description=__doc__.split("\n")[0])
@@ -135,11 +171,42 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--secret", default="prefixflow-env")
     m.add_argument("--deadline-s", type=int, default=86400, help="activeDeadlineSeconds of the Job")
     m.add_argument("--out", type=Path, help="write here instead of stdout")
+    v = sub.add_parser("serve", help="render infra/k8s/serve.yaml: prefixflow serve replicas behind a Service")
+    v.add_argument("--image", required=True)
+    v.add_argument("--base", required=True, help="base model: /models/NAME (the model volume), embedded name or HF id")
+    v.add_argument("--name", default="prefixflow-serve", help="Deployment and Service name")
+    v.add_argument("--namespace", default="default")
+    v.add_argument("--replicas", type=int, default=1)
+    v.add_argument("--gpus", type=int, default=1, help="GPUs per replica (0: CPU only)")
+    v.add_argument("--max-batch", type=int, default=64)
+    v.add_argument("--rate-limit", type=float, default=0.0, help="requests per second per key (0: none)")
+    v.add_argument("--keys-secret", default="prefixflow-serve-keys", help="Secret with the API keys (key api-keys)")
+    v.add_argument("--env-secret", default="prefixflow-env", help="Secret with the registry and S3 settings")
+    v.add_argument("--model-pvc", default="prefixflow-models", help="volume claim holding base model folders")
+    v.add_argument("--out", type=Path, help="write here instead of stdout")
     return parser
 
 
+def _write(text: str, out: Path | None) -> int:
+    if out:
+        out.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)  # one command for now: multinode
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        try:
+            values = serve_values(args.name, args.image, args.base, namespace=args.namespace, replicas=args.replicas,
+                                  gpus=args.gpus, max_batch=args.max_batch, rate_limit=args.rate_limit,
+                                  keys_secret=args.keys_secret, env_secret=args.env_secret, model_pvc=args.model_pvc)
+            text = render(SERVE_TEMPLATE, values)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return _write(text, args.out)
     if args.command == "multinode":
         from prefixflow.services.spec import SpecError, load_spec
 
@@ -152,11 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         except (SpecError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        if args.out:
-            args.out.write_text(text)
-        else:
-            sys.stdout.write(text)
-        return 0
+        return _write(text, args.out)
     return 2  # unreachable: argparse requires a known command
 
 

@@ -29,7 +29,9 @@ class ServeConfig:
     """Settings of one server. ``max_batch``: rows decoding together; ``max_queued``: rows waiting for a batch row
     before new requests get 429; ``max_tokens``: the most tokens one request may ask for (and the chat default);
     ``rate_limit``: requests per second per key (0: none; bursts up to max(1, rate)); ``bank_mb``: memory for
-    prefix keys/values; ``refresh_s``: how often used aliases are re-read from the registry (0: never)."""
+    prefix keys/values; ``refresh_s``: how often used aliases are re-read from the registry (0: never);
+    ``precision``: the base's dtype (``auto``: bf16 only where it is native); ``device``: ``auto``, ``cpu``,
+    ``cuda``, ``cuda:N``."""
 
     base: str = "smollm2-135m"
     keys_file: Path | None = None
@@ -40,6 +42,16 @@ class ServeConfig:
     bank_mb: float = 1024
     refresh_s: float = 5.0
     precision: str = "auto"
+    device: str = "auto"
+
+    @property
+    def torch_device(self) -> str:
+        """``auto``: the first GPU when there is one, else the CPU."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 EngineFactory = Callable[..., object]  # (base, tokenizer, max_batch) -> an engine with DecodeEngine's interface
@@ -134,8 +146,9 @@ class Server:
 
         started = time.monotonic()
         try:
-            chosen = decide(self.config.precision, "cpu")
-            base, tokenizer = load_base_model(self.config.base, dtype=chosen.dtype)
+            device = self.config.torch_device
+            chosen = decide(self.config.precision, device)
+            base, tokenizer = load_base_model(self.config.base, dtype=chosen.dtype, device=device)
             engine = self.engine_factory(base, tokenizer, self.config.max_batch)
         except (PrefixError, ValueError, OSError) as err:
             self.load_error = f"cannot load base model {self.config.base!r}: {err}"
@@ -149,8 +162,8 @@ class Server:
         self.loop.start()
         self.bank.start()
         self.ready.set()
-        log.info("base %s loaded in %.1f s (%s); serving", self.config.base, time.monotonic() - started,
-                 chosen.dtype)
+        log.info("base %s loaded in %.1f s on %s (%s); serving", self.config.base, time.monotonic() - started,
+                 device, chosen.reason)
 
     def stop(self) -> None:
         if self.bank is not None:
