@@ -37,7 +37,7 @@ if "OMP_NUM_THREADS" in os.environ:
 # The demo's end-to-end test (one test of about 5 minutes) starts first, the many-test groups next.
 GROUP_SECONDS = {"test_cli": 900, "test_distributed": 600, "test_pipeline": 400, "test_slurm": 300,
                  "test_embedded_ddp": 160, "live_stack": 200, "test_ui_browser": 130, "test_stack": 120,
-                 "test_node_launch": 60, "test_base_model": 40, "test_launch": 30, "test_packaging": 25}
+                 "test_node_launch": 60, "test_serve": 90, "test_base_model": 40, "test_launch": 30, "test_packaging": 25}
 
 
 @pytest.fixture

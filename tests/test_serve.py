@@ -61,7 +61,7 @@ def keys(registry_home):
 def server(registry_home, keys):
     with patched_environ(registry_home["env"], unset=("MLFLOW_TRACKING_URI",)), \
             serve_process(registry_home["model"], registry_home["env"], "--keys", str(keys["file"]), "--refresh", "1",
-                          "--max-batch", str(MAX_BATCH), "--max-tokens", "64") as url:
+                          "--max-batch", str(MAX_BATCH), "--max-tokens", "400") as url:
         yield url
 
 
@@ -199,7 +199,7 @@ def test_an_alias_moved_by_promote_is_served_without_a_restart(server, keys, reg
 @pytest.mark.parametrize("body, status, words", [
     ({"model": "base", "prompt": "x", "max_tokens": 5, "temprature": 0}, 400, "unrecognized request argument"),
     ({"model": "base", "prompt": "x", "temperature": 7}, 400, "temperature"),
-    ({"model": "base", "prompt": "x", "max_tokens": 65}, 400, "limit of 64"),
+    ({"model": "base", "prompt": "x", "max_tokens": 401}, 400, "limit of 400"),
     ({"model": "base", "prompt": "x" * 600, "max_tokens": 5}, 400, "too long"),
     ({"model": "base"}, 400, "missing required argument 'prompt'"),
     ({"model": "acme/rev@nope", "prompt": "x"}, 404, "no alias @nope"),
@@ -221,7 +221,7 @@ def test_bad_requests_get_one_clear_error(server, keys, body, status, words):
 
 def test_a_client_that_disconnects_frees_its_row(server, keys):
     headers = {"Authorization": f"Bearer {keys['*']}"}
-    body = {"model": "base", "prompt": "red", "max_tokens": 64, "stream": True, "temperature": 0}
+    body = {"model": "base", "prompt": "red", "max_tokens": 400, "stream": True, "temperature": 0}
     before = _counter(httpx.get(f"{server}/metrics").text, "prefixflow_requests_cancelled_total")
     with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=headers, timeout=30) as r:
         next(r.iter_lines())  # the first event: generation has started
@@ -232,6 +232,17 @@ def test_a_client_that_disconnects_frees_its_row(server, keys):
             break
         time.sleep(0.2)
     assert _counter(metrics, "prefixflow_requests_cancelled_total") == before + 1
+    assert _counter(metrics, "prefixflow_running_requests") == 0
+    # a plain (non-streaming) request whose client gives up frees its row too
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server}/v1/completions", json={**body, "stream": False}, headers=headers, timeout=0.3)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        metrics = httpx.get(f"{server}/metrics").text
+        if _counter(metrics, "prefixflow_requests_cancelled_total") > before + 1:
+            break
+        time.sleep(0.2)
+    assert _counter(metrics, "prefixflow_requests_cancelled_total") == before + 2
     assert _counter(metrics, "prefixflow_running_requests") == 0
     assert client(server, keys["*"]).completions.create(model="base", prompt="red", max_tokens=3).choices
 

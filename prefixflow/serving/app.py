@@ -50,13 +50,7 @@ def create_app(server: Server) -> FastAPI:
         message, param = oa.validation_message(err.errors())
         return JSONResponse(oa.APIError(400, message, param=param).body(), status_code=400)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        if route is not None and route.path.startswith("/v1/"):
-            server.metrics.requests.labels(route.path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_CountRequests, server=server)
 
     def authorize(authorization: str | None) -> Caller:
         server.check_ready()
@@ -193,6 +187,31 @@ def create_app(server: Server) -> FastAPI:
                              chat)
 
     return app
+
+
+class _CountRequests:
+    """Counts answered ``/v1/`` requests by route and status. A plain ASGI middleware: it leaves ``receive``
+    alone, so handlers still see a client's disconnect."""
+
+    def __init__(self, app, server: Server) -> None:
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status: list[int] = []
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = scope.get("route")
+            if status and route is not None and route.path.startswith("/v1/"):
+                self.server.metrics.requests.labels(route.path, str(status[0])).inc()
 
 
 class _Timing:
