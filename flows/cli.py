@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from prefixflow import settings
@@ -90,20 +90,28 @@ def _progress_bar():
     from prefixflow.launch.training import watching
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                        TimeRemainingColumn(), console=console, transient=False)
+                        TextColumn("{task.fields[validation]}"), TextColumn("{task.fields[eta]}"), console=console,
+                        transient=False)
     bars: dict[str, int] = {}
 
     def on_event(spec, event: dict) -> None:
         name = f"{spec.client}/{spec.task}"
-        if event.get("event") == "end" and event.get("stopped_early") and name in bars:
-            progress.update(bars[name], total=event["steps"], completed=event["steps"],
+        kind = event.get("event")
+        if kind == "end" and event.get("stopped_early") and name in bars:
+            progress.update(bars[name], total=event["steps"], completed=event["steps"], eta="",
                             info=f"stopped early at step {event['steps']}: validation loss plateaued")
-        if event.get("event") != "step":
+        if kind == "eval" and name in bars:  # validation on its own: its loss, size and time
+            progress.update(bars[name], validation=f"val {event['eval_loss']:.3f} ({event.get('examples', '?')} ex, "
+                                                   f"{event.get('seconds', 0):.0f} s)")
+        if kind != "step":
             return
         if name not in bars:
-            bars[name] = progress.add_task(f"training {name}", total=event["max_steps"], info="")
-        info = f"loss {event['loss']:.3f}  {event['tokens_per_s']:.0f} tok/s"
-        progress.update(bars[name], completed=event["step"], info=info)
+            bars[name] = progress.add_task(f"training {name}", total=event["max_steps"], info="", validation="",
+                                           eta="")
+        info = f"loss {event['loss']:.3f}  {event['tokens_per_s']:.0f} tok/s (training)"
+        eta = event.get("eta_s") or 0
+        progress.update(bars[name], completed=event["step"], info=info,
+                        eta=f"ETA {int(eta // 60)}:{int(eta % 60):02d}" if event["step"] < event["max_steps"] else "")
 
     with progress, watching(on_event):
         yield progress

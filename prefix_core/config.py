@@ -68,7 +68,9 @@ class TrainConfig:
     ``mixed_precision``: ``auto`` (bf16 autocast only where the device has native bf16, else fp32;
     see :mod:`prefix_core.precision`), ``no``/``fp32`` or ``bf16``. Early stopping: after
     ``early_stopping_patience`` validations in a row that do not lower the best validation loss by
-    more than ``early_stopping_min_delta`` (nats/token), training stops and the best prefix is kept."""
+    more than ``early_stopping_min_delta`` (nats/token), training stops and the best prefix is kept.
+    ``eval_max_examples``: validation uses at most this many examples (0: all), a fixed subset evenly spaced over
+    the validation set, the same at every validation and in every run, so losses stay comparable."""
 
     max_steps: int = 300
     batch_size: int = 8
@@ -80,6 +82,7 @@ class TrainConfig:
     max_length: int = 256
     eval_every: int = 50
     eval_batch_size: int = 16
+    eval_max_examples: int = 200
     early_stopping_patience: int = 0
     early_stopping_min_delta: float = 0.0
     checkpoint_every: int = 50
@@ -96,6 +99,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.eval_max_examples < 0:
+            raise ValueError(f"eval_max_examples must be >= 0 (0: all), got {self.eval_max_examples}")
         if self.early_stopping_min_delta < 0:
             raise ValueError(f"early_stopping_min_delta must be >= 0, got {self.early_stopping_min_delta}")
         try:

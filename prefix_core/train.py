@@ -69,6 +69,15 @@ class TrainResult:
     precision: dict = field(default_factory=dict)  # Precision.to_dict(): requested, mode, reason, ...
 
 
+def validation_subset(examples: Sequence, limit: int) -> list:
+    """At most ``limit`` examples (0: all), evenly spaced over ``examples``: a fixed subset, the same for every
+    validation of a run and for every run on the same data."""
+    examples = list(examples)
+    if not limit or len(examples) <= limit:
+        return examples
+    return [examples[i * len(examples) // limit] for i in range(limit)]
+
+
 def _token_loss_sum(model, batch: dict, encoder_decoder: bool) -> tuple[torch.Tensor, int]:
     """Sum of cross-entropy over target tokens, and their count."""
     labels = batch["labels"]
@@ -104,7 +113,7 @@ class Trainer:
             raise ValueError(f"{len(train)} training examples is fewer than one batch ({config.batch_size})")
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.train_set, self.eval_set = list(train), list(eval_set)
+        self.train_set, self.eval_set = list(train), validation_subset(eval_set, config.eval_max_examples)
         self.encoder_decoder = bool(model.base.config.is_encoder_decoder)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.callbacks = list(callbacks)
@@ -373,6 +382,9 @@ class Trainer:
         self.wrapped.train()
         start, tokens, window_tokens, window_start = time.time(), 0, 0, time.time()
         stopped_early, last_loss = False, None
+        # Validation and checkpoint time is kept out of tokens/s and of the per-step part of the ETA (it is
+        # reported in each eval event, and the ETA adds the validations still to come at their mean time).
+        paused, window_paused, eval_times = 0.0, 0.0, []
         while self.step < cfg.max_steps and not stopped_early:
             batch = self.global_batch(self.step)
             step_tokens = target_token_count(batch)
@@ -384,19 +396,29 @@ class Trainer:
             tokens += sum(len(e) for e in batch)
             window_tokens += sum(len(e) for e in batch)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                elapsed = time.time() - window_start
-                rate = self.step - (self.resumed_from or 0)
-                eta = (time.time() - start) / max(rate, 1) * (cfg.max_steps - self.step)
+                elapsed = time.time() - window_start - window_paused
+                done = self.step - (self.resumed_from or 0)
+                remaining = cfg.max_steps - self.step
+                evals_left = 0  # validations still to come: every eval_every steps, and one at the end
+                if self.eval_set and cfg.eval_every:
+                    evals_left = cfg.max_steps // cfg.eval_every - self.step // cfg.eval_every
+                    evals_left += bool(cfg.max_steps % cfg.eval_every)
+                eta = (time.time() - start - paused) / max(done, 1) * remaining
+                eta += evals_left * (sum(eval_times) / len(eval_times) if eval_times else 0.0)
                 record = {"event": "step", "step": self.step, "max_steps": cfg.max_steps, "loss": last_loss,
                           "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                           "grad_norm": grad_norm, "eta_s": eta}
                 self.history.append({k: v for k, v in record.items() if k != "event"})
                 self.emit(record)
-                window_tokens, window_start = 0, time.time()
+                window_tokens, window_start, window_paused = 0, time.time(), 0.0
+            pause_start = time.time()
             if self.eval_set and cfg.eval_every and self.step % cfg.eval_every == 0:
                 stopped_early = self._eval_and_track()
+                eval_times.append(time.time() - pause_start)
             if self.checkpoint_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
+            paused += time.time() - pause_start
+            window_paused += time.time() - pause_start
             for hook in self.step_hooks:
                 hook(self)
         if self.eval_set and (not cfg.eval_every or self.step % cfg.eval_every):
@@ -410,7 +432,9 @@ class Trainer:
         return result
 
     def _eval_and_track(self) -> bool:
+        started = time.time()
         loss = self.evaluate()
+        seconds = time.time() - started
         first = self.best_eval is None
         # Significant: lower than the best by more than min_delta (resets patience); any lower loss
         # still becomes the best, whose prefix is the one kept.
@@ -420,7 +444,8 @@ class Trainer:
             self.best_state = self.prefix_state()
         self.bad_evals = 0 if significant else self.bad_evals + 1
         self.history.append({"step": self.step, "eval_loss": loss})
-        self.emit({"event": "eval", "step": self.step, "eval_loss": loss, "best_eval_loss": self.best_eval})
+        self.emit({"event": "eval", "step": self.step, "eval_loss": loss, "best_eval_loss": self.best_eval,
+                   "examples": len(self.eval_set), "seconds": seconds})
         patience = self.config.early_stopping_patience
         return bool(patience and self.bad_evals >= patience)
 

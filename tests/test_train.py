@@ -152,3 +152,49 @@ def test_bad_settings(tok):
         run(tok, batch_size=64)
     with pytest.raises(ValueError, match="source"):
         encode(tok, EXAMPLES, "no placeholder", 32)
+
+
+def test_validation_is_a_fixed_bounded_subset():
+    from prefix_core.train import validation_subset
+
+    items = list(range(1000))
+    subset = validation_subset(items, 200)
+    assert len(subset) == 200 and subset == validation_subset(items, 200)  # the same every time
+    assert subset[0] == 0 and subset[-1] >= 990 and subset == sorted(set(subset))  # spread over the whole set
+    assert validation_subset(items, 0) == items and validation_subset(items[:50], 200) == items[:50]
+    with pytest.raises(ValueError, match="eval_max_examples"):
+        TrainConfig(eval_max_examples=-1)
+
+
+def test_validation_time_stays_out_of_tokens_per_s_and_is_reported_on_its_own(tok, monkeypatch):
+    """A validation that takes 1000 s (a fake clock) must not drag tokens/s down; the ETA counts the
+    validations still to come at their mean time; each eval event says how many examples and how long."""
+    import prefix_core.train as train_mod
+
+    offset = [0.0]
+    real_time = train_mod.time.time
+    monkeypatch.setattr(train_mod.time, "time", lambda: real_time() + offset[0])
+    original = train_mod.Trainer.evaluate
+
+    def slow_evaluate(self):
+        offset[0] += 1000.0
+        return original(self)
+
+    monkeypatch.setattr(train_mod.Trainer, "evaluate", slow_evaluate)
+    events = []
+    _, bounded = run(tok, max_steps=30, eval_every=10, eval_max_examples=3, callbacks=[events.append])
+    steps = [e for e in events if e["event"] == "step"]
+    evals = [e for e in events if e["event"] == "eval"]
+    assert all(e["tokens_per_s"] > 20 for e in steps)  # 1000 s in a window would give < 1 token/s
+    at_20 = next(e for e in steps if e["step"] == 20)
+    assert 1000 <= at_20["eta_s"] < 1100  # one validation (step 30) still to come, at its mean time
+    assert all(e["examples"] == 3 and e["seconds"] >= 1000 for e in evals)
+    # the bounded loss is the loss of the subset: the same as validating on exactly those examples
+    offset[0] = 0.0
+    monkeypatch.setattr(train_mod.Trainer, "evaluate", original)
+    subset = train_mod.validation_subset(EXAMPLES[:8], 3)
+    model = PrefixModel(make_base("llama"), PrefixConfig(num_virtual_tokens=3, projection_hidden=16))
+    cfg = TrainConfig(max_steps=30, batch_size=8, learning_rate=1e-2, log_every=2, checkpoint_every=4,
+                      mixed_precision="no", eval_every=10, eval_max_examples=0)
+    whole = train_prefix(model, tok, EXAMPLES, TEMPLATE, cfg, eval_examples=subset)
+    assert whole.best_eval_loss == pytest.approx(bounded.best_eval_loss, rel=1e-5)

@@ -102,9 +102,10 @@ class Progress:
             self._metrics({"train_loss": event["loss"], "learning_rate": event["lr"],
                            "tokens_per_s": event["tokens_per_s"], "grad_norm": event.get("grad_norm")}, event["step"])
         elif kind == "eval":
-            self.logger.info("step %d: validation loss %.4f (best %.4f)", event["step"], event["eval_loss"],
-                             event["best_eval_loss"])
-            self._metrics({"eval_loss": event["eval_loss"]}, event["step"])
+            self.logger.info("step %d: validation loss %.4f (best %.4f) on %s examples in %.1f s", event["step"],
+                             event["eval_loss"], event["best_eval_loss"], event.get("examples", "?"),
+                             event.get("seconds", 0.0))
+            self._metrics({"eval_loss": event["eval_loss"], "eval_seconds": event.get("seconds")}, event["step"])
         elif kind == "precision":
             if event.get("warning"):
                 self.logger.warning(event["warning"])

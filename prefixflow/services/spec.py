@@ -101,6 +101,8 @@ class TrainSpec(_Strict):
                                         "fp32; no/fp32: always fp32; bf16: always bf16 (slow where not native)")
     gradient_checkpointing: bool = _T.gradient_checkpointing
     eval_every: int = Field(_T.eval_every, ge=0)
+    eval_max_examples: int = Field(_T.eval_max_examples, ge=0, description=(
+        "validate on at most this many examples (0: all): a fixed subset, the same at every validation"))
     early_stopping_patience: int = Field(_T.early_stopping_patience, ge=0, description=(
         "stop after this many validations without a significant improvement (0: never)"))
     early_stopping_min_delta: float = Field(_T.early_stopping_min_delta, ge=0, description=(
