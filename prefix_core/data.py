@@ -102,3 +102,16 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch
 
 def target_token_count(batch: list[Encoded]) -> int:
     return sum(len(e.target) for e in batch)
+
+
+def init_text_from_targets(examples: list[Example], num_tokens: int, chars_per_token: int = 8,
+                           max_examples: int = 32) -> str:
+    """Text for ``PrefixConfig(init="text")`` taken from the task itself: the first training targets, joined
+    with spaces until the text surely has ``num_tokens`` tokens (``chars_per_token`` characters each, a generous
+    bound) or ``max_examples`` targets are used. Deterministic for a given training set."""
+    parts: list[str] = []
+    for ex in examples[:max_examples]:
+        parts.append(ex.target.strip())
+        if sum(len(p) + 1 for p in parts) >= num_tokens * chars_per_token:
+            break
+    return " ".join(p for p in parts if p)

@@ -236,3 +236,34 @@ def test_pipeline_refuses_multi_machine_training_with_guidance(tmp_path, monkeyp
     with pytest.raises(TrainingError, match=r"docs/scale-out\.md") as err:
         train(spec, data, "run")
     assert is_user_error(err.value) and not (tmp_path / "runs" / "acme" / "big" / "run" / "job.json").exists()
+
+
+def test_text_init_defaults_to_the_tasks_own_targets(tmp_path):
+    """``prefix.init: text`` without ``init_text``: the job takes its text from the first training targets
+    (recorded in the artifact's prefix config), and a spec may leave it out."""
+    from prefix_core import Example
+    from prefix_core.data import init_text_from_targets
+    from prefixflow.services.spec import PrefixSpec
+    from support.pipeline import save_tiny_model
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"source": f"red {i}", "target": f"cat dog {i}"} for i in range(16)]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = save_tiny_model(tmp_path / "model")
+    job = TrainJob(base_model=str(model), data_dir=str(data), template="in: {source}\nout:", strategy="single",
+                   prefix={"num_virtual_tokens": 4, "projection_hidden": None, "init": "text"},
+                   train={"max_steps": 1, "batch_size": 4, "eval_every": 0, "checkpoint_every": 0,
+                          "mixed_precision": "no"},
+                   output_dir=str(tmp_path / "out")).to_json(tmp_path / "job.json")
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)  # + the tests' step hook
+    direct = Launch([sys.executable, "-m", "prefixflow.launch.train_job", str(job)], {"PYTHONPATH": path})
+    res = run_launch(direct, lambda e: None, log_file=tmp_path / "log", cwd=REPO)
+    assert res.returncode == 0, (tmp_path / "log").read_text()[-2000:]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    used = manifest["prefix_config"]["init_text"]
+    assert used == init_text_from_targets([Example(r["source"], r["target"]) for r in rows], 4)
+    assert used.startswith("cat dog 0 cat dog 1") and len(used) >= 4 * 8
+    assert PrefixSpec(init="text").init_text is None
+    with pytest.raises(ValueError, match=r"init_text is set but prefix\.init is 'random'"):
+        PrefixSpec(init_text="hello")

@@ -55,13 +55,16 @@ class DataSpec(_Strict):
 class PrefixSpec(_Strict):
     num_virtual_tokens: int = Field(10, ge=1, le=512)
     projection_hidden: int | None = Field(512, ge=1)
-    init: Literal["random", "zero", "text"] = "random"
-    init_text: str | None = None
+    init: Literal["random", "zero", "text"] = Field("random", description=(
+        "random; zero; text: the prefix starts as the keys/values of init_text run through the frozen base"))
+    init_text: str | None = Field(None, description=(
+        "for init: text; default: the task's first training targets (enough for num_virtual_tokens tokens)"))
 
     @model_validator(mode="after")
-    def _init_text(self) -> PrefixSpec:
-        if self.init == "text" and not self.init_text:
-            raise ValueError("init: text needs init_text (a sentence typical of the task)")
+    def _init_text_only_for_text(self) -> PrefixSpec:
+        if self.init_text and self.init != "text":
+            raise ValueError(f"prefix.init_text is set but prefix.init is {self.init!r}, so it would be ignored; "
+                             "set prefix.init: text or remove init_text")
         return self
 
 
