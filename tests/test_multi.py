@@ -88,3 +88,39 @@ def test_templates_and_unknown_prefix(tok):
     assert gen.render("qa", "hi") == "Q: hi\nA:"
     with pytest.raises(KeyError, match="unknown prefix"):
         gen.generate([("nope", "x")])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bart"])
+def test_beam_search_without_a_prefix_equals_hf_generate_on_the_bare_model(tok, family):
+    """The evaluation's beam search (num_beams, length_penalty, no_repeat_ngram_size) on the ``None`` prefix is
+    exactly transformers' beam search on the bare model."""
+    from prefixflow.services.spec import EvaluateSpec
+
+    decoding = EvaluateSpec(num_beams=4, length_penalty=0.8, no_repeat_ngram_size=3).decoding()
+    assert decoding == {"num_beams": 4, "length_penalty": 0.8, "early_stopping": True, "no_repeat_ngram_size": 3}
+    prompts = ["red cat", "blue sun moon", "x"]
+    base, arts = bank(family)
+    got = MultiPrefixGenerator(base, tok, arts).generate([(None, p) for p in prompts], max_new_tokens=12,
+                                                         do_sample=False, **decoding)
+    bare = make_base(family)
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="right" if family == "bart" else "left")
+    out = bare.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id, **decoding)
+    if family != "bart":
+        out = out[:, enc["input_ids"].shape[1]:]
+    assert got == tok.batch_decode(out, skip_special_tokens=True)
+    assert EvaluateSpec().decoding() == {}  # greedy unless asked
+
+
+def test_evaluation_decodes_every_system_the_same_way(tok):
+    from prefixflow.services.evaluation import generate_all
+
+    base, arts = bank("llama")
+    sources = ["red cat", "dog"]
+    beams = {"num_beams": 3, "early_stopping": True}
+    both = generate_all(base, tok, {"candidate": arts["a"], "champion": arts["b"]}, "in {source}:", sources, 6, 8,
+                        False, beams)
+    gen = MultiPrefixGenerator(base, tok, {"candidate": arts["a"], "champion": arts["b"]})
+    for system, name in (("candidate", "candidate"), ("champion", "champion"), ("baseline", None)):
+        prompts = [gen.render(name, s) if name else f"in {s}:" for s in sources]  # each prefix's own template
+        want = [gen.generate([(name, p)], max_new_tokens=8, do_sample=False, **beams)[0].strip() for p in prompts]
+        assert both[system] == want, system

@@ -71,9 +71,11 @@ def _clean(text: str, single_line: bool) -> str:
 
 
 def generate_all(base, tokenizer, prefixes: dict, template: str, sources: list[str], batch_size: int,
-                 max_new_tokens: int, single_line: bool) -> dict[str, list[str]]:
-    """Greedy generations of each system for every source: ``{system: [text, ...]}``. Systems are
-    mixed in one batch (the baseline is the ``None`` prefix); each row computes what it would alone."""
+                 max_new_tokens: int, single_line: bool, decoding: dict | None = None) -> dict[str, list[str]]:
+    """Generations of each system for every source: ``{system: [text, ...]}``, greedy or with the beam search
+    of ``decoding`` (HF generate kwargs: ``num_beams``, ``length_penalty``, ``no_repeat_ngram_size``), the same
+    decoding for every system. Systems are mixed in one batch (the baseline is the ``None`` prefix); each row
+    computes what it would alone."""
     from prefix_core import MultiPrefixGenerator
 
     gen = MultiPrefixGenerator(base, tokenizer, prefixes)
@@ -84,7 +86,8 @@ def generate_all(base, tokenizer, prefixes: dict, template: str, sources: list[s
     texts: list[str] = []
     per_batch = max(1, batch_size // len(systems)) * len(systems)
     for i in range(0, len(prompts), per_batch):
-        texts += gen.generate(prompts[i : i + per_batch], max_new_tokens=max_new_tokens, do_sample=False)
+        texts += gen.generate(prompts[i : i + per_batch], max_new_tokens=max_new_tokens, do_sample=False,
+                              **(decoding or {}))
     out = {n: [] for n in systems}
     for (name, _), text in zip(requests, texts, strict=True):
         out[name].append(_clean(text, single_line))
@@ -136,7 +139,7 @@ def evaluate(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, mlfl
             log.warning(note)
     single_line = not any("\n" in r for rs in refs for r in rs)
     outputs = generate_all(base, tokenizer, prefixes, spec.data.template, sources, spec.evaluate.batch_size,
-                           spec.evaluate.max_new_tokens, single_line)
+                           spec.evaluate.max_new_tokens, single_line, spec.evaluate.decoding())
     metrics = {name: score_all(spec.evaluate.metrics, hyps, refs) for name, hyps in outputs.items()}
     gate = decide_gate(spec.evaluate.gate, metrics)
     samples = [{"source": s, "reference": r[0], **{n: outputs[n][i] for n in outputs}}

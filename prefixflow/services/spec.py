@@ -157,7 +157,19 @@ class EvaluateSpec(_Strict):
     max_examples: int | None = Field(None, ge=1, description="evaluate on the first N test sources only")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="dtype the base is loaded in for generation: auto = bf16 only where native")
+    num_beams: int = Field(1, ge=1, le=32, description="beam search width (1: greedy); the paper uses 5")
+    length_penalty: float = Field(1.0, description="beam search: exponent on length (> 1 favours longer outputs)")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="never repeat an n-gram of this size (0: allowed)")
     gate: GateSpec = Field(default_factory=GateSpec)
+
+    def decoding(self) -> dict:
+        """HF generate kwargs of this decoding, the same for candidate, baseline and champion."""
+        out: dict = {}
+        if self.num_beams > 1:
+            out.update(num_beams=self.num_beams, length_penalty=self.length_penalty, early_stopping=True)
+        if self.no_repeat_ngram_size:
+            out["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+        return out
 
     @model_validator(mode="after")
     def _gate_metric_is_computed(self) -> EvaluateSpec:
