@@ -347,9 +347,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request")
     ap.add_argument("--duration", type=float, default=60, help="measurement window of ours and base (s)")
     ap.add_argument("--peft-duration", type=float, default=120, help="measurement window of PEFT (s)")
-    ap.add_argument("--max-warmup", type=float, default=300, help="longest warm-up before the window opens (s)")
+    ap.add_argument("--max-warmup", type=float, default=420, help="longest warm-up before the window opens (s)")
     ap.add_argument("--variants", default="ours,base,peft")
     ap.add_argument("--device", default="cpu", help="device of every server")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of every server process (OMP_NUM_THREADS; 0: torch's default). 1 by default: "
+                         "on a 2-core machine shared with other jobs, 2 OpenMP threads per forward stall whenever "
+                         "another process takes a core (decode steps measured 2-10x slower and erratic)")
     ap.add_argument("--home", default=None, help="PREFIXFLOW_HOME to create (default: a new temporary folder)")
     ap.add_argument("--keep-home", action="store_true", help="keep the temporary PREFIXFLOW_HOME (logs, registry)")
     ap.add_argument("--out", default=str(RESULTS / "serving_cpu.json"))
@@ -363,6 +367,8 @@ def main() -> None:
     os.environ["PREFIXFLOW_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     env = {**os.environ, "PREFIXFLOW_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
 
     import peft
     import torch
@@ -399,7 +405,7 @@ def main() -> None:
 
     def portable(argv: list[str]) -> str:
         """A server's command line without this machine's paths."""
-        words = ["python" if a == sys.executable else a for a in argv]
+        words = ["python" if a == sys.executable else a for a in argv[:-2]]  # without --port N
         return " ".join(w.replace(str(home), "$PREFIXFLOW_HOME").replace(str(HERE.parent) + "/", "") for w in words)
 
     outputs: dict[str, dict] = {}
@@ -498,7 +504,7 @@ def main() -> None:
         "command": " ".join(["HF_HUB_OFFLINE=1", ".venv/bin/python", "benchmarks/bench_serving.py", *sys.argv[1:]]),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu": cpu_name, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
-        "torch_threads_per_server": torch.get_num_threads(),
+        "torch_threads_per_server": args.threads or torch.get_num_threads(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "peft": peft.__version__},
         "setup": {**setup, "base": args.base, "data": Path(args.data).name, "distinct_sources": len(sources),
@@ -512,6 +518,9 @@ def main() -> None:
         "ratios": ratios,
         "targets": targets,
         "correctness": correctness,
+        "server_log_problems": {log.name: sum(line.startswith(("ERROR", "Traceback")) or " ERROR " in line
+                                              for line in log.read_text().splitlines())
+                                for log in sorted(home.glob("serve-*.log"))},
         "total_wall_s": round(time.monotonic() - bench_started, 1),
     }
     print(f"\n{'variant':>8} {'C':>3} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} {'lat p99':>8} "

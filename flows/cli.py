@@ -139,6 +139,10 @@ def _metrics_table(report) -> Table:
 
 
 def _print_result(result) -> None:
+    if result.outcome == "unchanged":
+        console.print(f"[bold]unchanged[/]: {escape(result.unchanged.reason)}; @champion stays "
+                      f"v{result.unchanged.version} (prepared data in {result.timings['prepare']:.1f} s)")
+        return
     reg, report = result.registration, result.report
     console.print(_metrics_table(report))
     verdict = "[green]passed[/]" if report.gate.passed else "[yellow]refused[/]"
@@ -208,14 +212,18 @@ def doctor() -> None:
 def run(
     spec: Path = typer.Argument(..., help="pipeline spec (YAML)"),
     run_key: str | None = typer.Option(None, help="resume or re-run this pipeline run (default: a new run)"),
+    retrain: str = typer.Option("always", help="always | on_change: skip training when data, base model and "
+                                               "training settings equal the champion's (the spec's retrain wins)"),
 ) -> None:
     """Run the pipeline for one spec: prepare data, train, evaluate, gate, register."""
     _embedded_prefect()
     from prefixflow.flows.pipeline import prefix_pipeline
 
+    if retrain not in ("always", "on_change"):
+        _fail(f"--retrain must be always or on_change, got {retrain!r}")
     parsed = _load_spec(spec)
     with _progress_bar():
-        result = _run_guarded(prefix_pipeline, parsed, run_key=run_key)
+        result = _run_guarded(prefix_pipeline, parsed, run_key=run_key, retrain=retrain)
     _print_result(result)
 
 
@@ -236,7 +244,10 @@ def fleet(
         table.add_column(col)
     for e in entries:
         detail = ", ".join(f"{k} {v:.2f}" for k, v in (e.metrics or {}).items()) if e.ok else e.error or ""
-        table.add_row(f"{e.client}/{e.task}", "[green]ok[/]" if e.ok else "[red]failed[/]", e.version or "-",
+        if e.outcome == "unchanged":
+            detail = "unchanged: data and training settings equal the champion's; nothing trained"
+        status = {"unchanged": "[dim]unchanged[/]"}.get(e.outcome or "", "[green]ok[/]" if e.ok else "[red]failed[/]")
+        table.add_row(f"{e.client}/{e.task}", status, e.version or "-",
                       e.champion or "-", {True: "passed", False: "refused"}.get(e.gate_passed, "-"), escape(detail))
     console.print(table)
     if not all(e.ok for e in entries):

@@ -15,7 +15,8 @@ def deployment_name(spec: PipelineSpec) -> str:
 def deployments(specs: list[PipelineSpec]) -> list:
     return [
         prefix_pipeline.to_deployment(
-            name=deployment_name(s), cron=s.schedule, parameters={"spec": s.model_dump(mode="json")},
+            name=deployment_name(s), cron=s.schedule,
+            parameters={"spec": s.model_dump(mode="json"), "retrain": "on_change"},  # scheduled: retrain on change
             tags=["prefixflow", f"client:{s.client}"],
             description=f"Prefix pipeline for {s.client}/{s.task} on {s.base_model}",
         )

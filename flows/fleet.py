@@ -18,6 +18,7 @@ class FleetEntry(BaseModel):
     client: str
     task: str
     ok: bool
+    outcome: str | None = None  # registered | unchanged (when ok)
     version: str | None = None
     champion: str | None = None
     gate_passed: bool | None = None
@@ -41,11 +42,14 @@ def set_training_limit(limit: int) -> None:
 def run_pipeline(spec: PipelineSpec) -> FleetEntry:
     """One pipeline as a subflow; its failure becomes an entry, not an exception."""
     try:
-        r = prefix_pipeline(spec)
+        r = prefix_pipeline(spec, retrain="on_change")  # a fleet retrains what changed (unless the spec says)
     except Exception as exc:
         error = str(exc) if is_user_error(exc) else f"{type(exc).__name__}: {exc}"
         return FleetEntry(client=spec.client, task=spec.task, ok=False, error=error.splitlines()[0])
-    return FleetEntry(client=spec.client, task=spec.task, ok=True, version=r.registration.version,
+    if r.outcome == "unchanged":
+        return FleetEntry(client=spec.client, task=spec.task, ok=True, outcome="unchanged",
+                          version=r.unchanged.version, champion=r.unchanged.version)
+    return FleetEntry(client=spec.client, task=spec.task, ok=True, outcome="registered", version=r.registration.version,
                       champion=r.registration.champion, gate_passed=r.report.gate.passed,
                       metrics=r.report.metrics["candidate"], launched_at=r.trained.launched_at,
                       finished_at=r.trained.finished_at)

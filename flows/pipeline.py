@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Literal
 
 from prefect import flow
 from prefect.runtime import flow_run
@@ -18,9 +19,10 @@ from pydantic import BaseModel
 from prefixflow.services import tracking
 from prefixflow.services.evaluation import EvalReport
 from prefixflow.services.preparation import PreparedData
-from prefixflow.services.registration import Registration
+from prefixflow.services.registration import Registration, Unchanged
 from prefixflow.services.spec import PipelineSpec
 from prefixflow.services.trained import TrainOutcome
+from prefixflow.tasks.check_for_changes import check_for_changes
 from prefixflow.tasks.evaluate_prefix import evaluate_prefix
 from prefixflow.tasks.open_tracking_run import open_tracking_run
 from prefixflow.tasks.prepare_data import prepare_data
@@ -30,15 +32,20 @@ from prefixflow.tasks.train_prefix import train_prefix
 
 
 class PipelineResult(BaseModel):
+    """``outcome``: ``registered`` (trained, evaluated, a version registered) or ``unchanged`` (the champion
+    already is what this run would train: ``unchanged`` says which and why; nothing else ran)."""
+
     client: str
     task: str
     run_key: str
-    mlflow_run_id: str
-    mlflow_link: str
+    outcome: Literal["registered", "unchanged"] = "registered"
+    mlflow_run_id: str | None = None
+    mlflow_link: str | None = None
     data: PreparedData
-    trained: TrainOutcome
-    report: EvalReport
-    registration: Registration
+    trained: TrainOutcome | None = None
+    report: EvalReport | None = None
+    registration: Registration | None = None
+    unchanged: Unchanged | None = None
     timings: dict[str, float]  # seconds: total, prepare, train, evaluate, orchestration (the rest)
 
 
@@ -57,11 +64,21 @@ def _mark_failed(flow, flow_run_obj, state) -> None:
 
 @flow(name="prefix-pipeline", retries=1, retry_delay_seconds=5, persist_result=True, on_failure=[_mark_failed],
       flow_run_name="{spec.client}-{spec.task}")
-def prefix_pipeline(spec: PipelineSpec, run_key: str | None = None) -> PipelineResult:
-    """Prepare data → train → evaluate (candidate vs baseline vs champion) → register, for one spec."""
+def prefix_pipeline(spec: PipelineSpec, run_key: str | None = None,
+                    retrain: Literal["always", "on_change"] = "always") -> PipelineResult:
+    """Prepare data → train → evaluate (candidate vs baseline vs champion) → register, for one spec.
+    ``retrain``: used when the spec does not set ``retrain``; with ``on_change`` a run whose data, base model and
+    training settings equal the champion's ends after preparing the data (outcome ``unchanged``)."""
     t0 = time.time()
     key = run_key or str(flow_run.id or uuid.uuid4())
     data = prepare_data(spec)
+    if (spec.retrain or retrain) == "on_change":
+        unchanged = check_for_changes(spec, data)
+        if unchanged is not None:
+            publish_summary(spec, data, None, None, None, "", unchanged)
+            total = time.time() - t0
+            return PipelineResult(client=spec.client, task=spec.task, run_key=key, outcome="unchanged", data=data,
+                                  unchanged=unchanged, timings={"total": total, "prepare": data.seconds})
     mlflow_run_id = open_tracking_run(spec, key, data.fingerprint)
     trained = train_prefix(spec, data, key, mlflow_run_id)
     report = evaluate_prefix(spec, data, trained, key, mlflow_run_id)

@@ -205,6 +205,41 @@ def test_killed_rank_is_retried_by_prefect_and_resumes_exactly(env, first_run, s
         assert (ours - single).abs().max().item() <= 1e-5
 
 
+def test_retrain_on_change_skips_an_unchanged_champion_and_trains_on_changed_data(env):
+    """A run whose data, base model and training settings equal the champion's ends after preparing the data
+    (no training, no new version, a summary saying why); changed data trains and registers a new version; a
+    changed launch setting (strategy, checkpoints) is not a change; ``retrain: always`` trains anyway."""
+    from prefixflow.flows.pipeline import prefix_pipeline
+
+    d = spec_dict(env["model"], env["data"], client="skip", task="rev")
+    first = prefix_pipeline(parse_spec(d), run_key="skip-1")
+    name = first.registration.name
+    assert first.outcome == "registered" and first.registration.champion == "1"
+
+    launch_only = {**d, "train": {**d["train"], "checkpoint_every": 2, "hang_timeout_s": 600}}
+    same = prefix_pipeline(parse_spec(launch_only), run_key="skip-2", retrain="on_change")
+    assert same.outcome == "unchanged" and same.trained is None and same.registration is None
+    assert same.unchanged.version == "1" and "equal those of champion v1" in same.unchanged.reason
+    assert same.mlflow_run_id is None and len(_versions(name)) == 1
+
+    runner = CliRunner()  # the CLI says why, and the spec's own `retrain` is honoured
+    from prefixflow.flows.cli import app
+
+    spec_file = env["root"] / "skip.yaml"
+    import yaml
+
+    spec_file.write_text(yaml.safe_dump({**d, "retrain": "on_change"}))
+    out = runner.invoke(app, ["run", str(spec_file)])
+    assert out.exit_code == 0 and "unchanged" in out.output and "@champion stays v1" in out.output, out.output
+    assert len(_versions(name)) == 1
+
+    changed = {**d, "data": {**d["data"], "source": str(write_task(env["root"] / "rev2.jsonl", n=120, seed=7))}}
+    trained = prefix_pipeline(parse_spec(changed), run_key="skip-3", retrain="on_change")
+    assert trained.outcome == "registered" and trained.registration.created and trained.registration.version == "2"
+    always = prefix_pipeline(parse_spec({**changed, "retrain": "always"}), run_key="skip-4", retrain="on_change")
+    assert always.outcome == "registered" and always.registration.version == "3"
+
+
 def test_flow_parameter_is_the_spec_form():
     """The Prefect UI renders the flow's parameters from this schema: the spec as a typed form."""
     from prefixflow.flows.pipeline import prefix_pipeline

@@ -40,7 +40,7 @@ def version_tags(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, 
     tags = {
         tracking.RUN_KEY_TAG: run_key, "client": spec.client, "task": spec.task,
         "base_model": str(base.get("name")), "base_fingerprint": str(base.get("fingerprint")),
-        "data_fingerprint": data.fingerprint, "spec_hash": spec.spec_hash(),
+        "data_fingerprint": data.fingerprint, "spec_hash": spec.spec_hash(), "training_hash": spec.training_hash(),
         "num_virtual_tokens": str(manifest.get("num_virtual_tokens")),
         "gate": "passed" if report.gate.passed else "refused", "gate_reason": report.gate.reason,
     }
@@ -96,3 +96,26 @@ def publish(name: str, prefix_dir: Path, mlflow_run_id: str, tags: dict[str, str
             c.log_artifacts(mlflow_run_id, str(staged), "prefix")
     return c.create_model_version(name, source=f"runs:/{mlflow_run_id}/prefix", run_id=mlflow_run_id, tags=tags,
                                   description=description)
+
+
+class Unchanged(BaseModel):
+    """Why a run did not train: the champion already is what it would train."""
+
+    name: str
+    version: str
+    reason: str
+
+
+def unchanged_champion(spec: PipelineSpec, data: PreparedData) -> Unchanged | None:
+    """The champion, when its data fingerprint and training hash (base model, data, prefix and training
+    settings) equal this run's; None when anything differs or there is no champion."""
+    champion = registry.aliased(spec.registered_model, "champion")
+    if champion is None:
+        return None
+    tags = champion.tags
+    if tags.get("data_fingerprint") != data.fingerprint or tags.get("training_hash") != spec.training_hash():
+        return None
+    return Unchanged(name=spec.registered_model, version=str(champion.version), reason=(
+        f"the data (fingerprint {data.fingerprint[:12]}), the base model {spec.base_model!r} and the training "
+        f"settings equal those of champion v{champion.version}: nothing to retrain (set retrain: always, or "
+        "--retrain always, to train anyway)"))

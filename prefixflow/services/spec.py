@@ -90,6 +90,11 @@ class SlurmSpec(_Strict):
 _T = TrainConfig  # the training defaults live there, and only there
 
 
+# Fields of the train section that say how a training is launched, not what it learns.
+LAUNCH_FIELDS = {"strategy", "processes_per_machine", "machines", "main_address", "main_port", "hang_timeout_s",
+                 "launcher", "slurm", "checkpoint_every"}
+
+
 class TrainSpec(_Strict):
     """The spec's ``train`` section: the hyperparameters of ``prefix_core.TrainConfig`` that a spec may set
     (defaults from it; :meth:`train_config` maps them) and how the training is launched."""
@@ -189,6 +194,10 @@ class PipelineSpec(_Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     schedule: str | None = Field(None, description="cron schedule used by `prefixflow deploy`")
+    retrain: Literal["always", "on_change"] | None = Field(None, description=(
+        "on_change: end early (no training, no new version) when the data, the base model and the training "
+        "settings equal the champion's; always: train anyway. Default: always for `prefixflow run`, on_change for "
+        "scheduled and fleet runs"))
 
     @field_validator("schedule")
     @classmethod
@@ -209,6 +218,14 @@ class PipelineSpec(_Strict):
 
     def spec_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+    def training_hash(self) -> str:
+        """A hash of what decides the trained prefix: the base model, the data section, the prefix section and
+        the training hyperparameters (not how the training is launched, nor evaluation or schedule)."""
+        train = self.train.model_dump(mode="json", exclude=LAUNCH_FIELDS)
+        relevant = {"base_model": self.base_model, "data": self.data.model_dump(mode="json"),
+                    "prefix": self.prefix.model_dump(mode="json"), "train": train}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def format_errors(err: ValidationError) -> str:

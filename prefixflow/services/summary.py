@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prefixflow.services.evaluation import EvalReport
 from prefixflow.services.preparation import PreparedData
-from prefixflow.services.registration import Registration
+from prefixflow.services.registration import Registration, Unchanged
 from prefixflow.services.spec import PipelineSpec
 from prefixflow.services.trained import TrainOutcome
 
@@ -50,3 +50,15 @@ def summary_markdown(spec: PipelineSpec, data: PreparedData, trained: TrainOutco
         lines.append(f"| {_cell(s['source'])} | {_cell(s['reference'])} | "
                      + " | ".join(_cell(s[n]) for n in systems) + " |")
     return "\n".join(lines)
+
+
+def unchanged_markdown(spec: PipelineSpec, data: PreparedData, unchanged: Unchanged) -> str:
+    c = data.counts
+    return "\n".join([
+        f"# {spec.client}/{spec.task}: unchanged, champion v{unchanged.version} kept",
+        "",
+        f"Nothing was trained or registered: {unchanged.reason}.",
+        "",
+        f"Data: {c['read']} rows read; train {c['train']}, validation {c['validation']}, test {c['test']}; "
+        f"fingerprint `{data.fingerprint[:12]}`{' (cached)' if data.reused else ''}.",
+    ])
