@@ -129,6 +129,19 @@ def register_prefixes(n: int, p: int, base, tok, sources: list[str], home: Path)
             "register_s": round(time.monotonic() - started, 1)}
 
 
+def full_length_sources(base, tok, sources: list[str], max_tokens: int) -> list[str]:
+    """The sources whose rendered prompt the bare base continues greedily for ``max_tokens`` tokens without EOS
+    (DecodeEngine, in this process): with them every variant generates the same number of tokens per request."""
+    from prefix_core import DecodeEngine
+
+    engine = DecodeEngine(base, tok, max_batch=64)
+    for i, src in enumerate(sources):
+        engine.add(i, tok(TEMPLATE.format(source=src))["input_ids"], max_new_tokens=max_tokens)
+    out = engine.run()
+    return [src for i, src in enumerate(sources)
+            if len(out[i]) == max_tokens and out[i][-1] not in engine.eos_token_ids]
+
+
 # --- server processes -------------------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
@@ -345,7 +358,10 @@ def main() -> None:
     ap.add_argument("--virtual-tokens", type=int, default=None,
                     help="P (default: the spec's default prefix.num_virtual_tokens)")
     ap.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request")
-    ap.add_argument("--duration", type=float, default=60, help="measurement window of ours and base (s)")
+    ap.add_argument("--screen", type=int, default=256,
+                    help="use only those of the first N distinct sources that the bare base continues for max_tokens "
+                         "without EOS (0: every source, whatever length it generates)")
+    ap.add_argument("--duration", type=float, default=90, help="measurement window of ours and base (s)")
     ap.add_argument("--peft-duration", type=float, default=120, help="measurement window of PEFT (s)")
     ap.add_argument("--max-warmup", type=float, default=420, help="longest warm-up before the window opens (s)")
     ap.add_argument("--variants", default="ours,base,peft")
@@ -378,10 +394,19 @@ def main() -> None:
     from prefixflow.services.spec import PrefixSpec
 
     p = args.virtual_tokens or PrefixSpec().num_virtual_tokens
-    sources = read_sources(Path(args.data))
+    all_sources = read_sources(Path(args.data))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     base, tok = load_base_model(args.base)
+    started = time.monotonic()
+    screened = all_sources[: args.screen] if args.screen else all_sources
+    sources = full_length_sources(base, tok, screened, args.max_tokens) if args.screen else screened
+    print(f"{len(sources)} of the first {len(screened)} sources run {args.max_tokens} tokens without EOS on the bare "
+          f"base ({time.monotonic() - started:.0f} s)", flush=True)
+    if not sources:
+        raise SystemExit("no source runs the full max_tokens on the bare base; lower --max-tokens or use --screen 0")
     print(f"PREFIXFLOW_HOME={home}; registering {args.prefixes} prefixes (P={p}) ...", flush=True)
-    setup = register_prefixes(args.prefixes, p, base, tok, sources, home)
+    setup = register_prefixes(args.prefixes, p, base, tok, all_sources, home)
     print(f"  registered in {setup['register_s']} s", flush=True)
 
     def model_of(cid: int) -> str:
@@ -507,7 +532,8 @@ def main() -> None:
         "torch_threads_per_server": args.threads or torch.get_num_threads(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "peft": peft.__version__},
-        "setup": {**setup, "base": args.base, "data": Path(args.data).name, "distinct_sources": len(sources),
+        "setup": {**setup, "base": args.base, "data": Path(args.data).name, "distinct_sources": len(all_sources),
+                  "sources_screened": len(screened), "sources_used": len(sources),
                   "prompt_tokens_min_mean_max": [min(prompt_tokens), round(sum(prompt_tokens) / len(prompt_tokens), 1),
                                                  max(prompt_tokens)],
                   "max_tokens": args.max_tokens, "duration_s": args.duration, "peft_duration_s": args.peft_duration,

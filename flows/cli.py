@@ -8,6 +8,8 @@ them set (``eval "$(prefixflow stack env)"``) the same commands use the servers.
 from __future__ import annotations
 
 import logging
+import signal
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from prefixflow import settings
-from prefixflow.flows.embedded import use_embedded_prefect
+from prefixflow.flows.embedded import stop_on_termination, use_embedded_prefect
 from prefixflow.infra import stack
 
 app = typer.Typer(help="prefixflow: train, evaluate, register and serve prefixes on frozen LLMs.",
@@ -31,6 +33,7 @@ errors = Console(stderr=True, soft_wrap=True)
 @app.callback()
 def _setup() -> None:
     settings.apply_process_defaults()
+    stop_on_termination()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -222,9 +225,28 @@ def run(
     if retrain not in ("always", "on_change"):
         _fail(f"--retrain must be always or on_change, got {retrain!r}")
     parsed = _load_spec(spec)
-    with _progress_bar():
-        result = _run_guarded(prefix_pipeline, parsed, run_key=run_key, retrain=retrain)
+    key = run_key or uuid.uuid4().hex[:12]
+    resume = f"prefixflow run {spec} --run-key {key}"
+    console.print(f"run key [bold]{key}[/]: if this run stops, `{escape(resume)}` finishes it (finished work is "
+                  "reused, training resumes from its newest checkpoint)")
+    with _progress_bar(), _explain_termination(resume):
+        result = _run_guarded(prefix_pipeline, parsed, run_key=key, retrain=retrain)
     _print_result(result)
+
+
+@contextmanager
+def _explain_termination(resume: str):
+    """One line when the command is stopped by a signal (SIGTERM, SIGHUP: SystemExit 128+N; Ctrl-C)."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit) as exc:
+        code = exc.code if isinstance(exc, SystemExit) else 130
+        if isinstance(code, int) and code > 128:
+            name = "Ctrl-C" if code == 130 else signal.Signals(code - 128).name
+            errors.print(f"[bold red]stopped[/] by {name}: training and the embedded services were stopped and the "
+                         f"run was marked crashed; `{escape(resume)}` finishes it")
+            raise typer.Exit(code) from None
+        raise
 
 
 @app.command()

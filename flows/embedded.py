@@ -41,3 +41,35 @@ def use_embedded_prefect(state: Path | None = None) -> str | None:
         return None
     return (f"first run with Prefect home {home}: the embedded Prefect API creates its database before it starts "
             "(up to a minute on a slow machine; later runs start in seconds)")
+
+
+EPHEMERAL_API = "prefect.server.api.server:create_app"  # in the command line of Prefect's ephemeral API server
+
+
+def stop_embedded_prefect(grace_s: float = 5.0) -> list[int]:
+    """Stop the ephemeral Prefect API servers this process started. Prefect stops them at a normal exit, but a
+    process ended by SIGTERM or SIGHUP would leave them running as orphans."""
+    from prefixflow import processes
+
+    return processes.stop_children(EPHEMERAL_API, grace_s)
+
+
+def stop_on_termination() -> None:
+    """Make SIGTERM and SIGHUP end this process the way Ctrl-C does: Prefect marks the run crashed (it raises in
+    the flow, and training launches stop their process groups), then re-sends the signal to this handler, which
+    exits normally with 128 + the signal number. A normal exit drains Prefect's log and event queues and then
+    stops the ephemeral API (Prefect's atexit); the default handler would kill the process before, leaving the
+    API server running as an orphan. The atexit fallback stops any ephemeral API still running."""
+    import atexit
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def terminated(signum, frame) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, terminated)
+    atexit.register(stop_embedded_prefect)  # runs after Prefect's own atexit stop (LIFO): normally a no-op

@@ -135,6 +135,44 @@ def stop_group(pgid: int, grace_s: float = TERM_GRACE_S, proc: subprocess.Popen 
     return gone
 
 
+def children(pid: int) -> list[int]:
+    """Live direct children of ``pid``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        rest = raw[raw.rfind(")") + 2 :].split()
+        if int(rest[1]) == pid and rest[0] != "Z":
+            out.append(int(entry))
+    return out
+
+
+def stop_children(marker: str, grace_s: float = TERM_GRACE_S) -> list[int]:
+    """SIGTERM this process's direct children whose command line contains ``marker``, SIGKILL those left after
+    ``grace_s``; returns their pids."""
+    pids = [p for p in children(os.getpid()) if marker in cmdline(p)]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        for pid in pids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.1)
+    for pid in pids:
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+    return pids
+
+
 def survivors(marker: str) -> list[int]:
     """Live processes whose command line contains ``marker`` (e.g. a job file's path)."""
     out = []
