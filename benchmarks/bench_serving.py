@@ -2,7 +2,7 @@
 
 Exact command of the reported CPU run (2-core shared CPU; about 20 minutes)::
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_serving.py
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_serving.py --keep-home
 
 Set-up (in a fresh temporary ``PREFIXFLOW_HOME``, embedded MLflow): the base is ``smollm2-135m``; 64 prefixes
 ``c00``..``c63`` are registered through the product's registration code (``registration.ensure_model`` +
@@ -10,10 +10,14 @@ Set-up (in a fresh temporary ``PREFIXFLOW_HOME``, embedded MLflow): the base is 
 default ``prefix.num_virtual_tokens``), prompt template ``Table: {source}\\nSentence:``. Their tables are random but
 of a trained prefix's scale: each layer's keys/values are drawn per (head, dim) channel from the mean and standard
 deviation of the base's own cached keys/values over E2E prompts. The same tables are exported as PEFT adapters
-(``PrefixArtifact.to_peft``). Prompts: the distinct meaning representations of the E2E NLG dev set (``--data``),
-sent as raw completion prompts (the server renders them through the prefix's template).
+(``PrefixArtifact.to_peft``). Prompts: distinct meaning representations of the E2E NLG dev set (``--data``), sent
+as raw completion prompts (the server renders them through the prefix's template). Only sources that the bare base
+continues greedily for the full ``max_tokens`` without EOS are used (screened in-process with DecodeEngine over the
+first ``--screen`` sources): otherwise the base, which ends most E2E sentences at EOS after about 22 tokens, would
+do less decoding per prefill than the prefixed requests and output tokens/s would not compare equal work.
 
-Variants, each a real server process on 127.0.0.1 started here and stopped after:
+Variants, each a real server process on 127.0.0.1 started here and stopped after, each with ``--threads`` torch
+threads (1 by default, see the option):
 
 - ``ours``: ``prefixflow serve --max-batch C`` (DecodeEngine); client i uses model ``c{i}/bench@champion``.
 - ``base`` (target b): the same server process; every client uses model ``base`` with the template already applied,
@@ -31,7 +35,7 @@ PEFT), after which the open requests are cancelled (the client disconnects; the 
 server is checked idle. In the window: output tokens/s = tokens streamed inside it / its length (each content
 chunk is one token; a completed request's remaining usage tokens are put on its last chunk); TTFT (request sent
 to first non-empty text chunk) and latency (sent to end of stream) percentiles over the requests that ended inside
-it. Generation may stop at EOS before 32 tokens: only tokens actually returned count.
+it. A prefix can still make a request end at EOS before 32 tokens: only tokens actually returned count.
 
 Correctness: the streamed text of each (client, request number) that both ``ours`` and ``peft`` completed at the
 same C is compared (same prefix, same prompt, greedy); the fraction of identical outputs is reported. Also

@@ -142,7 +142,7 @@ def _metrics_table(report) -> Table:
 
 
 def _print_result(result) -> None:
-    if result.outcome == "unchanged":
+    if getattr(result, "outcome", "registered") == "unchanged":
         console.print(f"[bold]unchanged[/]: {escape(result.unchanged.reason)}; @champion stays "
                       f"v{result.unchanged.version} (prepared data in {result.timings['prepare']:.1f} s)")
         return
@@ -152,7 +152,10 @@ def _print_result(result) -> None:
     console.print(f"gate {verdict}: {escape(report.gate.reason)}")
     console.print(f"registered [bold]{reg.name}[/] v{reg.version} (@candidate); @champion = v{reg.champion or '-'}, "
                   f"@previous = v{reg.previous or '-'}")
-    t = result.timings
+    t = getattr(result, "timings", None)
+    if t is None:  # a sweep: its own table said where the time went
+        console.print(f"time: total {result.seconds:.0f} s; MLflow run: {escape(result.mlflow_link)}")
+        return
     if t["orchestration"] < 0:  # results reused from the earlier run of this run key carry that run's durations
         console.print(f"time: total {t['total']:.0f} s, reusing the finished run (it trained for {t['train']:.1f} s "
                       f"and evaluated for {t['evaluate']:.1f} s); MLflow run: {escape(result.mlflow_link)}")
@@ -247,6 +250,39 @@ def _explain_termination(resume: str):
                          f"run was marked crashed; `{escape(resume)}` finishes it")
             raise typer.Exit(code) from None
         raise
+
+
+@app.command()
+def sweep(
+    spec: Path = typer.Argument(..., help="pipeline spec (YAML) with a `sweep:` section"),
+    run_key: str | None = typer.Option(None, help="continue this sweep (finished trials are not run again)"),
+) -> None:
+    """Search the spec's `sweep:` space (Optuna, pruned on validation loss), then evaluate, gate and register the
+    best setting like `prefixflow run`."""
+    _embedded_prefect()
+    from prefixflow.flows.sweep import prefix_sweep
+
+    parsed = _load_spec(spec)
+    if parsed.sweep is None:
+        _fail(f"{spec} has no `sweep:` section: add one (docs/pipeline.md, 'Sweeps') or use `prefixflow run`")
+    key = run_key or uuid.uuid4().hex[:12]
+    resume = f"prefixflow sweep {spec} --run-key {key}"
+    console.print(f"sweep run key [bold]{key}[/]: if it stops, `{escape(resume)}` continues it (finished trials "
+                  "are kept)")
+    with _progress_bar(), _explain_termination(resume):
+        result = _run_guarded(prefix_sweep, parsed, run_key=key)
+    if result.recovered:
+        console.print(f"continued the sweep: trials {result.recovered} had been left running and were queued again")
+    keys = list(parsed.sweep.space)
+    table = Table(title=f"sweep {parsed.client}/{parsed.task}: {len(result.trials)} trials")
+    for col in ("trial", "state", "validation loss", "steps", *keys):
+        table.add_column(col)
+    for t in result.trials:
+        table.add_row(f"{t.number}{' (best)' if t.number == result.best.number else ''}", t.state,
+                      "-" if t.value is None else f"{t.value:.4f}", str(t.steps or "-"),
+                      *(escape(str(t.params.get(k, "-"))) for k in keys))
+    console.print(table)
+    _print_result(result)
 
 
 @app.command()

@@ -13,12 +13,15 @@ from .policies import retry_on_io
 
 @task(name="open_tracking_run", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
       retry_condition_fn=retry_on_io)
-def open_tracking_run(spec, run_key: str, data_fingerprint: str) -> str:
-    """Prefect task: the MLflow run of this pipeline run (idempotent by run key)."""
+def open_tracking_run(spec, run_key: str, data_fingerprint: str, parent_run_id: str | None = None) -> str:
+    """Prefect task: the MLflow run of this pipeline run (idempotent by run key); with ``parent_run_id`` a child
+    run of it (a sweep's trial)."""
     from prefect.runtime import flow_run
 
     tags = {"client": spec.client, "task": spec.task, "prefect.flow_run_id": str(flow_run.id or ""),
             "prefect.flow_run_name": str(flow_run.name or ""), "data_fingerprint": data_fingerprint,
             "spec_hash": spec.spec_hash(), "base_model": spec.base_model}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     return open_run(spec.experiment, run_key, f"{spec.task}-{run_key[:8]}", tags,
                     flatten("", spec.model_dump(mode="json")))

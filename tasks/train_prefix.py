@@ -51,10 +51,12 @@ class ProgressArtifact:
 
 @task(name="train_prefix", cache_policy=PER_RUN, persist_result=True, retries=2,
       retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=retry_on_io)
-def train_prefix(spec: PipelineSpec, data: PreparedData, run_key: str, mlflow_run_id: str | None) -> TrainOutcome:
+def train_prefix(spec: PipelineSpec, data: PreparedData, run_key: str, mlflow_run_id: str | None,
+                 pruning: dict | None = None) -> TrainOutcome:
     """Prefect task over :func:`train`. Retried failures relaunch all ranks and resume from the newest
-    complete checkpoint; cached per pipeline run, so a retried flow does not train again."""
+    complete checkpoint; cached per pipeline run, so a retried flow does not train again. ``pruning``: the
+    sweep trial this training is (its pruner may stop it early)."""
     from prefect.logging import get_run_logger
 
     return train(spec, data, run_key, mlflow_run_id, get_run_logger(), slot=training_slot,
-                 listeners=(ProgressArtifact(spec),))
+                 listeners=(ProgressArtifact(spec),), pruning=pruning)

@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from prefixflow.launch.protocol import ERROR_PREFIX, EVENT_PREFIX, STEP_HOOK_ENV, USER_ERROR_EXIT
+from prefixflow.launch.protocol import ERROR_PREFIX, EVENT_PREFIX, PRUNED_EXIT, STEP_HOOK_ENV, USER_ERROR_EXIT
 from prefixflow.services.spec import STRATEGIES
 
 log = logging.getLogger("prefixflow.train_job")
@@ -48,6 +48,7 @@ class TrainJob:
     checkpoint_dir: str = ""
     output_dir: str = ""
     manifest_fields: dict = field(default_factory=dict)
+    pruning: dict | None = None  # a sweep trial: {"storage", "study", "trial_id", "pruner"} (launch.pruning)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -235,6 +236,10 @@ def run_job(job: TrainJob) -> Path | None:
         trainer = Trainer(model, tokenizer, train_enc, train_cfg, val_enc, job.checkpoint_dir or None, [emit], acc)
     except ValueError as err:  # config validation (batch sizes, template, init text ...)
         raise UserError(str(err)) from err
+    if job.pruning:
+        from prefixflow.launch.pruning import pruning_hook
+
+        trainer.step_hooks.append(pruning_hook(job.pruning, main))
     hook = _step_hook()
     if hook is not None:
         trainer.step_hooks.append(hook)
@@ -270,8 +275,15 @@ def main(argv: list[str] | None = None) -> int:
         print_error(str(err))
         return USER_ERROR_EXIT
     deepspeed = job.strategy.startswith("deepspeed")
+    from prefixflow.launch.pruning import Pruned
+
     try:
         run_job(job)
+    except Pruned as pruned:  # a sweep trial stopped by its pruner: every rank exits the same way
+        print_event({"event": "pruned", "step": pruned.step, "eval_loss": pruned.loss})
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(PRUNED_EXIT)
     except (UserError, PrefixError) as err:
         # Only validation errors and prefix_core's own errors: a ValueError raised while training is
         # a bug or a crash and propagates (traceback, exit 1) like any other exception.

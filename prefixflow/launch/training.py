@@ -45,7 +45,7 @@ def watching(watcher: Callable[[PipelineSpec, dict], None]) -> Iterator[None]:
         _WATCHERS.reset(token)
 
 
-def make_job(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path):
+def make_job(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, pruning: dict | None = None):
     from prefixflow.launch.train_job import TrainJob
 
     t = spec.train
@@ -55,7 +55,7 @@ def make_job(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path)
                 "data_fingerprint": data.fingerprint}
     return TrainJob(base_model=spec.base_model, data_dir=data.uri, template=spec.data.template, prefix=prefix,
                     train=config.to_dict(), strategy=t.strategy, checkpoint_dir=str(folder / "checkpoints"),
-                    output_dir=str(folder / "prefix"), manifest_fields={"pipeline": pipeline})
+                    output_dir=str(folder / "prefix"), manifest_fields={"pipeline": pipeline}, pruning=pruning)
 
 
 def _finished(out: Path) -> bool:
@@ -88,6 +88,7 @@ class Progress:
                  listeners: tuple[Callable[[dict], None], ...] = ()) -> None:
         self.spec, self.run_id, self.logger = spec, mlflow_run_id, logger
         self.end: dict = {}
+        self.pruned: dict | None = None  # the job's "pruned" event (a sweep trial stopped by its pruner)
         self.listeners = listeners  # called with every event (a progress artifact, the checkpoint mirror)
 
     def __call__(self, event: dict) -> None:
@@ -114,6 +115,10 @@ class Progress:
             self.logger.warning("resumed from checkpoint %s (step %d)", event["path"], event["step"])
         elif kind == "loaded":
             self.logger.info("job started: %s", {k: v for k, v in event.items() if k != "event"})
+        elif kind == "pruned":
+            self.pruned = event
+            self.logger.info("trial pruned at step %d: validation loss %.4f is not promising", event["step"],
+                             event["eval_loss"])
         elif kind == "end":
             self.end = event
             if event.get("stopped_early"):
@@ -155,7 +160,8 @@ def _build(spec: PipelineSpec, job_file: Path, run_key: str, logger):
 
 
 def _launch(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, progress: Progress,
-            logger, slot: Callable[[], AbstractContextManager] = nullcontext) -> tuple[float, float]:
+            logger, slot: Callable[[], AbstractContextManager] = nullcontext,
+            pruning: dict | None = None) -> tuple[float, float]:
     """Write the job, restore/mirror checkpoints, wait for a training slot and GPUs, run the launch.
     Returns (launched_at, finished_at); raises TrainingError (bad input) or RuntimeError (retry)."""
     from prefixflow.launch.gang import run_launch
@@ -165,7 +171,7 @@ def _launch(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, 
             f"train.machines is {spec.train.machines} but train.launcher is local: a local launch cannot start "
             "other machines. Set train.launcher: slurm (the flow runs srun over the nodes), launch the Kubernetes "
             "Indexed Job (infra/k8s/multinode-train.yaml, docs/scale-out.md), or set train.machines: 1")
-    job = make_job(spec, data, run_key, folder)
+    job = make_job(spec, data, run_key, folder, pruning)
     job.to_json(folder / "job.json")
     remote = remote_checkpoints_uri(spec.client, spec.task, run_key)
     mirror = CheckpointMirror(folder / "checkpoints", remote, job.train["keep_checkpoints"]) if remote else None
@@ -186,6 +192,8 @@ def _launch(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, 
         logger.warning("checkpoint not mirrored to %s: %s", remote, problem)
     if result.reason == "user_error":
         raise TrainingError(result.error or "training refused its input")
+    if progress.pruned is not None:  # stopped by its sweep's pruner: an outcome, not a failure
+        return launched, landed
     if result.reason != "ok":
         tail = "\n".join(result.tail[-15:])
         raise RuntimeError(f"training {result.reason} (exit code {result.returncode}): {result.error}; "
@@ -196,9 +204,11 @@ def _launch(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, 
 def train(spec: PipelineSpec, data: PreparedData, run_key: str, mlflow_run_id: str | None = None,
           logger: logging.Logger | logging.LoggerAdapter = log, *,
           slot: Callable[[], AbstractContextManager] = nullcontext,
-          listeners: tuple[Callable[[dict], None], ...] = ()) -> TrainOutcome:
+          listeners: tuple[Callable[[dict], None], ...] = (), pruning: dict | None = None) -> TrainOutcome:
     """Launch (or resume) the training of pipeline run ``run_key`` and wait for it. ``slot()`` is held
-    while the job runs (a concurrency limit); ``listeners`` get every job event."""
+    while the job runs (a concurrency limit); ``listeners`` get every job event. ``pruning``: the sweep trial
+    this training is (``launch.pruning``); a pruned trial returns an outcome with ``pruned`` set and no
+    artifact."""
     folder = run_dir(spec.client, spec.task, run_key)
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / "prefix"
@@ -207,9 +217,14 @@ def train(spec: PipelineSpec, data: PreparedData, run_key: str, mlflow_run_id: s
     if _finished(out):
         logger.info("prefix of run %s already trained: %s", run_key, out)
     else:
-        launched, landed = _launch(spec, data, run_key, folder, progress, logger, slot)
+        launched, landed = _launch(spec, data, run_key, folder, progress, logger, slot, pruning)
     history = _history(folder / "checkpoints")
     (folder / "history.json").write_text(json.dumps(history))
+    if progress.pruned is not None:
+        evals = [h["eval_loss"] for h in history if "eval_loss" in h] + [progress.pruned["eval_loss"]]
+        return TrainOutcome(artifact_uri="", run_dir=str(folder), steps=progress.pruned["step"], resumed_from=None,
+                            best_eval_loss=min(evals), final_train_loss=None, history_uri=str(folder / "history.json"),
+                            seconds=time.time() - started, launched_at=launched, finished_at=landed, pruned=True)
     precision = _precision(out)
     if mlflow_run_id and precision:
         tracking.log_params(mlflow_run_id, {"train.precision_used": precision["mode"],

@@ -50,7 +50,8 @@ def version_tags(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, 
 
 
 def register(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, report: EvalReport, run_key: str,
-             mlflow_run_id: str) -> Registration:
+             mlflow_run_id: str, extra_tags: dict[str, str] | None = None) -> Registration:
+    """Register the run's prefix (``extra_tags``: more version tags, e.g. the sweep it won)."""
     name = spec.registered_model
     ensure_model(name, spec.client, spec.task, f"Prefixes for {spec.client}/{spec.task} on {spec.base_model}")
     existing = registry.versions_for_run(name, run_key)
@@ -58,7 +59,8 @@ def register(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, repo
         mv, created = existing[0], False
     else:
         mv = publish(name, Path(trained.artifact_uri), mlflow_run_id,
-                     version_tags(spec, data, trained, report, run_key), report.gate.reason)
+                     {**version_tags(spec, data, trained, report, run_key), **(extra_tags or {})},
+                     report.gate.reason)
         created = True
     tracking.client().set_registered_model_alias(name, "candidate", mv.version)
     if report.gate.passed:

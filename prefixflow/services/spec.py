@@ -183,6 +183,76 @@ class EvaluateSpec(_Strict):
         return self
 
 
+SEARCHABLE = {  # what a sweep may search over: "section.field" -> kind of value
+    "prefix.num_virtual_tokens": "int", "prefix.projection_hidden": "int_or_none", "prefix.init": "init",
+    "train.learning_rate": "float", "train.max_steps": "int", "train.warmup_steps": "int",
+    "train.batch_size": "int", "train.weight_decay": "float",
+}
+
+
+class SearchRange(_Strict):
+    """A numeric range: ``low``..``high`` (inclusive), sampled on a log scale with ``log: true``, in steps of
+    ``step`` (ints only)."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SearchRange:
+        if self.high < self.low:
+            raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        if self.log and self.step is not None:
+            raise ValueError("a range is either log or stepped, not both")
+        return self
+
+
+class SweepSpec(_Strict):
+    """``sweep:``: search ``space`` with ``trials`` trainings (``concurrent`` at a time) and keep the best by
+    validation loss. Each key of ``space`` is one of SEARCHABLE; its value a list of choices (``null`` allowed for
+    ``prefix.projection_hidden``) or a range ``{low, high, log, step}``. ``final_max_steps``: train the best
+    setting again for this many steps before evaluation (shorter trials, then the full budget); unset: evaluate
+    the best trial's own prefix."""
+
+    trials: int = Field(8, ge=1, le=1000)
+    concurrent: int = Field(1, ge=1, le=64, description="trials training at once (the fleet's limit applies too)")
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    startup_trials: int = Field(2, ge=0, description="trials run to the end before the pruner may stop any")
+    seed: int = 0
+    space: dict[str, list | SearchRange] = Field(min_length=1)
+    start_with_spec: bool = Field(True, description=(
+        "trial 0 uses the spec's own settings (where they lie in the space): the sweep can only improve on them"))
+    final_max_steps: int | None = Field(None, ge=1)
+
+    @field_validator("space")
+    @classmethod
+    def _known(cls, space: dict) -> dict:
+        for key, value in space.items():
+            if key not in SEARCHABLE:
+                raise ValueError(f"{key!r} cannot be searched; use one of {', '.join(sorted(SEARCHABLE))}")
+            kind = SEARCHABLE[key]
+            if isinstance(value, list):
+                if not value:
+                    raise ValueError(f"{key}: give at least one choice")
+                if None in value and kind != "int_or_none":
+                    raise ValueError(f"{key}: null is only a choice for prefix.projection_hidden")
+                if kind == "init" and set(value) - {"random", "zero", "text"}:
+                    raise ValueError(f"{key}: choices are random, zero, text")
+            elif kind in ("init", "int_or_none"):
+                raise ValueError(f"{key}: give a list of choices, not a range")
+        return space
+
+    @model_validator(mode="after")
+    def _grid_is_finite(self) -> SweepSpec:
+        if self.sampler == "grid" and any(not isinstance(v, list) for v in self.space.values()):
+            raise ValueError("sampler: grid needs a list of choices for every searched field")
+        return self
+
+
 class PipelineSpec(_Strict):
     """Everything one pipeline run needs, for one (client, task)."""
 
@@ -194,6 +264,7 @@ class PipelineSpec(_Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     schedule: str | None = Field(None, description="cron schedule used by `prefixflow deploy`")
+    sweep: SweepSpec | None = Field(None, description="search hyperparameters (`prefixflow sweep`)")
     retrain: Literal["always", "on_change"] | None = Field(None, description=(
         "on_change: end early (no training, no new version) when the data, the base model and the training "
         "settings equal the champion's; always: train anyway. Default: always for `prefixflow run`, on_change for "
@@ -218,6 +289,17 @@ class PipelineSpec(_Strict):
 
     def spec_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+    def with_params(self, params: dict) -> PipelineSpec:
+        """This spec with ``{"section.field": value}`` set (validated again), without its sweep section."""
+        data = self.model_dump(mode="json", exclude={"sweep"})
+        for key, value in params.items():
+            section, name = key.split(".", 1)
+            data[section][name] = value
+        try:
+            return PipelineSpec.model_validate(data)
+        except ValidationError as err:
+            raise SpecError(f"the setting {params} is not a valid spec:\n{format_errors(err)}") from None
 
     def training_hash(self) -> str:
         """A hash of what decides the trained prefix: the base model, the data section, the prefix section and

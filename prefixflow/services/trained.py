@@ -17,3 +17,4 @@ class TrainOutcome(BaseModel):
     seconds: float
     launched_at: float  # when the launch began (after waiting for a training slot and GPUs)
     finished_at: float  # when the launch ended
+    pruned: bool = False  # a sweep trial stopped early by its pruner (no artifact)
