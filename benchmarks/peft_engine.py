@@ -202,7 +202,7 @@ def main() -> None:
 
         config = replace(config, device="cpu")
     server = app.run(config, host=args.host, port=args.port,
-                     engine_factory=lambda base, tokenizer, max_batch: PeftEngine(base, tokenizer, args.adapters))
+                     engine_factory=lambda base, tokenizer, config: PeftEngine(base, tokenizer, args.adapters))
     if server.load_error:
         raise SystemExit(server.load_error)
 

@@ -403,6 +403,9 @@ def serve(
     refresh: float = typer.Option(5.0, min=0, help="seconds between registry checks of the aliases in use"),
     precision: str = typer.Option("auto", help="dtype of the base: auto (bf16 only where native), fp32, bf16"),
     device: str = typer.Option("auto", help="auto (the first GPU if any, else the CPU), cpu, cuda, cuda:N"),
+    max_prefill_rows: int | None = typer.Option(None, min=1, help="new rows prefilled together per step "
+                                                                  "(default: all free rows)"),
+    threads: int | None = typer.Option(None, min=1, help="torch CPU threads (default: torch's choice)"),
 ) -> None:
     """Serve registered prefixes over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models), one
     base model for every client, with /health and /metrics."""
@@ -419,7 +422,7 @@ def serve(
                      "reach this port may use every prefix (add keys with `prefixflow keys add`)")
     config = ServeConfig(base=base, keys_file=keys, max_batch=max_batch, max_queued=max_queued,
                          max_tokens=max_tokens, rate_limit=rate_limit, bank_mb=bank_mb, refresh_s=refresh,
-                         precision=precision, device=device)
+                         precision=precision, device=device, max_prefill_rows=max_prefill_rows, threads=threads)
     console.print(f"prefixflow serve: base [cyan]{escape(base)}[/] on http://{host}:{port}/v1 "
                   f"({'open: no keys' if store.is_open else f'{len(store.clients)} client(s) with keys'}); "
                   f"registry {escape(_registry_target())}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from contextlib import asynccontextmanager
 
@@ -249,6 +250,13 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, engine_f
     the base could not be loaded: the process should exit with an error)."""
     import uvicorn
 
+    logger = logging.getLogger("prefixflow.serve")  # the server's own lines (loads, alias moves) beside uvicorn's
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO if log_level in ("info", "debug") else logging.WARNING)
+        logger.propagate = False
     server = Server(config, engine_factory)
     web = uvicorn.Server(uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level,
                                         timeout_graceful_shutdown=10))

@@ -31,7 +31,9 @@ class ServeConfig:
     ``rate_limit``: requests per second per key (0: none; bursts up to max(1, rate)); ``bank_mb``: memory for
     prefix keys/values; ``refresh_s``: how often used aliases are re-read from the registry (0: never);
     ``precision``: the base's dtype (``auto``: bf16 only where it is native); ``device``: ``auto``, ``cpu``,
-    ``cuda``, ``cuda:N``."""
+    ``cuda``, ``cuda:N``; ``max_prefill_rows``: new rows prefilled together per step (None: all free rows; a
+    bound keeps one big admission wave from stalling the running rows); ``threads``: torch CPU threads (None:
+    torch's default)."""
 
     base: str = "smollm2-135m"
     keys_file: Path | None = None
@@ -43,6 +45,8 @@ class ServeConfig:
     refresh_s: float = 5.0
     precision: str = "auto"
     device: str = "auto"
+    max_prefill_rows: int | None = None
+    threads: int | None = None
 
     @property
     def torch_device(self) -> str:
@@ -54,13 +58,15 @@ class ServeConfig:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-EngineFactory = Callable[..., object]  # (base, tokenizer, max_batch) -> an engine with DecodeEngine's interface
+EngineFactory = Callable[..., object]  # (base, tokenizer, config) -> an engine with DecodeEngine's interface
 
 
-def decode_engine(base, tokenizer, max_batch: int):
+def decode_engine(base, tokenizer, config: ServeConfig):
     from prefix_core import DecodeEngine
 
-    return DecodeEngine(base, copy.deepcopy(tokenizer), max_batch=max_batch)  # its own tokenizer: another thread
+    # its own tokenizer: the engine thread decodes for stop strings while handlers tokenize
+    return DecodeEngine(base, copy.deepcopy(tokenizer), max_batch=config.max_batch,
+                        max_prefill_rows=config.max_prefill_rows)
 
 
 class _RateLimiter:
@@ -145,11 +151,15 @@ class Server:
         from prefix_core.precision import decide
 
         started = time.monotonic()
+        if self.config.threads:
+            import torch
+
+            torch.set_num_threads(self.config.threads)
         try:
             device = self.config.torch_device
             chosen = decide(self.config.precision, device)
             base, tokenizer = load_base_model(self.config.base, dtype=chosen.dtype, device=device)
-            engine = self.engine_factory(base, tokenizer, self.config.max_batch)
+            engine = self.engine_factory(base, tokenizer, self.config)
         except (PrefixError, ValueError, OSError) as err:
             self.load_error = f"cannot load base model {self.config.base!r}: {err}"
             log.error(self.load_error)
