@@ -51,8 +51,9 @@ def test_a_stopped_run_leaves_nothing_running_and_its_run_key_finishes_it(tmp_pa
     exe = str(Path(sys.executable).with_name("prefixflow"))
     log = tmp_path / "run.log"
     with open(log, "w") as out:
+        # as from a terminal: SIGINT at its default (pytest-xdist workers ignore it, and children inherit that)
         proc = subprocess.Popen([exe, "run", str(spec)], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while not re.search(r"step (1[0-9]|[2-9][0-9])/90", log.read_text()):  # past two checkpoints

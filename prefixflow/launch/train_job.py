@@ -205,12 +205,14 @@ def run_job(job: TrainJob) -> Path | None:
     # Validation first: a user error here is raised on every rank before any collective.
     try:
         data_dir = Path(job.data_dir)
-        train = read_examples(data_dir / "train.jsonl")
+        train = None
         if job.prefix.get("init") == "text" and not job.prefix.get("init_text"):  # the task's own targets
             from prefix_core.data import init_text_from_targets
 
+            train = read_examples(data_dir / "train.jsonl")
             job.prefix["init_text"] = init_text_from_targets(train, int(job.prefix.get("num_virtual_tokens", 10)))
-        prefix_cfg, train_cfg = _configs(job)
+        prefix_cfg, train_cfg = _configs(job)  # the settings are checked before the data is read
+        train = train if train is not None else read_examples(data_dir / "train.jsonl")
         val_path = data_dir / "validation.jsonl"
         validation = read_examples(val_path) if val_path.exists() else []
     except (ValueError, TypeError) as err:
