@@ -29,14 +29,19 @@ def start(argv: list[str], **popen_kwargs) -> subprocess.Popen:
     return subprocess.Popen(argv, start_new_session=True, **popen_kwargs)
 
 
-def proc_stat(pid: int) -> tuple[str, int] | None:
-    """(one-letter state, process group id) of ``pid`` from /proc, or None if it is gone."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after "pid (comm)": state, ppid, pgrp, ...; None if it is gone."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    rest = raw[raw.rfind(")") + 2 :].split()  # after "pid (comm) "
-    return rest[0], int(rest[2])
+    return raw[raw.rfind(")") + 2 :].split()
+
+
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(one-letter state, process group id) of ``pid`` from /proc, or None if it is gone."""
+    rest = _stat_fields(pid)
+    return None if rest is None else (rest[0], int(rest[2]))
 
 
 def alive(pid: int) -> bool:
@@ -139,14 +144,8 @@ def children(pid: int) -> list[int]:
     """Live direct children of ``pid``."""
     out = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            raw = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        rest = raw[raw.rfind(")") + 2 :].split()
-        if int(rest[1]) == pid and rest[0] != "Z":
+        rest = _stat_fields(int(entry)) if entry.isdigit() else None
+        if rest is not None and int(rest[1]) == pid and rest[0] != "Z":
             out.append(int(entry))
     return out
 

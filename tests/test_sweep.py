@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from prefixflow.services.spec import SpecError, parse_spec
-from support.pipeline import patched_environ, save_tiny_model, spec_dict, write_task
+from support.pipeline import marked, patched_environ, save_tiny_model, spec_dict, write_task
 
 SPACE = {"train.learning_rate": [5e-2, 1e-2, 1e-6], "prefix.num_virtual_tokens": [2, 4]}  # the spec: 1e-2, 4
 
@@ -126,7 +126,7 @@ def test_a_killed_sweep_continues_without_rerunning_finished_trials(tmp_path):
                 break
             time.sleep(0.5)
     finally:  # a crash: the flow process and every training process it started die at once
-        for pid in _marked(mark):
+        for pid in marked(mark):
             os.kill(pid, signal.SIGKILL)
         proc.wait(30)
     finished_before = {t.params["train.learning_rate"] for t in _trials(db, name) if t.state.name == "COMPLETE"}
@@ -141,15 +141,3 @@ def test_a_killed_sweep_continues_without_rerunning_finished_trials(tmp_path):
     assert launched == 3 - len(finished_before)  # finished trials were not trained again
     complete = [t for t in _trials(db, name) if t.state.name == "COMPLETE"]
     assert {t.params["train.learning_rate"] for t in complete} == {5e-2, 2e-2, 1e-2}
-
-
-def _marked(mark: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if f"PREFIXFLOW_TEST_MARK={mark}".encode() in Path(f"/proc/{entry}/environ").read_bytes():
-                    found.append(int(entry))
-            except OSError:
-                continue
-    return found

@@ -15,26 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from support.pipeline import save_tiny_model, spec_dict, write_task
+from support.pipeline import marked, save_tiny_model, spec_dict, write_task
 
 CLIENT_ENV = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFIXFLOW_HOME", "PREFECT_HOME")
-
-
-def _tagged(mark: str) -> list[str]:
-    """Live processes that inherited ``PREFIXFLOW_TEST_MARK=mark`` (whatever their process group)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            environ = Path(f"/proc/{entry}/environ").read_bytes()
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if f"PREFIXFLOW_TEST_MARK={mark}".encode() in environ and state != "Z":
-            found.append(f"{entry} {cmd[:160]}")
-    return found
 
 
 @pytest.mark.slow
@@ -71,9 +54,9 @@ def test_a_stopped_run_leaves_nothing_running_and_its_run_key_finishes_it(tmp_pa
     key = text.split("run key ")[1].split(":")[0].strip()
     assert f"--run-key {key}" in text.split("stopped by")[1]
     deadline = time.monotonic() + 15
-    while _tagged(mark) and time.monotonic() < deadline:
+    while marked(mark) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _tagged(mark) == []  # no rank, launcher or ephemeral Prefect API left behind
+    assert marked(mark) == []  # no rank, launcher or ephemeral Prefect API left behind
     if sig != signal.SIGTERM:
         return
 
@@ -86,4 +69,4 @@ def test_a_stopped_run_leaves_nothing_running_and_its_run_key_finishes_it(tmp_pa
 
     uri = f"sqlite:///{tmp_path / 'state' / 'mlflow' / 'mlflow.db'}"
     assert len(MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions("name = 'acme-rev'")) == 1
-    assert _tagged(mark) == []
+    assert marked(mark) == []

@@ -103,10 +103,9 @@ class Choice:
     def add(self, token_id: int, finished: bool, reason: str | None) -> str:
         """Add a token; returns the new text that can be emitted."""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            text, finished, reason = text[:cut], True, reason or "stop"
+        text, stopped = self._decoded()
+        if stopped:
+            finished, reason = True, reason or "stop"
         if finished:
             self.finish = FINISH.get(reason or "stop", "stop")
         else:
@@ -120,9 +119,13 @@ class Choice:
     @property
     def text(self) -> str:
         """The whole text so far, cut at the first stop sequence."""
+        return self._decoded()[0]
+
+    def _decoded(self) -> tuple[str, bool]:
+        """The decoded text cut at the first stop sequence, and whether one was found."""
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        return text[:cut] if cut >= 0 else text
+        return (text[:cut], True) if cut >= 0 else (text, False)
 
 
 class Server:

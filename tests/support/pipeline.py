@@ -77,3 +77,23 @@ def patched_environ(values: dict[str, str], unset: tuple[str, ...] = ()) -> Iter
 def survivors(job_file: Path) -> list[int]:
     """Processes still running this job (there must be none after run_launch returns)."""
     return processes.survivors(str(job_file))
+
+
+MARK_ENV = "PREFIXFLOW_TEST_MARK"
+
+
+def marked(mark: str) -> list[int]:
+    """Live processes that inherited ``PREFIXFLOW_TEST_MARK=mark`` in their environment, whatever their process
+    group or session (a CLI run, its launcher and ranks, its ephemeral Prefect API)."""
+    needle = f"{MARK_ENV}={mark}".encode()
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ and processes.alive(int(entry)):
+            out.append(int(entry))
+    return out
