@@ -113,7 +113,9 @@ class Trainer:
             raise ValueError(f"{len(train)} training examples is fewer than one batch ({config.batch_size})")
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.train_set, self.eval_set = list(train), validation_subset(eval_set, config.eval_max_examples)
+        # Validation batches hold examples of similar length (less padding); the loss is a sum, so order is moot.
+        subset = validation_subset(eval_set, config.eval_max_examples)
+        self.train_set, self.eval_set = list(train), sorted(subset, key=lambda e: len(e.prompt) + len(e.target))
         self.encoder_decoder = bool(model.base.config.is_encoder_decoder)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.callbacks = list(callbacks)

@@ -124,3 +124,23 @@ def test_evaluation_decodes_every_system_the_same_way(tok):
         prompts = [gen.render(name, s) if name else f"in {s}:" for s in sources]  # each prefix's own template
         want = [gen.generate([(name, p)], max_new_tokens=8, do_sample=False, **beams)[0].strip() for p in prompts]
         assert both[system] == want, system
+
+
+def test_single_line_answers_stop_at_the_first_newline(tok):
+    """Greedy decoding that stops at a newline token gives each row the answer it would have cut from an
+    unstopped decoding: the text before its first newline."""
+    from prefixflow.services.evaluation import generate_all, newline_stop_ids
+
+    base, arts = bank("llama")
+    newline = tok.convert_tokens_to_ids("\n")
+    assert newline in newline_stop_ids(tok) and tok.eos_token_id in newline_stop_ids(tok)
+    sources = [f"{w} cat" for w in ("red", "dog", "a", "bb", "zz", "q q", "x", "hello")]
+    got = generate_all(base, tok, {"candidate": arts["a"]}, "in {source}:", sources, 4, 24, True)
+    gen = MultiPrefixGenerator(base, tok, {"candidate": arts["a"]})
+    cut = 0
+    for system, name in (("candidate", "candidate"), ("baseline", None)):
+        prompts = [gen.render(name, s) if name else f"in {s}:" for s in sources]
+        full = [gen.generate([(name, p)], max_new_tokens=24, do_sample=False)[0] for p in prompts]
+        cut += sum("\n" in text for text in full)
+        assert got[system] == [text.split("\n", 1)[0].strip() for text in full], system
+    assert cut, "no generation reached a newline: the test would not test the stop"

@@ -66,8 +66,18 @@ def test_set(data_uri: str, limit: int | None) -> tuple[list[str], list[list[str
 
 
 def _clean(text: str, single_line: bool) -> str:
-    text = text.strip()
-    return text.split("\n", 1)[0].strip() if single_line else text
+    """The system's answer: for single-line tasks the text before its first newline, stripped (decoding stops
+    there, see :func:`newline_stop_ids`); else the whole text, stripped."""
+    return text.split("\n", 1)[0].strip() if single_line else text.strip()
+
+
+def newline_stop_ids(tokenizer) -> list[int]:
+    """EOS and every token whose text contains a newline. Decoding a single-line task stops at either: greedy
+    gives the same answer as decoding on and cutting at the first newline, only sooner (the bare model
+    rarely emits EOS), and beam search ranks finished one-line answers instead of runs past the line."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    ids = {i for i, text in enumerate(texts) if "\n" in text}
+    return sorted(ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
 
 
 def generate_all(base, tokenizer, prefixes: dict, template: str, sources: list[str], batch_size: int,
@@ -75,7 +85,7 @@ def generate_all(base, tokenizer, prefixes: dict, template: str, sources: list[s
     """Generations of each system for every source: ``{system: [text, ...]}``, greedy or with the beam search
     of ``decoding`` (HF generate kwargs: ``num_beams``, ``length_penalty``, ``no_repeat_ngram_size``), the same
     decoding for every system. Systems are mixed in one batch (the baseline is the ``None`` prefix); each row
-    computes what it would alone."""
+    computes what it would alone. ``single_line``: answers end at the first newline (decoding stops there)."""
     from prefix_core import MultiPrefixGenerator
 
     gen = MultiPrefixGenerator(base, tokenizer, prefixes)
@@ -83,11 +93,14 @@ def generate_all(base, tokenizer, prefixes: dict, template: str, sources: list[s
     requests = [(name, s) for s in sources for name in systems]
     prompts = [(None if n == "baseline" else n,
                 template.format(source=s) if n == "baseline" else gen.render(n, s)) for n, s in requests]
+    decoding = dict(decoding or {})
+    if single_line:
+        decoding.setdefault("eos_token_id", newline_stop_ids(tokenizer))
     texts: list[str] = []
     per_batch = max(1, batch_size // len(systems)) * len(systems)
     for i in range(0, len(prompts), per_batch):
         texts += gen.generate(prompts[i : i + per_batch], max_new_tokens=max_new_tokens, do_sample=False,
-                              **(decoding or {}))
+                              **decoding)
     out = {n: [] for n in systems}
     for (name, _), text in zip(requests, texts, strict=True):
         out[name].append(_clean(text, single_line))
