@@ -219,6 +219,14 @@ def run_peft(spec, best: dict, args, home: Path) -> dict:
             "outputs": hyps}
 
 
+def save(result: dict, args, home: Path) -> None:
+    """The results as JSON, with this machine's paths out (the data dir as the docs name it, the state folder)."""
+    text = json.dumps(result, indent=1, default=str)
+    text = text.replace(str(args.data.resolve()), "../shared/data/e2e").replace(str(home), "STATE")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+
+
 def machine() -> dict:
     import platform
 
@@ -243,7 +251,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads of the PEFT part (0: torch's default)")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--peft-only", action="store_true",
-                    help="the sweep already ran in --home: only train and score PEFT (sweep_seconds from the JSON)")
+                    help="the sweep already ran in --home: only train and score PEFT (sweep_seconds from the JSON "
+                         "at --out, or --sweep-seconds)")
+    ap.add_argument("--sweep-seconds", type=float, default=None, help="with --peft-only: the sweep's wall time")
     ap.add_argument("--home", type=Path, default=None, help="state folder (default: a new temporary one)")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "e2e",
                     help="folder with devset.csv and testset_w_refs.csv (default: ../shared/data/e2e)")
@@ -263,7 +273,8 @@ def main() -> None:
 
     if args.peft_only:
         spec_path = home / "e2e-sweep.yaml"
-        sweep_seconds = json.loads(args.out.read_text())["sweep_seconds"] if args.out.is_file() else None
+        sweep_seconds = args.sweep_seconds or (json.loads(args.out.read_text())["sweep_seconds"]
+                                               if args.out.is_file() else None)
     else:
         spec_path = write_spec(args, home)
         sweep_seconds = run_sweep(spec_path, dict(os.environ), home)
@@ -282,13 +293,13 @@ def main() -> None:
               "machine": machine(), "spec": spec.model_dump(mode="json"), "sweep_seconds": sweep_seconds,
               "trials": found["trials"], "best_trial": best["number"], "registered_version": found["version"],
               "version_tags": found["tags"], "pipeline_metrics": m}
+    save(result, args, home)  # the sweep's results stay if the PEFT part is stopped
     if not args.skip_peft:
         t0 = time.time()
         result["peft"] = run_peft(spec, best, args, home)
         result["peft"]["seconds"] = time.time() - t0
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1, default=str))
+    save(result, args, home)
     log(f"results in {args.out}")
 
 

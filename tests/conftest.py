@@ -35,10 +35,10 @@ if "OMP_NUM_THREADS" in os.environ:
 # Rough seconds per xdist group under ``make test`` on a 2-core AVX2 CPU (only their order matters: it decides
 # which groups start first). Groups not listed take seconds.
 # The demo's end-to-end test (one test of about 5 minutes) starts first, the many-test groups next.
-GROUP_SECONDS = {"test_cli": 900, "test_distributed": 600, "test_pipeline": 500, "test_slurm": 300,
-                 "test_sweep": 250, "live_stack": 200, "test_termination": 180, "test_embedded_ddp": 160,
-                 "test_ui_browser": 130, "test_stack": 120, "test_serve": 90, "test_node_launch": 60,
-                 "test_launch": 45, "test_base_model": 40, "test_packaging": 25}
+GROUP_SECONDS = {"test_cli": 900, "test_distributed": 600, "test_pipeline": 500, "test_bad_input": 120,
+                 "test_slurm": 300, "test_sweep": 250, "live_stack": 200, "test_termination": 180,
+                 "test_embedded_ddp": 160, "test_ui_browser": 130, "test_stack": 120, "test_serve": 90,
+                 "test_node_launch": 60, "test_launch": 45, "test_base_model": 40, "test_packaging": 25}
 
 
 @pytest.fixture

@@ -57,6 +57,8 @@ def _load_table(uri: str) -> tuple[list[dict], dict[str, str]]:
                     raise DataError(f"{uri} is a dataset with splits {list(ds)}; save the split to use on its own")
                 ds = ds["train"]
         elif path.suffix.lower() in FORMATS:
+            if path.is_file() and path.stat().st_size == 0:
+                raise DataError(f"data file {uri} is empty; it needs rows with the source and target columns")
             kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
             ds = datasets.load_dataset(FORMATS[path.suffix.lower()], data_files=str(path), split="train", **kwargs)
         elif path.exists():
@@ -80,7 +82,8 @@ def _load_table(uri: str) -> tuple[list[dict], dict[str, str]]:
         if "offline" in str(err).lower() or "connect" in str(err).lower():
             raise DataError(f"{uri!r} is not a local file or folder, and the Hugging Face Hub is not reachable "
                             "to load it as a datasets name: use a local path or s3:// URI") from None
-        raise DataError(f"cannot read {uri}: {type(cause).__name__}: {str(cause).splitlines()[0][:300]}") from None
+        first = (str(cause).splitlines() or ["no details"])[0][:300]
+        raise DataError(f"cannot read {uri}: {type(cause).__name__}: {first}") from None
     types = {name: getattr(feat, "dtype", type(feat).__name__) for name, feat in ds.features.items()}
     return ds.to_list(), types
 

@@ -31,7 +31,7 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no unknown fields, no inf/nan numbers
 
 
 class DataSpec(_Strict):
@@ -341,8 +341,9 @@ def load_spec(path: str | Path) -> PipelineSpec:
         raise SpecError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path} must hold a mapping with at least client, task and data")
-    for key in ("source", "test_source"):
-        value = (data.get("data") or {}).get(key)
+    section = data.get("data")
+    for key in ("source", "test_source") if isinstance(section, dict) else ():
+        value = section.get(key)
         if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
-            data["data"][key] = str((path.parent / value).resolve())
+            section[key] = str((path.parent / value).resolve())
     return parse_spec(data, str(path))
