@@ -20,7 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from prefixflow import settings
-from prefixflow.flows.embedded import stop_on_termination, use_embedded_prefect
+from prefixflow.flows.embedded import stop_on_termination, use_embedded_prefect, watch_for_sigkill
 from prefixflow.infra import stack
 
 app = typer.Typer(help="prefixflow: train, evaluate, register and serve prefixes on frozen LLMs.",
@@ -44,6 +44,7 @@ def _embedded_prefect(state: Path | None = None, summary: bool = False) -> None:
     """Without a Prefect server, keep the ephemeral API's files next to the rest of the state (and say so
     on a first run, which waits for Prefect to create its database). ``summary``: print doctor's line first."""
     note = use_embedded_prefect(state)
+    watch_for_sigkill()
     if summary:
         from prefixflow.flows.doctor import run_checks, summary_line
 
@@ -54,16 +55,19 @@ def _embedded_prefect(state: Path | None = None, summary: bool = False) -> None:
 
 def _fail(message: str, code: int = 2) -> None:
     errors.print(f"[bold red]error:[/] {escape(message)}")
-    raise typer.Exit(code)
+    logging.getLogger("prefect").setLevel(logging.WARNING)  # the message stays the last line ("Stopping
+    raise typer.Exit(code)                                  # temporary server" is logged at exit)
 
 
 class _UserErrorsWithoutTraceback(logging.Filter):
-    """Prefect logs failed runs with their traceback; for bad input the message is the whole story."""
+    """Prefect logs failed runs with their traceback; for bad input, a server that did not answer or a full disk
+    the message is the whole story."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from prefixflow.services.errors import is_user_error
+        from prefixflow.services.errors import is_user_error, outage
 
-        if record.exc_info and record.exc_info[1] is not None and is_user_error(record.exc_info[1]):
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and (is_user_error(exc) or outage(exc)):
             record.exc_info, record.exc_text = None, None
         return True
 
@@ -73,9 +77,11 @@ def _quiet_user_errors() -> None:
         logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
 
 
-def _run_guarded(fn, *args, **kwargs):
-    """Run a pipeline call; input errors end in one message (exit 2), others in a one-line summary (exit 1)."""
-    from prefixflow.services.errors import is_user_error
+def _run_guarded(fn, *args, resume: str | None = None, **kwargs):
+    """Run a pipeline call; input errors end in one message (exit 2); a server that cannot be reached or a full
+    disk in one saying which and what to do (exit 1); others in a one-line summary (exit 1). ``resume``: the
+    command that finishes the run, added to the messages of failures that a rerun can get past."""
+    from prefixflow.services.errors import is_user_error, outage
 
     _quiet_user_errors()
     try:
@@ -83,8 +89,24 @@ def _run_guarded(fn, *args, **kwargs):
     except Exception as exc:
         if is_user_error(exc):
             _fail(str(exc))
+        then = f"; then `{resume}` finishes this run (finished work is reused)" if resume else ""
+        cause = outage(exc)
+        if cause:
+            _fail(f"{cause}{then}", code=1)
         _fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-              "(the Prefect logs above have the details)", code=1)
+              f"(the Prefect logs above have the details){then}", code=1)
+
+
+def _run_key(given: str | None) -> str:
+    """The run key: ``given`` (checked: it names folders and tags) or a new one."""
+    import re
+
+    if given is None:
+        return uuid.uuid4().hex[:12]
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", given):
+        _fail(f"--run-key {given!r} is not a run key: use letters, digits, '.', '_' and '-' (at most 64), as "
+              "printed by an earlier run")
+    return given
 
 
 @contextmanager
@@ -120,13 +142,21 @@ def _progress_bar():
         yield progress
 
 
-def _load_spec(path: Path):
+def _load_spec(path: Path, here: bool = False):
+    """The parsed spec, or exit 2 with the reason. ``here``: the run happens on this machine, so the base model
+    folder and local data files it names must exist (checked without loading them)."""
+    from prefix_core.errors import PrefixError
     from prefixflow.services.spec import SpecError, load_spec
 
     try:
-        return load_spec(path)
-    except SpecError as err:
-        _fail(str(err))
+        parsed = load_spec(path)
+        if here:
+            from prefixflow.services.preparation import preflight
+
+            preflight(parsed)
+        return parsed
+    except (SpecError, PrefixError) as err:
+        _fail(f"{path}: {err}" if isinstance(err, PrefixError) else str(err))
 
 
 def _metrics_table(report) -> Table:
@@ -152,6 +182,8 @@ def _print_result(result) -> None:
     console.print(f"gate {verdict}: {escape(report.gate.reason)}")
     console.print(f"registered [bold]{reg.name}[/] v{reg.version} (@candidate); @champion = v{reg.champion or '-'}, "
                   f"@previous = v{reg.previous or '-'}")
+    if getattr(reg, "note", None):
+        console.print(f"[yellow]note:[/] {escape(reg.note)}")
     t = getattr(result, "timings", None)
     if t is None:  # a sweep: its own table said where the time went
         console.print(f"time: total {result.seconds:.0f} s; MLflow run: {escape(result.mlflow_link)}")
@@ -222,18 +254,18 @@ def run(
                                                "training settings equal the champion's (the spec's retrain wins)"),
 ) -> None:
     """Run the pipeline for one spec: prepare data, train, evaluate, gate, register."""
+    if retrain not in ("always", "on_change"):
+        _fail(f"--retrain must be always or on_change, got {retrain!r}")
+    parsed = _load_spec(spec, here=True)  # bad input is refused before anything starts or is written
+    key = _run_key(run_key)
     _embedded_prefect()
     from prefixflow.flows.pipeline import prefix_pipeline
 
-    if retrain not in ("always", "on_change"):
-        _fail(f"--retrain must be always or on_change, got {retrain!r}")
-    parsed = _load_spec(spec)
-    key = run_key or uuid.uuid4().hex[:12]
     resume = f"prefixflow run {spec} --run-key {key}"
     console.print(f"run key [bold]{key}[/]: if this run stops, `{escape(resume)}` finishes it (finished work is "
                   "reused, training resumes from its newest checkpoint)")
     with _progress_bar(), _explain_termination(resume):
-        result = _run_guarded(prefix_pipeline, parsed, run_key=key, retrain=retrain)
+        result = _run_guarded(prefix_pipeline, parsed, run_key=key, retrain=retrain, resume=resume)
     _print_result(result)
 
 
@@ -259,18 +291,18 @@ def sweep(
 ) -> None:
     """Search the spec's `sweep:` space (Optuna, pruned on validation loss), then evaluate, gate and register the
     best setting like `prefixflow run`."""
+    parsed = _load_spec(spec, here=True)
+    if parsed.sweep is None:
+        _fail(f"{spec} has no `sweep:` section: add one (docs/pipeline.md, 'Sweeps') or use `prefixflow run`")
+    key = _run_key(run_key)
     _embedded_prefect()
     from prefixflow.flows.sweep import prefix_sweep
 
-    parsed = _load_spec(spec)
-    if parsed.sweep is None:
-        _fail(f"{spec} has no `sweep:` section: add one (docs/pipeline.md, 'Sweeps') or use `prefixflow run`")
-    key = run_key or uuid.uuid4().hex[:12]
     resume = f"prefixflow sweep {spec} --run-key {key}"
     console.print(f"sweep run key [bold]{key}[/]: if it stops, `{escape(resume)}` continues it (finished trials "
                   "are kept)")
     with _progress_bar(), _explain_termination(resume):
-        result = _run_guarded(prefix_sweep, parsed, run_key=key)
+        result = _run_guarded(prefix_sweep, parsed, run_key=key, resume=resume)
     if result.recovered:
         console.print(f"continued the sweep: trials {result.recovered} had been left running and were queued again")
     keys = list(parsed.sweep.space)
@@ -291,10 +323,16 @@ def fleet(
     max_concurrent: int = typer.Option(1, min=1, help="trainings allowed to run at once"),
 ) -> None:
     """Run the pipeline for every spec in a folder, at most N trainings at a time."""
+    from prefixflow.services.spec import SpecError, check_fleet
+
+    specs = [_load_spec(p, here=True) for p in _spec_files(folder)]
+    try:
+        check_fleet(specs)
+    except SpecError as err:
+        _fail(str(err))
     _embedded_prefect()
     from prefixflow.flows.fleet import retrain_fleet
 
-    specs = [_load_spec(p) for p in _spec_files(folder)]
     with _progress_bar():
         entries = _run_guarded(retrain_fleet, specs, max_concurrent_trainings=max_concurrent)
     table = Table(title="fleet")
@@ -326,12 +364,18 @@ def deploy(
     folder: Path = typer.Argument(..., help="folder of pipeline specs (*.yaml); each becomes a deployment"),
 ) -> None:
     """Serve one deployment per spec, on its cron schedule, with the spec editable in the Prefect UI."""
+    from prefixflow.services.spec import SpecError, check_fleet
+
+    specs = [_load_spec(p) for p in _spec_files(folder)]
+    try:
+        check_fleet(specs)  # one deployment per (client, task)
+    except SpecError as err:
+        _fail(str(err))
     if settings.prefect_api_url() is None:
         _fail('deploy needs a Prefect server: run `prefixflow stack up` and `eval "$(prefixflow stack env)"` '
               "(or set PREFECT_API_URL)")
     from prefixflow.flows.deploy import deployment_name, serve_specs
 
-    specs = [_load_spec(p) for p in _spec_files(folder)]
     for s in specs:
         console.print(f"deployment prefix-pipeline/{deployment_name(s)}: schedule {s.schedule or 'none (manual)'}")
     serve_specs(specs)
@@ -423,6 +467,10 @@ def serve(
     config = ServeConfig(base=base, keys_file=keys, max_batch=max_batch, max_queued=max_queued,
                          max_tokens=max_tokens, rate_limit=rate_limit, bank_mb=bank_mb, refresh_s=refresh,
                          precision=precision, device=device, max_prefill_rows=max_prefill_rows, threads=threads)
+    try:
+        config.torch_device  # noqa: B018 -- refuses a device this machine does not have, before anything starts
+    except ValueError as err:
+        _fail(str(err))
     console.print(f"prefixflow serve: base [cyan]{escape(base)}[/] on http://{host}:{port}/v1 "
                   f"({'open: no keys' if store.is_open else f'{len(store.clients)} client(s) with keys'}); "
                   f"registry {escape(_registry_target())}")

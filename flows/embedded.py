@@ -10,13 +10,18 @@ the allowance is raised (a value the user set wins).
 from __future__ import annotations
 
 import os
+import sys
+import time
 from pathlib import Path
 
 from prefixflow import settings
 
 STARTUP_TIMEOUT_VAR = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 STARTUP_TIMEOUT_S = 600  # covers a first migration on the slowest machine seen (~40 s) many times over
-DEFAULTS = {STARTUP_TIMEOUT_VAR: str(STARTUP_TIMEOUT_S), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+# The ephemeral API's own loggers (prefect.server, uvicorn, fastapi: used only in its process) write to the user's
+# terminal; their failures reach the pipeline as failed API calls, which the CLI explains in one message.
+DEFAULTS = {STARTUP_TIMEOUT_VAR: str(STARTUP_TIMEOUT_S), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL"}
 
 
 def prefect_defaults() -> None:
@@ -73,3 +78,40 @@ def stop_on_termination() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, terminated)
     atexit.register(stop_embedded_prefect)  # runs after Prefect's own atexit stop (LIFO): normally a no-op
+
+
+def watch_for_sigkill() -> None:
+    """Start a watcher process: when this process ends without running its exit handlers (SIGKILL, the OOM
+    killer), the watcher stops the ephemeral Prefect API servers this process had started, which would otherwise
+    run on as orphans. After a normal exit the watcher finds nothing to stop and leaves within a second."""
+    import subprocess
+
+    if settings.prefect_api_url():
+        return
+    subprocess.Popen([sys.executable, "-m", __name__, str(os.getpid())], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _watch(parent: int, poll_s: float = 1.0, grace_s: float = 5.0) -> None:
+    """Note ``parent``'s ephemeral API servers while it lives; once it is gone, stop those still running."""
+    import signal
+
+    from prefixflow import processes
+
+    servers: set[int] = set()
+    while processes.alive(parent):
+        servers.update(p for p in processes.children(parent) if EPHEMERAL_API in processes.cmdline(p))
+        time.sleep(poll_s)
+    left = [p for p in servers if processes.alive(p) and EPHEMERAL_API in processes.cmdline(p)]
+    for pid in left:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(processes.alive(p) for p in left):
+        time.sleep(0.1)
+    for pid in left:
+        if processes.alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    _watch(int(sys.argv[1]))

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from prefixflow.flows.pipeline import prefix_pipeline
 from prefixflow.services.errors import is_user_error
-from prefixflow.services.spec import PipelineSpec
+from prefixflow.services.spec import PipelineSpec, check_fleet
 from prefixflow.tasks.train_prefix import TRAINING_LIMIT
 
 
@@ -58,10 +58,7 @@ def run_pipeline(spec: PipelineSpec) -> FleetEntry:
 @flow(name="retrain-fleet", task_runner=ThreadPoolTaskRunner(max_workers=8))
 def retrain_fleet(specs: list[PipelineSpec], max_concurrent_trainings: int = 1) -> list[FleetEntry]:
     """Run every spec's pipeline; trainings wait for one of ``max_concurrent_trainings`` slots."""
-    names = [f"{s.client}/{s.task}" for s in specs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"each (client, task) may appear once in a fleet; duplicates: "
-                         f"{sorted({n for n in names if names.count(n) > 1})}")
+    check_fleet(specs)  # the CLI checked already; a deployment's or a caller's list is checked here
     set_training_limit(max_concurrent_trainings)
     futures = [run_pipeline.submit(spec) for spec in specs]
     return [f.result() for f in futures]

@@ -87,10 +87,26 @@ def embedded_model_dir(name: str) -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Embedded name -> converted folder; existing local folder -> itself; else an HF id."""
+    """Embedded name -> converted folder; existing local folder -> itself; else an HF id. A name written as a
+    path (``/``, ``./``, ``../`` or ``~`` first) must be a model folder: ModelNotFoundError otherwise."""
     if name_or_path in EMBEDDED_MODELS:
         return str(embedded_model_dir(name_or_path))
-    return name_or_path
+    check_model_folder(name_or_path)
+    return str(Path(name_or_path).expanduser()) if name_or_path.startswith("~") else name_or_path
+
+
+def check_model_folder(name_or_path: str) -> None:
+    """ModelNotFoundError when ``name_or_path`` is written as a local path but is not a model folder (a folder
+    with a config.json). Embedded names and Hugging Face ids (``org/name``) pass: they are resolved on load."""
+    if name_or_path in EMBEDDED_MODELS or not name_or_path.startswith(("/", "./", "../", "~")):
+        return
+    folder = Path(name_or_path).expanduser()
+    if not (folder / "config.json").is_file():
+        what = "does not exist" if not folder.exists() else "is not a model folder (it has no config.json)"
+        raise ModelNotFoundError(
+            f"base model {name_or_path} {what}: use a folder saved with save_pretrained, an embedded model "
+            f"({', '.join(EMBEDDED_MODELS)}) or a Hugging Face id"
+        )
 
 
 def load_base_model(

@@ -11,6 +11,11 @@ PROCESS_DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",  # tokenizers' thread pool and forked ranks do not mix
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # MLflow's own HTTP retries (default 7, backoff factor 2: about 4 minutes per call) multiplied by the tasks'
+    # Prefect retries made a server that is down take a quarter of an hour to report; 3 retries with factor 1 give
+    # up on one call in about 7 s and the tasks' retries, with their backoff, ride out a restart.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
 }
 
 

@@ -35,9 +35,10 @@ if "OMP_NUM_THREADS" in os.environ:
 # Rough seconds per xdist group under ``make test`` on a 2-core AVX2 CPU (only their order matters: it decides
 # which groups start first). Groups not listed take seconds.
 # The demo's end-to-end test (one test of about 5 minutes) starts first, the many-test groups next.
-GROUP_SECONDS = {"test_cli": 900, "test_distributed": 600, "test_pipeline": 500, "test_bad_input": 120,
-                 "test_slurm": 300, "test_sweep": 250, "live_stack": 200, "test_termination": 180,
-                 "test_embedded_ddp": 160, "test_ui_browser": 130, "test_stack": 120, "test_serve": 90,
+GROUP_SECONDS = {"test_cli": 900, "live_stack": 700, "test_distributed": 600, "test_pipeline": 500,
+                 "test_bad_input": 420, "test_slurm": 300, "test_sweep": 250, "test_termination": 230,
+                 "test_embedded_ddp": 160, "test_ui_browser": 150, "test_stack": 120, "test_serve": 90,
+                 "test_disk_full": 75,
                  "test_node_launch": 60, "test_launch": 45, "test_base_model": 40, "test_packaging": 25}
 
 
@@ -56,7 +57,7 @@ def pytest_collection_modifyitems(config, items):
     first packs two workers best); the order inside a group is kept."""
     groups: dict[str, list] = {}
     for item in items:
-        group = "live_stack" if "live_stack" in getattr(item, "fixturenames", ()) else item.path.stem
+        group = "live_stack" if "_running_stack" in getattr(item, "fixturenames", ()) else item.path.stem
         item.add_marker(pytest.mark.xdist_group(group))
         groups.setdefault(group, []).append(item)
     items[:] = [i for g in sorted(groups, key=lambda g: -GROUP_SECONDS.get(g, 0)) for i in groups[g]]
@@ -90,15 +91,26 @@ def decoder_family(request):
 
 
 @pytest.fixture(scope="session")
-def live_stack(tmp_path_factory):
-    """The real local stack (SeaweedFS S3, MLflow, Prefect) on free ports for the whole session.
-
-    Yields the client env dict (PREFECT_API_URL, MLFLOW_TRACKING_URI, AWS_*, ...); it does not touch os.environ:
-    set it per test, e.g. ``for k, v in live_stack.items(): monkeypatch.setenv(k, v)``. Mark such tests slow.
-    """
+def _running_stack(tmp_path_factory):
+    """(StackConfig, client env) of the session's real local stack (SeaweedFS S3, MLflow, Prefect on free
+    ports), up for the whole session."""
     from prefixflow.infra.stack import running_stack
     from support.stack_ports import stack_config_with_free_ports
 
     config = stack_config_with_free_ports(tmp_path_factory.mktemp("stack"))
     with running_stack(config) as env:
-        yield env
+        yield config, env
+
+
+@pytest.fixture(scope="session")
+def live_stack_config(_running_stack):
+    """The StackConfig of the live stack: fault tests stop its services and bring them back through it."""
+    return _running_stack[0]
+
+
+@pytest.fixture(scope="session")
+def live_stack(_running_stack):
+    """The client env dict of the real local stack (PREFECT_API_URL, MLFLOW_TRACKING_URI, AWS_*, ...); it does
+    not touch os.environ: set it per test, e.g. ``for k, v in live_stack.items(): monkeypatch.setenv(k, v)``.
+    Mark such tests slow."""
+    return dict(_running_stack[1])

@@ -70,3 +70,56 @@ def test_a_stopped_run_leaves_nothing_running_and_its_run_key_finishes_it(tmp_pa
     uri = f"sqlite:///{tmp_path / 'state' / 'mlflow' / 'mlflow.db'}"
     assert len(MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions("name = 'acme-rev'")) == 1
     assert marked(mark) == []
+
+
+@pytest.mark.slow
+def test_a_killed_run_command_leaves_a_training_that_its_rerun_stops_before_it_resumes(tmp_path):
+    """SIGKILL of `prefixflow run` mid-training (the OOM killer, `kill -9`): nothing of it can clean up, and its
+    training goes on without it. Its watcher stops its ephemeral Prefect API; `prefixflow run --run-key K` must
+    stop the training before it starts its own (never two trainings writing one run's checkpoints), resume from
+    the newest checkpoint and register one version."""
+    from prefixflow import processes
+    from prefixflow.flows.embedded import EPHEMERAL_API
+    from prefixflow.launch.protocol import JOB_MODULE
+    from support.faults import pause_fault
+
+    model, data = save_tiny_model(tmp_path / "model"), write_task(tmp_path / "rev.jsonl", n=120)
+    d = spec_dict(model, data)
+    d["train"].update(max_steps=12, checkpoint_every=3, eval_every=6)
+    spec, paused = tmp_path / "spec.yaml", tmp_path / "paused"
+    spec.write_text(yaml.safe_dump(d))
+    mark = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if k not in CLIENT_ENV}
+    env.update(PREFIXFLOW_HOME=str(tmp_path / "state"), PREFIXFLOW_TEST_MARK=mark, COLUMNS="200")
+    command = [str(Path(sys.executable).with_name("prefixflow")), "run", str(spec), "--run-key", "killed"]
+    killed = subprocess.Popen(command, env={**env, **pause_fault(0, 6, paused)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not paused.exists():  # the rank finished step 6 (and its checkpoint) and waits
+            assert killed.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        killed.kill()
+        killed.wait()
+        orphans = [p for p in marked(mark) if JOB_MODULE in processes.cmdline(p)]
+        assert orphans, "the training should outlive a command killed with SIGKILL"
+        deadline = time.monotonic() + 15  # its ephemeral Prefect API is stopped by the command's watcher
+        while [p for p in marked(mark) if EPHEMERAL_API in processes.cmdline(p)]:
+            assert time.monotonic() < deadline, "the killed command's ephemeral Prefect API is still running"
+            time.sleep(0.5)
+
+        rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        out = " ".join((rerun.stdout + rerun.stderr).split())
+        assert rerun.returncode == 0, out[-3000:]
+        assert "resumed from checkpoint" in out and "(step 6)" in out, out[-3000:]
+        assert "registered acme-rev v1" in out, out[-3000:]
+        assert not [p for p in orphans if processes.alive(p)]
+        log = (tmp_path / "state" / "runs" / "acme" / "rev" / "killed" / "train.log").read_text()
+        assert "stopped the training left running by an earlier command that was killed" in log
+    finally:
+        for pid in marked(mark):  # whatever a failed check left
+            os.kill(pid, signal.SIGKILL)
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'state' / 'mlflow' / 'mlflow.db'}"
+    assert len(MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions("name = 'acme-rev'")) == 1

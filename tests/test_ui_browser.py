@@ -1,11 +1,12 @@
-"""Browser smoke test of the stack's web UIs (Playwright driving Debian's chromium, no browser download).
+"""Browser tests of the stack's web UIs (Playwright driving Debian's chromium, no browser download).
 
 A stack of its own is started with ``ui_host`` set to a name that only chromium resolves (mapped to 127.0.0.1
 with ``--host-resolver-rules``), as when the UIs are reached from another machine: each UI must work at the
 address the stack gives it. A spec is deployed with ``prefixflow deploy``; the Prefect UI must list the
-deployment with its schedule and show the spec's fields in its custom-run form; the MLflow UI must list a
-registered model; the SeaweedFS admin page must load. Screenshots go to ``$PREFIXFLOW_TEST_OUTPUT/ui``
-(default ``test-output/ui``). The default ``ui_host`` is checked through ``/ui-settings`` in test_stack.py.
+deployment with its schedule; a person then retrains from the UI: a custom run with ``train.max_steps`` edited
+in the form, which must train with the edited value and register a version, whose aliases the MLflow UI shows.
+The SeaweedFS admin page must load. Screenshots go to ``$PREFIXFLOW_TEST_OUTPUT/ui`` (default
+``test-output/ui``). The default ``ui_host`` is checked through ``/ui-settings`` in test_stack.py.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import yaml
 
 from prefixflow import processes
 from prefixflow.infra.stack import StackConfig, running_stack
+from support.pipeline import save_tiny_model, spec_dict, write_task
 from support.stack_ports import stack_config_with_free_ports
 
 pytestmark = pytest.mark.slow
@@ -36,8 +38,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 UI_HOST = "prefixflow-ui.test"  # reserved TLD: reachable only through chromium's host mapping
 TIMEOUT_MS = 90_000  # page loads and waits: the CI machine has 2 busy cores
-SPEC = {"client": "ui", "task": "smoke", "data": {"source": "data.jsonl"}, "train": {"max_steps": 7},
-        "schedule": "0 3 * * 1"}
+SCHEDULE = "0 3 * * 1"
 DEPLOYMENT = "ui-smoke"  # flows.deploy.deployment_name: CLIENT-TASK; also the registered model's name
 SCHEDULE_TEXT = "At 03:00 AM, only on Monday"  # how the Prefect UI spells "0 3 * * 1"
 
@@ -142,12 +143,14 @@ def deployment(stack, tmp_path_factory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("deploy")
     specs = root / "specs"
     specs.mkdir()
-    (specs / "data.jsonl").write_text('{"source": "red cat", "target": "cat red"}\n')
-    (specs / f"{DEPLOYMENT}.yaml").write_text(yaml.safe_dump(SPEC))
+    spec = spec_dict(save_tiny_model(root / "model"), write_task(specs / "data.jsonl", n=80), client="ui",
+                     task="smoke", schedule=SCHEDULE, train__max_steps=7)
+    (specs / f"{DEPLOYMENT}.yaml").write_text(yaml.safe_dump(spec))
     log_path = root / "deploy.log"
+    env = {**os.environ, **stack.env, "PREFIXFLOW_HOME": str(root / "state")}
     with open(log_path, "w") as log:
         proc = processes.start([sys.executable, "-m", "prefixflow.flows.cli", "deploy", str(specs)], cwd=REPO,
-                               env={**os.environ, **stack.env}, stdout=log, stderr=subprocess.STDOUT)
+                               env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
         while (found := _deployment(stack.env["PREFECT_API_URL"])) is None:
@@ -163,7 +166,7 @@ def deployment(stack, tmp_path_factory) -> Iterator[dict]:
 
 
 def test_prefect_ui_lists_the_deployment_with_its_schedule(page, deployment, stack):
-    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == [SPEC["schedule"]]
+    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == [SCHEDULE]
     ui = stack.config.ui_urls()["prefect"]
     assert ui == f"http://{UI_HOST}:{stack.config.prefect_port}"
     with _screenshot_after(page, "prefect-deployments"):
@@ -176,7 +179,11 @@ def test_prefect_ui_lists_the_deployment_with_its_schedule(page, deployment, sta
     assert page.get_by_text("Can't connect to Server API").count() == 0
 
 
-def test_custom_run_form_shows_the_spec_fields(page, deployment, stack):
+def test_a_custom_run_from_the_ui_trains_the_edited_spec_and_registers_it(page, deployment, stack):
+    """Retraining as a person does it: Run > Custom run, edit train.max_steps (7 -> 4) in the form, Submit. The
+    served deployment runs it; the run must use 4 steps, register a version, and the MLflow UI show its
+    aliases."""
+    from mlflow import MlflowClient
     from playwright.sync_api import expect
 
     ui = stack.config.ui_urls()["prefect"]
@@ -190,19 +197,61 @@ def test_custom_run_form_shows_the_spec_fields(page, deployment, stack):
         max_steps = _form_field(page, "Max Steps")  # train.max_steps
         expect(max_steps).to_have_value("7", timeout=TIMEOUT_MS)
         max_steps.scroll_into_view_if_needed()
+        max_steps.fill("4")
+        expect(max_steps).to_have_value("4")
+    with _screenshot_after(page, "prefect-custom-run-submitted"):
+        page.get_by_role("button", name="Submit").click()
+        run = _flow_run_of(stack.env["PREFECT_API_URL"], deployment["id"])
+    run = _finished(stack.env["PREFECT_API_URL"], run["id"])
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert run["parameters"]["spec"]["train"]["max_steps"] == 4
 
-
-def test_mlflow_ui_lists_the_registered_model(page, stack):
-    from mlflow import MlflowClient
-
-    MlflowClient(tracking_uri=stack.env["MLFLOW_TRACKING_URI"]).create_registered_model(
-        DEPLOYMENT, description="registered by tests/test_ui_browser.py")
+    mlflow = MlflowClient(tracking_uri=stack.env["MLFLOW_TRACKING_URI"])
+    champion = mlflow.get_model_version_by_alias(DEPLOYMENT, "champion")
+    tracked = mlflow.get_run(champion.run_id)
+    assert tracked.data.tags["prefect.flow_run_id"] == run["id"]  # the version is this run's
+    assert tracked.data.params["train.max_steps"] == "4"
     # as if MLflow's one-time "new model registry UI" announcement had been closed (it would cover the screenshot)
     page.add_init_script("localStorage.setItem('_mlflow_model_registry_promo_modal_dismissed_v1', 'true')")
     with _screenshot_after(page, "mlflow-registered-models"):
         page.goto(f"{stack.config.ui_urls()['mlflow']}/#/models")
         _see(page.get_by_role("heading", name="Registered Models"))
         _see(page.get_by_role("link", name=DEPLOYMENT, exact=True))
+    with _screenshot_after(page, "mlflow-registered-model-aliases"):
+        page.get_by_role("link", name=DEPLOYMENT, exact=True).click()
+        for alias in ("champion", "candidate"):
+            _see(page.get_by_text(re.compile(rf"^@?\s*{alias}$")).first)
+
+
+def _api(api_url: str, path: str, body: dict | None = None):
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(f"{api_url}{path}", data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with opener.open(request, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def _flow_run_of(api_url: str, deployment_id: str, timeout: float = 60) -> dict:
+    """The flow run the UI created for the deployment (the form's Submit creates it on the server)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = _api(api_url, "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment_id]}}})
+        manual = [r for r in runs if r["state"]["type"] != "SCHEDULED" or r["auto_scheduled"] is False]
+        if manual:
+            return manual[0]
+        assert time.monotonic() < deadline, f"no flow run of the deployment {timeout} s after Submit"
+        time.sleep(1)
+
+
+def _finished(api_url: str, flow_run_id: str, timeout: float = 600) -> dict:
+    """The flow run once its state is final (the served deployment picks it up within seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run = _api(api_url, f"/flow_runs/{flow_run_id}")
+        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        assert time.monotonic() < deadline, f"flow run {flow_run_id} still {run['state']['type']} after {timeout} s"
+        time.sleep(2)
 
 
 def test_seaweedfs_admin_page_loads(page, stack):

@@ -116,6 +116,7 @@ def service_command(config: StackConfig, name: str,
                str(config.prefect_port)]
         ui_url = config.ui_urls()["prefect"]
         env |= {"PREFECT_HOME": str(workdir), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",  # to its log file (embedded runs quiet it)
                 "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{workdir / 'prefect.db'}",
                 # the UI in the browser calls this API URL (Prefect's default is port 4200), and the server's
                 # own links point at this UI

@@ -10,12 +10,18 @@
 * a hang (no output line for ``hang_timeout_s``) kills the group: SIGTERM, then SIGKILL after
   ``TERM_GRACE_S``; reason ``hung``;
 * whatever way the launcher ends, every process left in its group is killed, so no rank outlives
-  the call.
+  the call;
+* one launch of a run at a time (:class:`RunLock`, by default on ``.LOG.lock``): the group inherits the lock,
+  so it outlives a caller killed with SIGKILL; the next launch of that run (``prefixflow run --run-key K``)
+  stops a group left running that way before it starts, and refuses while the caller that holds it lives, so
+  two trainings never write one run's checkpoints.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import queue
 import re
@@ -102,6 +108,67 @@ def _summarize(lines: list[str], returncode: int) -> str:
     return "; ".join(parts)[:1000]
 
 
+LOCK_WAIT_S = 30.0  # after stopping a group left running: how long its lock may take to be released
+logger = logging.getLogger(__name__)
+
+
+class RunLock:
+    """The exclusive lock of one run's launches (``flock`` on ``path``), taken by the command that launches and
+    inherited by the launched process group. The file says who holds it: ``PGID OWNER_PID`` (PGID 0 before
+    the launch starts). Taking it: free -> taken; held by a live command -> TrainingError (the run is
+    another command's); held only by a group whose command is gone (SIGKILL) -> that group is stopped first,
+    and :attr:`note` says so."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.fd, self.note = Path(path), -1, None
+
+    def __enter__(self) -> RunLock:
+        from prefixflow.services.errors import TrainingError
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fields = os.pread(fd, 64, 0).decode(errors="replace").split()
+            pgid, owner = ((int(fields[0]), int(fields[1])) if len(fields) >= 2 and all(f.isdigit() for f in fields[:2])
+                           else (0, None))
+            if owner is not None and processes.alive(owner):
+                os.close(fd)
+                raise TrainingError(f"this run is being trained by another command (pid {owner}, {self.path.parent});"
+                                    " wait for it to finish, or stop it and run this again (it resumes from the newest "
+                                    "checkpoint)") from None
+            if pgid and processes.group_alive(pgid):
+                self.note = (f"stopped the training left running by an earlier command that was killed (process "
+                             f"group {pgid}) before resuming")
+                logger.warning(self.note)
+                processes.stop_group(pgid, TERM_GRACE_S)
+            self._wait(fd, " ".join(fields))
+        self.fd = fd
+        self.held_by(0)
+        return self
+
+    def _wait(self, fd: int, holder: str) -> None:
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise RuntimeError(f"another launch holds {self.path} ({holder or 'no holder written'}) and "
+                                       f"did not stop within {LOCK_WAIT_S:g} s") from None
+                time.sleep(POLL_S)
+
+    def held_by(self, pgid: int) -> None:
+        """Record the launched group (0: none yet) and this process as the owner."""
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{pgid} {os.getpid()}".encode(), 0)
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)  # the lock goes with the last holder: the group is gone by now
+
+
 def _reader(stream, out: queue.Queue) -> None:
     try:
         for raw in iter(stream.readline, b""):
@@ -111,8 +178,14 @@ def _reader(stream, out: queue.Queue) -> None:
 
 
 def run_launch(launch: Launch, on_event: Callable[[dict], None], *, log_file: Path,
-               hang_timeout_s: float = HANG_TIMEOUT_S, cwd: Path | None = None) -> LaunchResult:
-    """Run ``launch`` as a gang (see the module docstring) and say how it ended."""
+               hang_timeout_s: float = HANG_TIMEOUT_S, cwd: Path | None = None,
+               lock: RunLock | None = None) -> LaunchResult:
+    """Run ``launch`` as a gang (see the module docstring) and say how it ended. ``lock``: the run's lock, held
+    by the caller (else one on ``.LOG.lock`` is taken for the launch)."""
+    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    if lock is None:
+        with RunLock(Path(log_file).with_name(f".{Path(log_file).name}.lock")) as own:
+            return run_launch(launch, on_event, log_file=log_file, hang_timeout_s=hang_timeout_s, cwd=cwd, lock=own)
     log_file = Path(log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **launch.env}
@@ -124,8 +197,12 @@ def run_launch(launch: Launch, on_event: Callable[[dict], None], *, log_file: Pa
     lines: queue.Queue = queue.Queue()
 
     with open(log_file, "a", encoding="utf-8") as log:
-        proc = processes.start(launch.argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        if lock.note:
+            log.write(f"prefixflow: {lock.note}\n")
+        proc = processes.start(launch.argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               pass_fds=(lock.fd,))  # the group holds the lock too, even if we are killed
         pgid = proc.pid  # start_new_session: the launcher leads a new session and process group
+        lock.held_by(pgid)
         reader = threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True)
         reader.start()
 

@@ -132,7 +132,7 @@ class Progress:
             try:
                 tracking.log_metrics(self.run_id, values, step)
             except Exception as err:  # metrics are best effort; training goes on
-                self.logger.warning("could not log metrics to MLflow: %s", err)
+                self.logger.warning("could not log metrics to MLflow: %s", _gist(err))
 
 
 def _devices(spec: PipelineSpec):
@@ -164,13 +164,22 @@ def _launch(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, 
             pruning: dict | None = None) -> tuple[float, float]:
     """Write the job, restore/mirror checkpoints, wait for a training slot and GPUs, run the launch.
     Returns (launched_at, finished_at); raises TrainingError (bad input) or RuntimeError (retry)."""
-    from prefixflow.launch.gang import run_launch
+    from prefixflow.launch.gang import RunLock
 
     if spec.train.machines > 1 and spec.train.launcher == "local":
         raise TrainingError(
             f"train.machines is {spec.train.machines} but train.launcher is local: a local launch cannot start "
             "other machines. Set train.launcher: slurm (the flow runs srun over the nodes), launch the Kubernetes "
             "Indexed Job (infra/k8s/multinode-train.yaml, docs/scale-out.md), or set train.machines: 1")
+    with RunLock(folder / ".train.lock") as lock:  # before anything in the run's folder is written
+        return _launch_locked(spec, data, run_key, folder, progress, logger, slot, pruning, lock)
+
+
+def _launch_locked(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, progress: Progress,
+                   logger, slot: Callable[[], AbstractContextManager], pruning: dict | None,
+                   lock) -> tuple[float, float]:
+    from prefixflow.launch.gang import run_launch
+
     job = make_job(spec, data, run_key, folder, pruning)
     job.to_json(folder / "job.json")
     remote = remote_checkpoints_uri(spec.client, spec.task, run_key)
@@ -186,7 +195,7 @@ def _launch(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, 
         logger.info("launching %s training: %s", spec.train.strategy, " ".join(launch.argv))
         hang_s = spec.train.hang_timeout_s if spec.train.launcher == "local" else slurm.flow_hang_timeout(spec.train)
         on_event = progress if mirror is None else lambda event: (progress(event), mirror.on_event(event))
-        result = run_launch(launch, on_event, log_file=folder / "train.log", hang_timeout_s=hang_s)
+        result = run_launch(launch, on_event, log_file=folder / "train.log", hang_timeout_s=hang_s, lock=lock)
         landed = time.time()
     for problem in mirror.close() if mirror is not None else []:
         logger.warning("checkpoint not mirrored to %s: %s", remote, problem)
@@ -238,3 +247,9 @@ def train(spec: PipelineSpec, data: PreparedData, run_key: str, mlflow_run_id: s
         final_train_loss=steps[-1]["loss"] if steps else None, history_uri=str(folder / "history.json"),
         precision=precision,
         seconds=time.time() - started, launched_at=launched, finished_at=landed)
+
+
+def _gist(err: Exception) -> str:
+    """The line of a (multi-line, SQL-laden) exception text that says what went wrong."""
+    lines = [line for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    return next((line for line in lines if line.startswith("(sqlite3.") or "Error" in line), lines[0])[:300]

@@ -47,7 +47,7 @@ def _load_table(uri: str) -> tuple[list[dict], dict[str, str]]:
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parser errors are reported below, once
     path = fetch(uri)
     try:
         if path.is_dir():
@@ -63,7 +63,7 @@ def _load_table(uri: str) -> tuple[list[dict], dict[str, str]]:
             ds = datasets.load_dataset(FORMATS[path.suffix.lower()], data_files=str(path), split="train", **kwargs)
         elif path.exists():
             raise DataError(f"{uri}: unknown data format {path.suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet")
-        elif ("/" in uri and Path(uri).parent.exists()) or uri.startswith((".", "/")):
+        elif _local_path_missing(uri):
             raise DataError(f"data file {uri} does not exist")
         else:
             ds = datasets.load_dataset(uri, split="train")
@@ -83,6 +83,9 @@ def _load_table(uri: str) -> tuple[list[dict], dict[str, str]]:
             raise DataError(f"{uri!r} is not a local file or folder, and the Hugging Face Hub is not reachable "
                             "to load it as a datasets name: use a local path or s3:// URI") from None
         first = (str(cause).splitlines() or ["no details"])[0][:300]
+        if path.suffix.lower() in (".jsonl", ".json") and "JSON" in str(cause):
+            raise DataError(f"{uri} is not valid JSON lines ({first}); each line must be one JSON object with the "
+                            "source and target columns") from None
         raise DataError(f"cannot read {uri}: {type(cause).__name__}: {first}") from None
     types = {name: getattr(feat, "dtype", type(feat).__name__) for name, feat in ds.features.items()}
     return ds.to_list(), types
@@ -176,6 +179,35 @@ def _length_stats(tokenizer, rows, template: str, max_length: int, enc_dec: bool
             "truncated": sum(e.truncated for e in encoded)}
 
 
+def _check_batch(spec: PipelineSpec, counts: dict[str, int]) -> None:
+    """DataError when the train split holds fewer rows than one batch (training could not take a step)."""
+    if counts["train"] < spec.train.batch_size:
+        raise DataError(f"{spec.data.source} gives {counts['train']} training row(s) after the split "
+                        f"({counts['read']} read, {counts['validation']} validation, {counts['test']} test), fewer "
+                        f"than one batch (train.batch_size {spec.train.batch_size}): add rows or lower "
+                        "train.batch_size")
+
+
+def _local_path_missing(uri: str) -> bool:
+    """True when ``uri`` reads as a local path (not s3:// nor a datasets name) that does not exist."""
+    if "://" in uri or Path(uri).exists():
+        return False
+    return uri.startswith((".", "/", "~")) or ("/" in uri and Path(uri).parent.exists())
+
+
+def preflight(spec: PipelineSpec) -> None:
+    """Refuse, before anything starts, inputs missing on this machine: a base model written as a local path
+    that is not a model folder, a local data file that does not exist (ModelNotFoundError / DataError).
+    Cheap: reads no data and loads no model; the rest is checked when the data is prepared."""
+    from prefix_core.base_model import check_model_folder
+
+    check_model_folder(spec.base_model)
+    for uri in filter(None, (spec.data.source, spec.data.test_source)):
+        if _local_path_missing(uri):
+            raise DataError(f"data file {uri} does not exist: point data.source (or data.test_source) at a "
+                            ".csv, .tsv, .jsonl, .json or .parquet file, a saved datasets folder or an s3:// URI")
+
+
 def cache_key(spec: PipelineSpec) -> str:
     parts = [spec.data.model_dump_json(), spec.base_model, source_fingerprint(spec.data.source)]
     if spec.data.test_source:
@@ -190,6 +222,7 @@ def prepare(spec: PipelineSpec) -> PreparedData:
     out = home() / "data" / spec.client / spec.task / key
     if (out / "meta.json").exists():
         meta = json.loads((out / "meta.json").read_text())
+        _check_batch(spec, meta["counts"])
         return PreparedData(**meta, uri=str(out), reused=True, seconds=time.time() - t0)
     d = spec.data
     rejected: list[dict] = []
@@ -225,6 +258,7 @@ def prepare(spec: PipelineSpec) -> PreparedData:
                             f"{len(rejected)} rejected: {', '.join(reasons) or 'none'}, {duplicates} duplicates); "
                             "check the columns and the data")
 
+    _check_batch(spec, counts)
     from transformers import AutoConfig, AutoTokenizer
 
     from prefix_core.base_model import resolve_model_path

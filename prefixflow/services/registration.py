@@ -3,7 +3,8 @@ store is S3), create a registered-model version tagged with where it came from, 
 at it, and move ``champion`` (keeping the old one as ``previous``) only when the gate passed.
 
 Idempotent: the version carries the pipeline run key; a retried or rerun registration of the same run
-finds it and creates nothing new.
+finds it and creates nothing new. Callers that may run at once for one registered model hold its registration
+lock (tasks.register_prefix); a version gated against a champion that has moved since is not promoted.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Registration(BaseModel):
     champion: str | None  # champion version after registration
     previous: str | None
     gate_passed: bool
+    note: str | None = None  # why a version that passed its gate was not made champion
 
 
 def version_tags(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, report: EvalReport,
@@ -63,11 +65,19 @@ def register(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, repo
                      report.gate.reason)
         created = True
     tracking.client().set_registered_model_alias(name, "candidate", mv.version)
+    note = None
     if report.gate.passed:
-        registry.promote(name, mv.version)
+        current = registry.alias_version(name, "champion")
+        if current in (report.champion_version, str(mv.version)):
+            registry.promote(name, mv.version)
+        else:  # another run of this client/task made a champion since this one was evaluated
+            note = (f"@champion moved to v{current} while this run was evaluated against "
+                    f"{'v' + report.champion_version if report.champion_version else 'no champion'} (another run of "
+                    f"{spec.client}/{spec.task}), so v{mv.version} stays @candidate: compare them and "
+                    f"`prefixflow promote {spec.client}/{spec.task}/{mv.version}` if it should serve")
     return Registration(name=name, version=str(mv.version), created=created,
                         model_uri=f"models:/{name}/{mv.version}", champion=registry.alias_version(name, "champion"),
-                        previous=registry.alias_version(name, "previous"), gate_passed=report.gate.passed)
+                        previous=registry.alias_version(name, "previous"), gate_passed=report.gate.passed, note=note)
 
 
 def ensure_model(name: str, client: str, task: str, description: str) -> None:

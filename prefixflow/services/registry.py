@@ -174,6 +174,7 @@ def promote(name: str, version: str) -> tuple[str | None, str]:
 
 def rollback(name: str) -> tuple[str, str]:
     """Swap ``champion`` and ``previous`` (so a second rollback undoes the first). Returns (from, to)."""
+    owner(name)  # RegistryError naming the model when it is not registered
     current, previous = alias_version(name, "champion"), alias_version(name, "previous")
     if previous is None:
         raise RegistryError(f"{name!r} has no @previous version to roll back to (champion is "

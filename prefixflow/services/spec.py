@@ -347,3 +347,12 @@ def load_spec(path: str | Path) -> PipelineSpec:
         if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
             section[key] = str((path.parent / value).resolve())
     return parse_spec(data, str(path))
+
+
+def check_fleet(specs: list[PipelineSpec]) -> None:
+    """SpecError unless each (client, task) appears once: two runs of one task would race for its aliases."""
+    names = [f"{s.client}/{s.task}" for s in specs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise SpecError(f"each (client, task) may have one spec in a folder, but {', '.join(twice)} has more "
+                        "than one: give each spec its own client/task, or keep one of them")

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from prefixflow import settings
-from prefixflow.services.errors import DataError
+from prefixflow.services.errors import DataError, ServiceUnreachable
 
 
 def home() -> Path:
@@ -48,7 +48,13 @@ def s3_client():
 
 
 def _s3_call(uri: str, fn):
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+    )
 
     try:
         return fn()
@@ -60,6 +66,10 @@ def _s3_call(uri: str, fn):
             raise DataError(f"access to {uri} was denied ({code}): check AWS_ACCESS_KEY_ID / "
                             "AWS_SECRET_ACCESS_KEY (`prefixflow stack env` prints them for the local stack)") from None
         raise
+    except (EndpointConnectionError, ConnectTimeoutError, ConnectionClosedError) as err:
+        raise ServiceUnreachable(f"the S3 server did not answer for {uri} ({type(err).__name__}): start it "
+                                 "(`prefixflow stack up`) or check AWS_ENDPOINT_URL and `prefixflow stack status`"
+                                 ) from err
     except BotoCoreError as err:
         raise DataError(f"cannot reach the S3 server for {uri}: {err}. Is AWS_ENDPOINT_URL set and the server up "
                         "(`prefixflow stack status`)?") from None

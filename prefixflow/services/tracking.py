@@ -35,7 +35,7 @@ def client():
     from mlflow import MlflowClient
 
     logging.getLogger("alembic").setLevel(logging.WARNING)  # SQLite migrations on first use
-    settings.apply_process_defaults()  # no artifact progress bars in task logs
+    settings.apply_process_defaults()  # no artifact progress bars in task logs; bounded HTTP retries
     uri = tracking_uri()  # passed explicitly: mlflow.set_tracking_uri() would export MLFLOW_TRACKING_URI
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 

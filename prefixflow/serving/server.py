@@ -50,12 +50,25 @@ class ServeConfig:
 
     @property
     def torch_device(self) -> str:
-        """``auto``: the first GPU when there is one, else the CPU."""
-        if self.device != "auto":
-            return self.device
+        """``auto``: the first GPU when there is one, else the CPU. ValueError saying what this machine has
+        when the device asked for is not one of its devices."""
+        import re
+
         import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if self.device == "auto":
+            return "cuda" if gpus else "cpu"
+        if self.device == "cpu":
+            return "cpu"
+        found = re.fullmatch(r"cuda(?::(\d+))?", self.device)
+        if found is None:
+            raise ValueError(f"--device {self.device!r} is not a device: use auto, cpu, cuda or cuda:N")
+        index = int(found.group(1) or 0)
+        if index >= gpus:
+            have = f"{gpus} GPU(s): cuda:0..cuda:{gpus - 1}" if gpus else "no CUDA GPU this torch can use"
+            raise ValueError(f"--device {self.device}: this machine has {have}; use --device auto or cpu")
+        return self.device
 
 
 EngineFactory = Callable[..., object]  # (base, tokenizer, config) -> an engine with DecodeEngine's interface
@@ -165,6 +178,11 @@ class Server:
             engine = self.engine_factory(base, tokenizer, self.config)
         except (PrefixError, ValueError, OSError) as err:
             self.load_error = f"cannot load base model {self.config.base!r}: {err}"
+            log.error(self.load_error)
+            self.on_fatal()
+            return
+        except Exception as err:  # never a server that stays up and is never ready
+            self.load_error = f"cannot load base model {self.config.base!r}: {type(err).__name__}: {err}"
             log.error(self.load_error)
             self.on_fatal()
             return

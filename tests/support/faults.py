@@ -6,6 +6,10 @@ calls the factory named by ``PREFIXFLOW_STEP_HOOK`` (``protocol.STEP_HOOK_ENV``;
                                  is due then); with ONCE_FILE only the first time (the file records it), so a
                                  retried launch that passes STEP again survives
     hang:RANK:STEP               that rank sleeps forever after STEP
+    fill:RANK:STEP:FILE          that rank writes FILE until its disk is full after STEP (once: an existing FILE
+                                 is left alone), then goes on; deleting FILE frees the disk
+    pause:RANK:STEP:FILE         that rank creates FILE after STEP and waits until the test deletes it (a window
+                                 in which the test breaks something around a training that is surely running)
 
 What to break is chosen with a seeded generator whose seed a failing test shows; ``PREFIXFLOW_TEST_SEED=N``
 replays it.
@@ -31,11 +35,20 @@ def step_hook():
     if not spec:
         return None
     kind, rank, step, *once = spec.split(":", 3)
-    if kind not in ("kill", "hang"):
+    if kind not in ("kill", "hang", "fill", "pause"):
         raise ValueError(f"{FAULT_ENV}: unknown fault {kind!r}")
 
     def hook(trainer) -> None:
         if trainer.step == int(step) and trainer.acc.process_index == int(rank):
+            if kind == "fill":
+                fill_disk(Path(once[0]))
+                return
+            if kind == "pause":
+                marker = Path(once[0])
+                marker.write_text(str(trainer.step))
+                while marker.exists():
+                    time.sleep(0.2)
+                return
             if once:
                 if os.path.exists(once[0]):
                     return
@@ -48,6 +61,32 @@ def step_hook():
             os.kill(os.getpid(), signal.SIGKILL)
 
     return hook
+
+
+def fill_disk(ballast: Path) -> None:
+    """Write ``ballast`` until the device holding it has no space left (nothing if it exists already)."""
+    if ballast.exists():
+        return
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        for size in (1 << 20, 4096, 1):  # down to the last byte the device has
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+
+
+def fill_fault(rank: int, step: int, ballast: Path) -> dict[str, str]:
+    """The environment that makes rank ``rank`` fill the disk holding ``ballast`` after step ``step``."""
+    return {FAULT_ENV: f"fill:{rank}:{step}:{ballast}"}
+
+
+def pause_fault(rank: int, step: int, marker: Path) -> dict[str, str]:
+    """The environment that makes rank ``rank`` create ``marker`` after step ``step`` and wait until it is gone."""
+    return {FAULT_ENV: f"pause:{rank}:{step}:{marker}"}
 
 
 def seeded_rng(request) -> random.Random:
