@@ -83,13 +83,15 @@ def stop_on_termination() -> None:
 def watch_for_sigkill() -> None:
     """Start a watcher process: when this process ends without running its exit handlers (SIGKILL, the OOM
     killer), the watcher stops the ephemeral Prefect API servers this process had started, which would otherwise
-    run on as orphans. After a normal exit the watcher finds nothing to stop and leaves within a second."""
+    run on as orphans. An exit that runs its exit handlers (normal, Ctrl-C, SIGTERM) ends the watcher first."""
+    import atexit
     import subprocess
 
     if settings.prefect_api_url():
         return
-    subprocess.Popen([sys.executable, "-m", __name__, str(os.getpid())], start_new_session=True,
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    watcher = subprocess.Popen([sys.executable, "-m", __name__, str(os.getpid())], start_new_session=True,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    atexit.register(lambda: (watcher.kill(), watcher.wait()))  # an exit that runs its handlers needs no watcher
 
 
 def _watch(parent: int, poll_s: float = 1.0, grace_s: float = 5.0) -> None:
