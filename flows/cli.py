@@ -323,13 +323,7 @@ def fleet(
     max_concurrent: int = typer.Option(1, min=1, help="trainings allowed to run at once"),
 ) -> None:
     """Run the pipeline for every spec in a folder, at most N trainings at a time."""
-    from prefixflow.services.spec import SpecError, check_fleet
-
-    specs = [_load_spec(p, here=True) for p in _spec_files(folder)]
-    try:
-        check_fleet(specs)
-    except SpecError as err:
-        _fail(str(err))
+    specs = _folder_specs(folder, here=True)
     _embedded_prefect()
     from prefixflow.flows.fleet import retrain_fleet
 
@@ -350,6 +344,18 @@ def fleet(
         raise typer.Exit(1)
 
 
+def _folder_specs(folder: Path, here: bool = False) -> list:
+    """Every spec of a folder (:func:`_load_spec`), each (client, task) at most once, or exit 2 saying why."""
+    from prefixflow.services.spec import SpecError, check_fleet
+
+    specs = [_load_spec(p, here) for p in _spec_files(folder)]
+    try:
+        check_fleet(specs)
+    except SpecError as err:
+        _fail(str(err))
+    return specs
+
+
 def _spec_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         _fail(f"{folder} is not a folder of specs")
@@ -364,13 +370,7 @@ def deploy(
     folder: Path = typer.Argument(..., help="folder of pipeline specs (*.yaml); each becomes a deployment"),
 ) -> None:
     """Serve one deployment per spec, on its cron schedule, with the spec editable in the Prefect UI."""
-    from prefixflow.services.spec import SpecError, check_fleet
-
-    specs = [_load_spec(p) for p in _spec_files(folder)]
-    try:
-        check_fleet(specs)  # one deployment per (client, task)
-    except SpecError as err:
-        _fail(str(err))
+    specs = _folder_specs(folder)
     if settings.prefect_api_url() is None:
         _fail('deploy needs a Prefect server: run `prefixflow stack up` and `eval "$(prefixflow stack env)"` '
               "(or set PREFECT_API_URL)")

@@ -96,23 +96,13 @@ def watch_for_sigkill() -> None:
 
 def _watch(parent: int, poll_s: float = 1.0, grace_s: float = 5.0) -> None:
     """Note ``parent``'s ephemeral API servers while it lives; once it is gone, stop those still running."""
-    import signal
-
     from prefixflow import processes
 
     servers: set[int] = set()
     while processes.alive(parent):
         servers.update(p for p in processes.children(parent) if EPHEMERAL_API in processes.cmdline(p))
         time.sleep(poll_s)
-    left = [p for p in servers if processes.alive(p) and EPHEMERAL_API in processes.cmdline(p)]
-    for pid in left:
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(processes.alive(p) for p in left):
-        time.sleep(0.1)
-    for pid in left:
-        if processes.alive(pid):
-            os.kill(pid, signal.SIGKILL)
+    processes.stop_pids([p for p in servers if EPHEMERAL_API in processes.cmdline(p)], grace_s)
 
 
 if __name__ == "__main__":

@@ -154,6 +154,12 @@ def stop_children(marker: str, grace_s: float = TERM_GRACE_S) -> list[int]:
     """SIGTERM this process's direct children whose command line contains ``marker``, SIGKILL those left after
     ``grace_s``; returns their pids."""
     pids = [p for p in children(os.getpid()) if marker in cmdline(p)]
+    stop_pids(pids, grace_s)
+    return pids
+
+
+def stop_pids(pids: list[int], grace_s: float = TERM_GRACE_S) -> None:
+    """SIGTERM ``pids``, SIGKILL those left after ``grace_s`` (children among them are reaped)."""
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
@@ -169,7 +175,6 @@ def stop_children(marker: str, grace_s: float = TERM_GRACE_S) -> list[int]:
                 os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-    return pids
 
 
 def survivors(marker: str) -> list[int]:

@@ -182,12 +182,11 @@ def run_launch(launch: Launch, on_event: Callable[[dict], None], *, log_file: Pa
                lock: RunLock | None = None) -> LaunchResult:
     """Run ``launch`` as a gang (see the module docstring) and say how it ended. ``lock``: the run's lock, held
     by the caller (else one on ``.LOG.lock`` is taken for the launch)."""
-    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-    if lock is None:
-        with RunLock(Path(log_file).with_name(f".{Path(log_file).name}.lock")) as own:
-            return run_launch(launch, on_event, log_file=log_file, hang_timeout_s=hang_timeout_s, cwd=cwd, lock=own)
     log_file = Path(log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)
+    if lock is None:
+        with RunLock(log_file.with_name(f".{log_file.name}.lock")) as own:
+            return run_launch(launch, on_event, log_file=log_file, hang_timeout_s=hang_timeout_s, cwd=cwd, lock=own)
     env = {**os.environ, **launch.env}
     marker = _rank_marker(launch.argv)
     tail: deque[str] = deque(maxlen=TAIL_LINES)
