@@ -224,9 +224,9 @@ class Record:
         self.text = ""
 
 
-async def one_request(http, url: str, rec: Record, prompt: str, max_tokens: int) -> None:
+async def one_request(http, url: str, rec: Record, prompt: str, max_tokens: int, ignore_eos: bool = False) -> None:
     body = {"model": rec.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **({"ignore_eos": True} if ignore_eos else {})}
     parts = []
     async with http.stream("POST", f"{url}/v1/completions", json=body) as resp:
         if resp.status_code != 200:
@@ -259,7 +259,7 @@ async def one_request(http, url: str, rec: Record, prompt: str, max_tokens: int)
 
 
 async def load_run(url: str, clients: int, model_of, prompt_of, max_tokens: int, duration: float,
-                   max_warmup: float) -> dict:
+                   max_warmup: float, ignore_eos: bool = False) -> dict:
     """C closed-loop clients; a warm-up until each has finished one request (at most ``max_warmup`` s), then a
     ``duration`` s window; open requests are cancelled at its end. Returns the records and the window."""
     import httpx
@@ -275,7 +275,7 @@ async def load_run(url: str, clients: int, model_of, prompt_of, max_tokens: int,
             rec = Record(cid, n, model, time.monotonic())
             records.append(rec)
             try:
-                await one_request(http, url, rec, prompt_of(cid, n, model), max_tokens)
+                await one_request(http, url, rec, prompt_of(cid, n, model), max_tokens, ignore_eos)
             except (httpx.HTTPError, json.JSONDecodeError) as err:
                 rec.error, rec.end = f"{type(err).__name__}: {err}", time.monotonic()
             if rec.error is not None:
@@ -362,6 +362,9 @@ def main() -> None:
     ap.add_argument("--virtual-tokens", type=int, default=None,
                     help="P (default: the spec's default prefix.num_virtual_tokens)")
     ap.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request")
+    ap.add_argument("--ignore-eos", action="store_true",
+                    help="send ignore_eos (vLLM's extension): every request runs max_tokens, so every variant does "
+                         "the same work per request whatever its prefix makes the text end with")
     ap.add_argument("--screen", type=int, default=256,
                     help="use only those of the first N distinct sources that the bare base continues for max_tokens "
                          "without EOS (0: every source, whatever length it generates)")
@@ -444,7 +447,7 @@ def main() -> None:
         print(f"  {name}: {clients} clients, window {duration:.0f} s ...", flush=True)
         cpu0, usage0, load0 = server.cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF), os.getloadavg()
         run = asyncio.run(load_run(server.url, clients, model, prompt_of, args.max_tokens, duration,
-                                   args.max_warmup))
+                                   args.max_warmup, args.ignore_eos))
         idle = wait_idle(server.url)
         usage1 = resource.getrusage(resource.RUSAGE_SELF)
         wall = time.monotonic() - run["started"]
@@ -540,7 +543,8 @@ def main() -> None:
                   "sources_screened": len(screened), "sources_used": len(sources),
                   "prompt_tokens_min_mean_max": [min(prompt_tokens), round(sum(prompt_tokens) / len(prompt_tokens), 1),
                                                  max(prompt_tokens)],
-                  "max_tokens": args.max_tokens, "duration_s": args.duration, "peft_duration_s": args.peft_duration,
+                  "max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos, "duration_s": args.duration,
+                  "peft_duration_s": args.peft_duration,
                   "max_warmup_s": args.max_warmup, "clients": levels,
                   "server_max_batch": "C (ours and base); PEFT: 1 by construction", "server_max_queued": 512},
         "servers": servers,

@@ -47,6 +47,7 @@ class _Request:
     adapter: str | None  # None: the bare base
     max_new_tokens: int
     stop: tuple[str, ...]
+    ignore_eos: bool = False
     generated: list[int] = field(default_factory=list)
     cache: object = None
     attn: torch.Tensor | None = None
@@ -84,7 +85,7 @@ class PeftEngine:
 
     # --- the DecodeEngine interface used by prefixflow.serving.engine_loop -----------------------------------
     def add(self, request_id, prompt_ids, prefix=None, *, max_new_tokens=32, temperature=0.0, top_p=1.0, stop=(),
-            seed=None) -> None:
+            seed=None, ignore_eos=False) -> None:
         if temperature != 0:
             raise ValueError("the PEFT baseline engine decodes greedily only: send temperature 0")
         prompt = [int(t) for t in prompt_ids]
@@ -94,7 +95,7 @@ class PeftEngine:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         adapter = None if prefix is None else self._adapter(prefix)
         stop = (stop,) if isinstance(stop, str) else tuple(s for s in stop if s)
-        self._pending.append(_Request(request_id, prompt, adapter, max_new_tokens, stop))
+        self._pending.append(_Request(request_id, prompt, adapter, max_new_tokens, stop, bool(ignore_eos)))
 
     def cancel(self, request_id) -> bool:
         if self._current is not None and self._current.request_id == request_id:
@@ -168,7 +169,7 @@ class PeftEngine:
         return name
 
     def _finish_reason(self, req: _Request, token: int) -> str | None:
-        if token in self.eos:
+        if token in self.eos and not req.ignore_eos:
             return "eos"
         if req.stop:
             text = self.tokenizer.decode(req.generated, skip_special_tokens=True)

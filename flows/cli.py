@@ -81,14 +81,14 @@ def _run_guarded(fn, *args, resume: str | None = None, **kwargs):
     """Run a pipeline call; input errors end in one message (exit 2); a server that cannot be reached or a full
     disk in one saying which and what to do (exit 1); others in a one-line summary (exit 1). ``resume``: the
     command that finishes the run, added to the messages of failures that a rerun can get past."""
-    from prefixflow.services.errors import is_user_error, outage
+    from prefixflow.services.errors import denied, is_user_error, outage
 
     _quiet_user_errors()
     try:
         return fn(*args, **kwargs)
     except Exception as exc:
         if is_user_error(exc):
-            _fail(str(exc))
+            _fail(denied(exc) or str(exc))
         then = f"; then `{resume}` finishes this run (finished work is reused)" if resume else ""
         cause = outage(exc)
         if cause:

@@ -110,6 +110,7 @@ class _Request:
     stop_token_ids: frozenset[int]
     stop: tuple[str, ...]
     generator: torch.Generator | None
+    ignore_eos: bool = False
     generated: list[int] = field(default_factory=list)
     length: int = 0  # columns this row holds in the batch cache (prefix + prompt + generated tokens fed back)
     checked_chars: int = 0  # decoded characters already searched for stop strings
@@ -172,7 +173,8 @@ class DecodeEngine:
     # --- requests ---------------------------------------------------------------------------------------------
     def add(self, request_id: Hashable, prompt_ids: Sequence[int] | torch.Tensor | str, prefix=None, *,
             max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-            stop_token_ids: Sequence[int] = (), stop: Sequence[str] = (), seed: int | None = None) -> None:
+            stop_token_ids: Sequence[int] = (), stop: Sequence[str] = (), seed: int | None = None,
+            ignore_eos: bool = False) -> None:
         """Queue a request; it joins the batch at the next ``step()`` with a free row.
 
         ``prompt_ids``: token ids (list or 1D tensor), or a ``str`` tokenized with the tokenizer's defaults.
@@ -181,7 +183,9 @@ class DecodeEngine:
         ``PrefixModel`` (its current prefix). ``temperature == 0`` is greedy; otherwise softmax sampling at that
         temperature with nucleus ``top_p``, from a generator seeded with ``seed`` (``None``: drawn from torch's
         global RNG at ``add``). ``stop_token_ids`` and ``stop`` (a string or strings, searched in the decoded
-        generated text) end the request like EOS; the token that completes a stop is emitted.
+        generated text) end the request like EOS; the token that completes a stop is emitted. ``ignore_eos``: EOS
+        does not end the request (it runs to ``max_new_tokens`` or a stop), as vLLM's option of that name: load
+        tests that must do the same work per request whatever the text.
 
         Raises ValueError for a duplicate id, an empty prompt, out-of-vocabulary ids, bad sampling parameters,
         or when prefix + prompt + ``max_new_tokens`` exceeds the model's positions (or its sliding window).
@@ -222,7 +226,7 @@ class DecodeEngine:
             generator.manual_seed(int(torch.randint(0, 2**62, ()).item()) if seed is None else seed)
         self._pending.append(_Request(
             request_id, prompt, keys, values, max_new_tokens, float(temperature), float(top_p),
-            frozenset(int(t) for t in stop_token_ids), tuple(s for s in stop if s), generator,
+            frozenset(int(t) for t in stop_token_ids), tuple(s for s in stop if s), generator, bool(ignore_eos),
         ))
 
     def cancel(self, request_id: Hashable) -> bool:
@@ -408,7 +412,7 @@ class DecodeEngine:
         return int(order[torch.multinomial(probs, 1, generator=r.generator)].item())
 
     def _finish_reason(self, r: _Request, token: int) -> str | None:
-        if token in self.eos_token_ids:
+        if token in self.eos_token_ids and not r.ignore_eos:
             return "eos"
         if token in r.stop_token_ids:
             return "stop"

@@ -34,6 +34,12 @@ def mlflow_tracking_uri() -> str | None:
     return os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
+def client() -> str | None:
+    """The client whose credentials are in the environment (``$PREFIXFLOW_CLIENT``, set by
+    ``prefixflow stack env --client``), or None: the admin's, or a stack without auth."""
+    return os.environ.get("PREFIXFLOW_CLIENT") or None
+
+
 def apply_process_defaults() -> None:
     """Set :data:`PROCESS_DEFAULTS` where the user has not (call at the start of a command)."""
     for key, value in PROCESS_DEFAULTS.items():

@@ -38,7 +38,7 @@ if "OMP_NUM_THREADS" in os.environ:
 GROUP_SECONDS = {"test_cli": 900, "live_stack": 700, "test_distributed": 600, "test_pipeline": 500,
                  "test_bad_input": 420, "test_slurm": 300, "test_sweep": 250, "test_termination": 230,
                  "test_embedded_ddp": 160, "test_ui_browser": 150, "test_stack": 120, "test_serve": 90,
-                 "test_disk_full": 75,
+                 "test_disk_full": 75, "test_stack_auth": 140,
                  "test_node_launch": 60, "test_launch": 45, "test_base_model": 40, "test_packaging": 25}
 
 

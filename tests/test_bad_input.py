@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +19,12 @@ import pytest
 import torch
 import yaml
 
+from support.cli import prefixflow
 from support.pipeline import patched_environ, spec_dict, write_task
 from support.serving import register_random_prefix, served_model_dir
 
 pytestmark = pytest.mark.slow
 
-USER_ENV_DROP = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFIXFLOW_HOME", "PREFECT_HOME", "AWS_ENDPOINT_URL",
-                 "MLFLOW_S3_ENDPOINT_URL", "PREFIXFLOW_API_KEYS")
 VOLATILE = (".db", ".db-journal", ".db-wal", ".db-shm", ".log", ".lock")
 
 
@@ -72,10 +70,7 @@ def world(tmp_path_factory) -> World:
 
 def cli(*args: str, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
     """``prefixflow ARGS`` as a user runs it (none of our settings inherited, wide terminal)."""
-    base = {k: v for k, v in os.environ.items() if k not in USER_ENV_DROP}
-    exe = Path(sys.executable).with_name("prefixflow")
-    return subprocess.run([str(exe), *args], env={**base, "COLUMNS": "200", **env}, capture_output=True, text=True,
-                          timeout=timeout)
+    return prefixflow(*args, env=env, timeout=timeout)
 
 
 def state(w: World) -> dict:

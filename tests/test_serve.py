@@ -124,6 +124,12 @@ def test_completion_chat_and_stream_with_the_openai_client(server, keys, referen
     a = c.completions.create(model="base", prompt="dog", max_tokens=12, temperature=1.0, n=3, seed=5)
     b = c.completions.create(model="base", prompt="dog", max_tokens=12, temperature=1.0, n=3, seed=5)
     assert [x.text for x in a.choices] == [x.text for x in b.choices] and len(a.choices) == 3
+    # vLLM's ignore_eos (extra_body): max_tokens tokens whatever the text, the same text up to where it ended
+    long = c.completions.create(model="acme/rev@champion", prompt="red cat", max_tokens=30, temperature=0,
+                                extra_body={"ignore_eos": True})
+    short = c.completions.create(model="acme/rev@champion", prompt="red cat", max_tokens=30, temperature=0)
+    assert long.usage.completion_tokens == 30 and long.choices[0].finish_reason == "length"
+    assert long.choices[0].text.startswith(short.choices[0].text)
     full = c.completions.create(model="base", prompt="tree", max_tokens=12, temperature=0).choices[0].text
     stop = full[3:5]
     cut = c.completions.create(model="base", prompt="tree", max_tokens=12, temperature=0, stop=[stop]).choices[0]
@@ -221,7 +227,8 @@ def test_bad_requests_get_one_clear_error(server, keys, body, status, words):
 
 def test_a_client_that_disconnects_frees_its_row(server, keys):
     headers = {"Authorization": f"Bearer {keys['*']}"}
-    body = {"model": "base", "prompt": "red", "max_tokens": 400, "stream": True, "temperature": 0}
+    # the most tokens the server allows, past EOS: it cannot end before the client has gone
+    body = {"model": "base", "prompt": "red", "max_tokens": 400, "stream": True, "temperature": 0, "ignore_eos": True}
     before = _counter(httpx.get(f"{server}/metrics").text, "prefixflow_requests_cancelled_total")
     with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=headers, timeout=30) as r:
         next(r.iter_lines())  # the first event: generation has started
@@ -233,9 +240,10 @@ def test_a_client_that_disconnects_frees_its_row(server, keys):
         time.sleep(0.2)
     assert _counter(metrics, "prefixflow_requests_cancelled_total") == before + 1
     assert _counter(metrics, "prefixflow_running_requests") == 0
-    # a plain (non-streaming) request whose client gives up frees its row too
+    # a plain (non-streaming) request whose client gives up frees its rows too (16 choices of 400 tokens: more work
+    # than the tiny model can do before the server sees the client gone)
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(f"{server}/v1/completions", json={**body, "stream": False}, headers=headers, timeout=0.3)
+        httpx.post(f"{server}/v1/completions", json={**body, "stream": False, "n": 16}, headers=headers, timeout=0.2)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         metrics = httpx.get(f"{server}/metrics").text

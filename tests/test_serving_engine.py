@@ -215,6 +215,21 @@ def test_stop_tokens_and_stop_strings(tok):
     assert cut <= 3
 
 
+def test_ignore_eos_runs_past_eos_to_max_new_tokens(tok):
+    """``ignore_eos`` (load tests): the request runs past an EOS to max_new_tokens, with the same tokens up to it."""
+    base, arts = make_bank("llama")
+    prompt = ids(tok, "hello world")
+    want = reference(base, arts["a"], prompt, 8)
+    assert len(want) == 8
+    eos = want[2]  # this engine's EOS: the third greedy token
+    engine = DecodeEngine(base, tok, eos_token_ids=(eos,))
+    engine.add("stops", prompt, arts["a"], max_new_tokens=8)
+    engine.add("runs", prompt, arts["a"], max_new_tokens=8, ignore_eos=True)
+    tokens, reasons, _ = drive(engine)
+    assert tokens["stops"] == want[: want.index(eos) + 1] and reasons["stops"] == "eos"
+    assert tokens["runs"] == want and reasons["runs"] == "length"
+
+
 def test_bad_requests_get_clear_errors(tok):
     base, arts = make_bank("llama")
     engine = DecodeEngine(base, tok)

@@ -49,6 +49,10 @@ def up(
     timeout: float | None = typer.Option(None, min=1, help="seconds each service may take to start (default 120)"),
     ui_host: str | None = typer.Option(None, help="host name browsers use for the UIs, when it is not the bind "
                                                   "address (default: the client host, 127.0.0.1; '' resets)"),
+    auth: bool | None = typer.Option(None, "--auth/--no-auth",
+                                     help="MLflow basic auth and one S3 identity per client: each client's "
+                                          "credentials (`stack env --client NAME`) reach only its own runs, "
+                                          "prefixes and s3://BUCKET/clients/NAME/ (default off)"),
 ) -> None:
     """Start S3, MLflow and Prefect (settings not given: those of the last `up` in this folder, else defaults)."""
     from rich.console import Console
@@ -57,7 +61,7 @@ def up(
     given = {"host": host, "s3_port": s3_port, "mlflow_port": mlflow_port, "prefect_port": prefect_port,
              "weed_master_port": weed_master_port, "weed_volume_port": weed_volume_port,
              "weed_filer_port": weed_filer_port, "weed_admin_port": weed_admin_port, "bucket": bucket,
-             "start_timeout": timeout, "ui_host": ui_host}
+             "start_timeout": timeout, "ui_host": ui_host, "auth": auth}
     given = {k: v for k, v in given.items() if v is not None}
     console = Console()
     try:
@@ -74,9 +78,12 @@ def up(
     for name in SERVICES:
         console.print(f"  {name:8} {actions[name]:8} UI {ui_urls[name]:<{len(ui_urls['prefect'])}}  API {urls[name]}",
                       soft_wrap=True)
-    console.print('clients: eval "$(prefixflow stack env)"' + ("" if state == _state(None) else
-                                                              f" with PREFIXFLOW_STACK_DIR={shlex.quote(str(state))}"),
-                  soft_wrap=True)
+    where = "" if state == _state(None) else f" with PREFIXFLOW_STACK_DIR={shlex.quote(str(state))}"
+    if config.auth:
+        console.print(f'auth on: each client runs with eval "$(prefixflow stack env --client NAME)"{where}; '
+                      'the admin with eval "$(prefixflow stack env)"', soft_wrap=True)
+    else:
+        console.print(f'clients: eval "$(prefixflow stack env)"{where}', soft_wrap=True)
 
 
 @app.command()
@@ -114,11 +121,13 @@ def status(state_dir: Path | None = StateDir) -> None:
 
 
 @app.command()
-def env(state_dir: Path | None = StateDir) -> None:
-    """Print `export K=V` lines for clients: eval "$(prefixflow stack env)"."""
+def env(state_dir: Path | None = StateDir,
+        client: str | None = typer.Option(None, help="print this client's credentials (a stack with --auth), "
+                                                     "making the client on first use; default: the admin's")) -> None:
+    """Print `export K=V` lines for clients: eval "$(prefixflow stack env [--client NAME])"."""
     state = _state(state_dir)
     try:
-        values = stack_env(state)
+        values = stack_env(state, client)
     except StackError as err:
         _fail(err)
         return

@@ -4,9 +4,11 @@
 Everything lives under one state folder (``$PREFIXFLOW_STACK_DIR``, default ``state/stack``)::
 
     config.json        the StackConfig last used (ports, bucket): ``status``/``env``/``down`` read it
-    credentials.json   the generated S3 access key and secret (mode 0600, reused on restart)
+    credentials.json   generated secrets (mode 0600, reused on restart): the S3 admin key pair, the MLflow admin
+                       password, and each client's (``credentials``)
     s3/                SeaweedFS data (``weed mini -dir``)
     mlflow/mlflow.db   MLflow tracking + registry store (artifacts go to s3://BUCKET/mlflow)
+    mlflow/auth.db     with ``auth``: MLflow's users and permissions (basic_auth.ini beside it)
     prefect/           PREFECT_HOME of the server (prefect.db)
     logs/NAME.log      each service's stdout + stderr
     run/NAME.pid       pid of each service (the leader of its own process group)
@@ -59,6 +61,7 @@ class StackConfig:
     bucket: str = "prefixflow"
     start_timeout: float = 120.0  # seconds each service may take to become healthy
     ui_host: str = ""
+    auth: bool = False  # MLflow basic auth and one S3 identity per client (``stack env --client``)
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser().resolve()

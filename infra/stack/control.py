@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .clients import ensure_client
 from .config import SERVICES, StackConfig, StackError, config_file, lock_file, log_file, pid_file
 from .credentials import load_credentials
 from .health import health_url, http_ok, port_free, preflight, wait_healthy
@@ -151,11 +152,26 @@ def stack_status(state_dir: Path) -> dict[str, dict]:
     return status
 
 
-def stack_env(state_dir: Path) -> dict[str, str]:
-    """The client env of the stack in ``state_dir`` (from its stored config and credentials)."""
+def stack_env(state_dir: Path, client: str | None = None) -> dict[str, str]:
+    """The client env of the stack in ``state_dir`` (from its stored config and credentials): the admin's, or
+    with ``client`` (a stack with ``auth``, running) that client's, made on first use (``clients``)."""
     state = Path(state_dir).expanduser().resolve()
     config = StackConfig.load(state)
-    return client_env(config, load_credentials(state, create=False))
+    if client is None:
+        return client_env(config, load_credentials(state, create=False))
+    with _locked(state):  # one client change at a time, and not during up/down
+        down = [n for n in ("s3", "mlflow") if running_pid(state, n) is None or not http_ok(health_url(config, n))]
+        if config.auth and down:
+            raise StackError(f"{' and '.join(down)} of the stack in {state} not running: making client {client!r} "
+                             "needs them; run `prefixflow stack up` first")
+        try:
+            ensure_client(config, client)
+        except StackError:
+            raise
+        except Exception as err:  # a server's refusal or failure: the client is left to be made by a rerun
+            raise StackError(f"could not make client {client!r}: {type(err).__name__}: {err}. Rerun the command "
+                             f"(it picks up where it stopped); the servers' logs are in {state / 'logs'}") from err
+    return client_env(config, load_credentials(state, create=False), client)
 
 
 @contextlib.contextmanager

@@ -1,5 +1,13 @@
-"""The stack's S3 access key and secret: generated once per state folder into ``credentials.json``
-(mode 0600) and reused on every restart."""
+"""The stack's secrets, generated once per state folder into ``credentials.json`` (mode 0600) and reused on
+every restart:
+
+- ``access_key`` / ``secret_key``: the S3 admin key pair (SeaweedFS's admin identity; the MLflow server's);
+- ``mlflow_password`` / ``flask_secret``: the MLflow ``admin`` user's password and the session secret of its
+  auth app (used by ``stack up --auth``);
+- ``clients``: per client made by ``stack env --client NAME``, its MLflow password and its S3 key pair.
+
+The file is replaced atomically, so an interrupted write leaves the previous one.
+"""
 
 from __future__ import annotations
 
@@ -11,27 +19,61 @@ from pathlib import Path
 
 from .config import StackError, credentials_file
 
+ADMIN_USER = "admin"  # the MLflow admin of a stack with --auth
+
 
 def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
-    os.chmod(path, 0o600)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
 
 
-def load_credentials(state_dir: Path, create: bool) -> dict[str, str]:
-    """``{"access_key", "secret_key"}`` of the stack in ``state_dir``; with ``create``, generated if missing,
-    else StackError. A file readable by others is tightened to 0600."""
+def new_password() -> str:
+    """A random password (40 URL-safe characters; MLflow wants at least 12)."""
+    return secrets.token_urlsafe(30)
+
+
+def _read(state_dir: Path) -> dict | None:
     path = credentials_file(state_dir)
-    if path.exists():
+    if not path.exists():
+        return None
+    try:
         data = json.loads(path.read_text())
-        if path.stat().st_mode & 0o077:
-            os.chmod(path, 0o600)
-        return {"access_key": data["access_key"], "secret_key": data["secret_key"]}
-    if not create:
+    except (OSError, ValueError) as err:
+        raise StackError(f"cannot read {path}: {err}; restore it from a backup (the services were set up with "
+                         "its secrets)") from None
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o600)
+    return data
+
+
+def load_credentials(state_dir: Path, create: bool) -> dict:
+    """Every secret of the stack in ``state_dir`` (see the module docstring); with ``create``, those missing are
+    generated and stored, else StackError when there is no file."""
+    data = _read(state_dir)
+    if data is None and not create:
         raise StackError(f"no credentials in {state_dir}: run `prefixflow stack up` first")
+    data = data or {}
     alphabet = string.ascii_uppercase + string.digits
-    creds = {"access_key": "PF" + "".join(secrets.choice(alphabet) for _ in range(18)),
-             "secret_key": secrets.token_urlsafe(30)}
-    _write_private(path, json.dumps(creds))
-    return creds
+    defaults = {"access_key": lambda: "PF" + "".join(secrets.choice(alphabet) for _ in range(18)),
+                "secret_key": lambda: secrets.token_urlsafe(30), "mlflow_password": new_password,
+                "flask_secret": lambda: secrets.token_hex(32)}
+    missing = [k for k in defaults if k not in data]
+    if missing and create:
+        data |= {k: defaults[k]() for k in missing}
+        data.setdefault("clients", {})
+        _write_private(credentials_file(state_dir), json.dumps(data, indent=2))
+    data.setdefault("clients", {})
+    return data
+
+
+def save_client(state_dir: Path, client: str, entry: dict[str, str]) -> None:
+    """Store (or replace) one client's secrets."""
+    data = load_credentials(state_dir, create=False)
+    data["clients"][client] = entry
+    _write_private(credentials_file(state_dir), json.dumps(data, indent=2))

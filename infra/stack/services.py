@@ -13,12 +13,13 @@ import sys
 from pathlib import Path
 
 from .config import REGION, StackConfig, StackError
+from .credentials import ADMIN_USER
 
 MARKER = "PREFIXFLOW_STACK_SERVICE"  # env var tagging each service process with "STATE_DIR::NAME"
 _LOOPBACK = ("127.0.0.1", "localhost")
 _CLIENT_SETTINGS = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE", "PREFECT_UI_API_URL",
-                    "MLFLOW_TRACKING_URI", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-                    "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL")
+                    "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_PROFILE",
+                    "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL")
 
 
 def _marker_value(state_dir: Path, name: str) -> str:
@@ -50,19 +51,44 @@ def find_weed() -> Path:
                      "or point PREFIXFLOW_WEED at a weed binary")
 
 
-def client_env(config: StackConfig, creds: dict[str, str]) -> dict[str, str]:
-    """The env that points Prefect, MLflow and boto3 clients at this stack."""
+def client_env(config: StackConfig, creds: dict, client: str | None = None) -> dict[str, str]:
+    """The env that points Prefect, MLflow and boto3 clients at this stack: as its admin, or (``client``, a stack
+    with ``auth``) as that client, whose MLflow user and S3 key reach only its own experiment, registered models
+    and ``s3://BUCKET/clients/CLIENT/`` (where its checkpoints are mirrored: ``PREFIXFLOW_RUN_STORAGE``)."""
     urls = config.urls()
-    return {
+    keys = creds["clients"][client] if client else creds
+    env = {
         "PREFECT_API_URL": urls["prefect"],
         "MLFLOW_TRACKING_URI": urls["mlflow"],
         "AWS_ENDPOINT_URL": urls["s3"],
         "MLFLOW_S3_ENDPOINT_URL": urls["s3"],
-        "AWS_ACCESS_KEY_ID": creds["access_key"],
-        "AWS_SECRET_ACCESS_KEY": creds["secret_key"],
+        "AWS_ACCESS_KEY_ID": keys["access_key"],
+        "AWS_SECRET_ACCESS_KEY": keys["secret_key"],
         "AWS_DEFAULT_REGION": REGION,
         "PREFIXFLOW_S3_BUCKET": config.bucket,
     }
+    if config.auth:
+        env |= {"MLFLOW_TRACKING_USERNAME": client or ADMIN_USER, "MLFLOW_TRACKING_PASSWORD": keys["mlflow_password"]}
+    if client:
+        env |= {"PREFIXFLOW_CLIENT": client, "PREFIXFLOW_RUN_STORAGE": f"s3://{config.bucket}/{client_prefix(client)}runs"}
+    return env
+
+
+def client_prefix(client: str) -> str:
+    """The S3 key prefix a client's credentials reach: ``clients/CLIENT/``."""
+    return f"clients/{client}/"
+
+
+def _mlflow_auth_ini(config: StackConfig) -> Path:
+    """Write the MLflow auth app's config (no secret in it: the admin password goes in the server's env)."""
+    path = config.state_dir / "mlflow" / "basic_auth.ini"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("[mlflow]\n"
+                    "default_permission = NO_PERMISSIONS\n"
+                    f"database_uri = sqlite:///{config.state_dir / 'mlflow' / 'auth.db'}\n"
+                    f"admin_username = {ADMIN_USER}\n"
+                    "authorization_function = prefixflow.infra.stack.mlflow_auth:authenticate\n")
+    return path
 
 
 def _base_env(config: StackConfig, name: str) -> dict[str, str]:
@@ -100,7 +126,7 @@ def service_command(config: StackConfig, name: str,
                f"-filer.port={config.weed_filer_port}", f"-s3.port={config.s3_port}",
                f"-admin.port={config.weed_admin_port}", "-webdav=false", "-s3.port.iceberg=0",
                "-s3.port.lance=0", "-master.telemetry=false", "-volume.preStopSeconds=0",
-               f"-bucket={config.bucket}"]
+               f"-bucket={config.bucket}", *(["-s3.iam.readOnly=false"] if config.auth else [])]
         env |= {"AWS_ACCESS_KEY_ID": creds["access_key"], "AWS_SECRET_ACCESS_KEY": creds["secret_key"]}
     elif name == "mlflow":
         workdir = state / "mlflow"
@@ -110,6 +136,11 @@ def service_command(config: StackConfig, name: str,
         env |= {"MLFLOW_S3_ENDPOINT_URL": config.urls()["s3"], "AWS_ACCESS_KEY_ID": creds["access_key"],
                 "AWS_SECRET_ACCESS_KEY": creds["secret_key"], "AWS_DEFAULT_REGION": REGION,
                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+        if config.auth:  # MLflow's basic auth, users see only what they own (mlflow_auth: names tied to users)
+            cmd += ["--app-name", "basic-auth"]
+            env |= {"MLFLOW_AUTH_CONFIG_PATH": str(_mlflow_auth_ini(config)),
+                    "MLFLOW_AUTH_ADMIN_PASSWORD": creds["mlflow_password"],
+                    "MLFLOW_FLASK_SERVER_SECRET_KEY": creds["flask_secret"]}
     else:
         workdir = state / "prefect"
         cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port",

@@ -16,6 +16,10 @@ class TrainingError(PrefixError):
     """The training launch failed because of its input (not worth retrying)."""
 
 
+class AccessDenied(PrefixError):
+    """The credentials in use may not do this (S3 AccessDenied, MLflow 401/403): retrying cannot help."""
+
+
 class ServiceUnreachable(ConnectionError):
     """A server the pipeline needs (S3, MLflow, Prefect) did not answer. Not the input's fault: tasks retry it
     with backoff, and the CLI says which server and what to do."""
@@ -25,7 +29,42 @@ def is_user_error(exc: BaseException) -> bool:
     """True for errors caused by the input (retrying cannot help)."""
     from prefixflow.services.spec import SpecError
 
-    return isinstance(exc, PrefixError | SpecError)
+    return isinstance(exc, PrefixError | SpecError) or denied(exc) is not None
+
+
+def denied(exc: BaseException) -> str | None:
+    """One sentence saying which server refused which user, and what to do, when ``exc`` or one of its causes is
+    an MLflow 401/403 or an AccessDenied; None otherwise."""
+    import os
+    import re
+
+    from prefixflow import settings
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, AccessDenied):
+            return str(e)
+        code, text = str(getattr(e, "error_code", "")), str(e)
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        if type(e).__name__ in ("MlflowException", "RestException", "HTTPError") and (
+                code == "PERMISSION_DENIED" or "403" in text.split("Response")[0]):
+            reason = text.split("Permission denied: ", 1)[1].rstrip("'") if "Permission denied: " in text else ""
+            endpoint = re.search(r"endpoint (\S+)|for url: (\S+?)[?.\s]", text)
+            on = f" on {endpoint[1] or endpoint[2]}" if endpoint else ""
+            return (f"the MLflow server at {settings.mlflow_tracking_uri()} refused user {user!r}{on}"
+                    + (f": {reason}" if reason else " (it sees only its own client's experiment, runs and prefixes;"
+                       " a registered model that does not exist reads the same)")
+                    + ". Use the credentials of the client that owns it (eval \"$(prefixflow stack env --client "
+                      "CLIENT)\") or the admin's (eval \"$(prefixflow stack env)\")")
+        if type(e).__name__ in ("MlflowException", "RestException") and code == "UNAUTHENTICATED":
+            who = f"user {user!r} with this password" if user else "no user (MLFLOW_TRACKING_USERNAME is not set)"
+            return (f"the MLflow server at {settings.mlflow_tracking_uri()} did not accept {who}: it runs with "
+                    "authentication; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, e.g. "
+                    "eval \"$(prefixflow stack env --client CLIENT)\"")
+        e = e.__cause__ or e.__context__
+    return None
 
 
 

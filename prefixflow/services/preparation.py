@@ -21,7 +21,8 @@ from pydantic import BaseModel
 
 from prefix_core.artifact import atomic_write_dir
 from prefix_core.data import Example, encode, render
-from prefixflow.services.errors import DataError
+from prefixflow import settings
+from prefixflow.services.errors import AccessDenied, DataError
 from prefixflow.services.spec import DataSpec, PipelineSpec
 from prefixflow.services.storage import fetch, home, source_fingerprint
 
@@ -198,9 +199,16 @@ def _local_path_missing(uri: str) -> bool:
 def preflight(spec: PipelineSpec) -> None:
     """Refuse, before anything starts, inputs missing on this machine: a base model written as a local path
     that is not a model folder, a local data file that does not exist (ModelNotFoundError / DataError).
-    Cheap: reads no data and loads no model; the rest is checked when the data is prepared."""
+    Cheap: reads no data and loads no model; the rest is checked when the data is prepared. With one client's
+    credentials in the environment (``PREFIXFLOW_CLIENT``), a spec of another client is refused (AccessDenied):
+    the servers would refuse it halfway."""
     from prefix_core.base_model import check_model_folder
 
+    owner = settings.client()
+    if owner and spec.client != owner:
+        raise AccessDenied(f"the credentials in this environment are client {owner}'s (PREFIXFLOW_CLIENT) and the "
+                           f"spec is client {spec.client}'s: run it with eval \"$(prefixflow stack env --client "
+                           f"{spec.client})\", or as the admin with eval \"$(prefixflow stack env)\"")
     check_model_folder(spec.base_model)
     for uri in filter(None, (spec.data.source, spec.data.test_source)):
         if _local_path_missing(uri):

@@ -40,6 +40,12 @@ def _missing(err: Exception) -> bool:
     return "RESOURCE_DOES_NOT_EXIST" in str(getattr(err, "error_code", "")) or "not found" in str(err).lower()
 
 
+def _hidden(err: Exception) -> bool:
+    """An MLflow server with auth answers 403 to a user for a model it may not see, including one that does not
+    exist."""
+    return str(getattr(err, "error_code", "")) == "PERMISSION_DENIED"
+
+
 def resolve(ref: str):
     """The ModelVersion a reference points at (RegistryError with the choices if none)."""
     from mlflow.exceptions import MlflowException
@@ -64,13 +70,14 @@ def resolve(ref: str):
 
 
 def aliased(name: str, alias: str):
-    """The ModelVersion behind ``@alias`` of ``name``, or None when the model or alias does not exist."""
+    """The ModelVersion behind ``@alias`` of ``name``, or None when the model or alias does not exist (or, on a
+    server with auth, the user cannot see the model: creating it then says whose it is)."""
     from mlflow.exceptions import MlflowException
 
     try:
         return tracking.client().get_model_version_by_alias(name, alias)
     except MlflowException as err:
-        if _missing(err):
+        if _missing(err) or _hidden(err):
             return None
         raise
 

@@ -26,6 +26,16 @@ Strategy = Literal[STRATEGIES]
 HANG_TIMEOUT_S = 900.0  # no output from a training for this long: it hung (train.hang_timeout_s)
 
 
+def registered_model_name(client: str, task: str) -> str:
+    """The MLflow registered model of (client, task): ``CLIENT-TASK``."""
+    return f"{client}-{task}"
+
+
+def experiment_name(client: str) -> str:
+    """The MLflow experiment of a client: ``prefixflow-CLIENT``."""
+    return f"prefixflow-{client}"
+
+
 class SpecError(ValueError):
     """A pipeline spec is invalid; the message lists every problem and where it is."""
 
@@ -280,12 +290,12 @@ class PipelineSpec(_Strict):
     @property
     def registered_model(self) -> str:
         """MLflow registered-model name: one per (client, task)."""
-        return f"{self.client}-{self.task}"
+        return registered_model_name(self.client, self.task)
 
     @property
     def experiment(self) -> str:
         """MLflow experiment name: one per client."""
-        return f"prefixflow-{self.client}"
+        return experiment_name(self.client)
 
     def spec_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]

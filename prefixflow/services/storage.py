@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from prefixflow import settings
-from prefixflow.services.errors import DataError, ServiceUnreachable
+from prefixflow.services.errors import AccessDenied, DataError, ServiceUnreachable
 
 
 def home() -> Path:
@@ -63,8 +63,11 @@ def _s3_call(uri: str, fn):
         if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
             raise DataError(f"{uri} does not exist (S3 said {code}); check the bucket and key") from None
         if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            raise DataError(f"access to {uri} was denied ({code}): check AWS_ACCESS_KEY_ID / "
-                            "AWS_SECRET_ACCESS_KEY (`prefixflow stack env` prints them for the local stack)") from None
+            key = os.environ.get("AWS_ACCESS_KEY_ID", "(none)")
+            raise AccessDenied(f"the S3 server refused access to {uri} for access key {key} ({code}): a client's "
+                               "key reaches only s3://BUCKET/clients/CLIENT/; use the key of the client that owns "
+                               "it (eval \"$(prefixflow stack env --client CLIENT)\") or check AWS_ACCESS_KEY_ID / "
+                               "AWS_SECRET_ACCESS_KEY") from None
         raise
     except (EndpointConnectionError, ConnectTimeoutError, ConnectionClosedError) as err:
         raise ServiceUnreachable(f"the S3 server did not answer for {uri} ({type(err).__name__}): start it "

@@ -138,7 +138,7 @@ def create_app(server: Server) -> FastAPI:
             raise oa.APIError(400, "the prompt is empty", param="prompt")
         rid = server.request_id(chat)
         rows = server.rows(prompts, body.n, prefix, max_tokens, body.temperature, body.top_p, body.stops,
-                           body.seed, rid)
+                           body.seed, rid, ignore_eos=body.ignore_eos)
         started = time.monotonic()
         await server.admit(rows)
         prompt_tokens = sum(len(p) for p in prompts)

@@ -51,6 +51,7 @@ class Row:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     submitted: float = field(default_factory=time.monotonic)
+    ignore_eos: bool = False
 
 
 class EngineLoop:
@@ -119,7 +120,7 @@ class EngineLoop:
                 try:
                     engine.add(row.id, row.prompt_ids, row.prefix.kv if row.prefix else None,
                                max_new_tokens=row.max_tokens, temperature=row.temperature, top_p=row.top_p,
-                               stop=row.stop, seed=row.seed)
+                               stop=row.stop, seed=row.seed, ignore_eos=row.ignore_eos)
                 except ValueError as err:
                     self._send(row, "error", str(err))
                     continue

@@ -53,6 +53,7 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension (``extra_body``): run to max_tokens past EOS, for load tests
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

@@ -247,7 +247,7 @@ class Server:
 
     # --- generation -------------------------------------------------------------------------------------------
     def rows(self, prompts: list[list[int]], n: int, prefix: Prefix | None, max_tokens: int, temperature: float,
-             top_p: float, stops: tuple[str, ...], seed: int | None, rid: str) -> list[Row]:
+             top_p: float, stops: tuple[str, ...], seed: int | None, rid: str, ignore_eos: bool = False) -> list[Row]:
         """``n`` rows per prompt, in choice-index order (prompt i, choice j -> index i * n + j)."""
         loop = asyncio.get_running_loop()
         out = []
@@ -255,7 +255,7 @@ class Server:
             for j in range(n):
                 index = i * n + j
                 out.append(Row(f"{rid}-{index}", ids, prefix, max_tokens, temperature, top_p, stops,
-                               None if seed is None else seed + index, loop))
+                               None if seed is None else seed + index, loop, ignore_eos=ignore_eos))
         return out
 
     async def admit(self, rows: list[Row]) -> None:
