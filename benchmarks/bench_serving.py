@@ -1,8 +1,10 @@
 """Serving benchmark: `prefixflow serve` under C concurrent streaming clients, each with its own prefix, on loopback.
 
-Exact command of the reported CPU run (2-core shared CPU; about 20 minutes)::
+Exact commands of the reported CPU runs (2-core shared CPU; 15 to 20 minutes each)::
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_serving.py --keep-home
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_serving.py --ignore-eos \
+        --out benchmarks/results/serving_cpu_ignore_eos.json     # equal work per request (vLLM's ignore_eos)
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_serving.py --keep-home   # requests end at EOS
 
 Set-up (in a fresh temporary ``PREFIXFLOW_HOME``, embedded MLflow): the base is ``smollm2-135m``; 64 prefixes
 ``c00``..``c63`` are registered through the product's registration code (``registration.ensure_model`` +
@@ -373,6 +375,8 @@ def main() -> None:
     ap.add_argument("--max-warmup", type=float, default=420, help="longest warm-up before the window opens (s)")
     ap.add_argument("--variants", default="ours,base,peft")
     ap.add_argument("--device", default="cpu", help="device of every server")
+    ap.add_argument("--precision", default="auto",
+                    help="dtype of every server's base (auto: bf16 only where the CPU runs it natively)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of every server process (OMP_NUM_THREADS; 0: torch's default). 1 by default: "
                          "on a 2-core machine shared with other jobs, 2 OpenMP threads per forward stall whenever "
@@ -430,9 +434,10 @@ def main() -> None:
     del base
 
     serve_cmd = [sys.executable, "-m", "prefixflow.flows.cli", "serve", "--base", args.base, "--device", args.device,
-                 "--max-queued", "512", "--max-tokens", str(max(64, args.max_tokens)), "--refresh", "0"]
+                 "--max-queued", "512", "--max-tokens", str(max(64, args.max_tokens)), "--refresh", "0",
+                 "--precision", args.precision]
     peft_cmd = [sys.executable, str(HERE / "peft_engine.py"), "--adapters", str(home / "peft"), "--base", args.base,
-                "--max-queued", "512", "--max-tokens", str(max(64, args.max_tokens))]
+                "--max-queued", "512", "--max-tokens", str(max(64, args.max_tokens)), "--precision", args.precision]
     runs: dict[str, dict] = {}
 
     def portable(argv: list[str]) -> str:
@@ -519,11 +524,11 @@ def main() -> None:
     ratios, targets = {}, {}
     for clients in levels:
         ours, bare, other = (runs.get(f"{v}@{clients}") for v in ("ours", "base", "peft"))
-        if ours and other:
+        if ours and other and other["output_tokens_per_s"]:  # a variant that served nothing has no ratio
             r = ours["output_tokens_per_s"] / other["output_tokens_per_s"]
             ratios[f"ours_over_peft@{clients}"] = round(r, 2)
             targets[f"ours_over_peft_ge_4@{clients}"] = r >= 4
-        if ours and bare:
+        if ours and bare and bare["output_tokens_per_s"]:
             r = ours["output_tokens_per_s"] / bare["output_tokens_per_s"]
             ratios[f"ours_over_base@{clients}"] = round(r, 3)
             targets[f"ours_at_most_10pct_below_base@{clients}"] = r >= 0.9
@@ -543,7 +548,8 @@ def main() -> None:
                   "sources_screened": len(screened), "sources_used": len(sources),
                   "prompt_tokens_min_mean_max": [min(prompt_tokens), round(sum(prompt_tokens) / len(prompt_tokens), 1),
                                                  max(prompt_tokens)],
-                  "max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos, "duration_s": args.duration,
+                  "max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos, "precision": args.precision,
+                  "bf16_native": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "duration_s": args.duration,
                   "peft_duration_s": args.peft_duration,
                   "max_warmup_s": args.max_warmup, "clients": levels,
                   "server_max_batch": "C (ours and base); PEFT: 1 by construction", "server_max_queued": 512},

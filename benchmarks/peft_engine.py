@@ -159,8 +159,8 @@ class PeftEngine:
         name = self._adapter_of.get(tag)
         if name is None:
             table = kv_to_table(list(keys), list(values)).to(self.device, torch.float32)
-            for candidate, t in self.tables.items():
-                if t.shape == table.shape and torch.allclose(t.float(), table, rtol=0, atol=1e-6):
+            for candidate, t in self.tables.items():  # the bank holds the base's dtype (bf16 where native)
+                if t.shape == table.shape and torch.allclose(t.to(keys[0].dtype).float(), table, rtol=0, atol=1e-6):
                     name = candidate
                     break
             if name is None:
