@@ -50,6 +50,7 @@ def fault_rng(request):
     return seeded_rng(request)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the node ids
 def pytest_collection_modifyitems(config, items):
     """Work units for pytest-xdist (``make test`` runs ``-n 2 --dist loadgroup``): a test module stays on one
     worker, so its module-scoped fixtures (a Slurm cluster, a Prefect harness) start once; every test that uses
