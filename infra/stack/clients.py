@@ -12,11 +12,9 @@ password is stored before it is set, and a key pair is replaced only when the st
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator
 
 from prefixflow.services.spec import NAME_PATTERN, experiment_name
 
@@ -51,20 +49,12 @@ def client_policy(bucket: str, client: str) -> dict:
     ]}
 
 
-@contextlib.contextmanager
-def _as_admin(creds: dict) -> Iterator[None]:
+def _as_admin(creds: dict):
     """MLflow's clients read the user from the environment: the stack's admin for the length of the block."""
-    keys = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update(dict(zip(keys, (ADMIN_USER, creds["mlflow_password"]), strict=True)))
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    from unittest import mock
+
+    return mock.patch.dict(os.environ, {"MLFLOW_TRACKING_USERNAME": ADMIN_USER,
+                                        "MLFLOW_TRACKING_PASSWORD": creds["mlflow_password"]})
 
 
 def _mlflow_user(config: StackConfig, creds: dict, name: str, password: str) -> None:

@@ -63,12 +63,11 @@ def load_credentials(state_dir: Path, create: bool) -> dict:
     defaults = {"access_key": lambda: "PF" + "".join(secrets.choice(alphabet) for _ in range(18)),
                 "secret_key": lambda: secrets.token_urlsafe(30), "mlflow_password": new_password,
                 "flask_secret": lambda: secrets.token_hex(32)}
+    data.setdefault("clients", {})
     missing = [k for k in defaults if k not in data]
     if missing and create:
         data |= {k: defaults[k]() for k in missing}
-        data.setdefault("clients", {})
         _write_private(credentials_file(state_dir), json.dumps(data, indent=2))
-    data.setdefault("clients", {})
     return data
 
 

@@ -25,6 +25,16 @@ class ServiceUnreachable(ConnectionError):
     with backoff, and the CLI says which server and what to do."""
 
 
+def _chain(exc: BaseException):
+    """``exc`` and its causes (``__cause__``, else ``__context__``), each once."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
 def is_user_error(exc: BaseException) -> bool:
     """True for errors caused by the input (retrying cannot help)."""
     from prefixflow.services.spec import SpecError
@@ -40,14 +50,11 @@ def denied(exc: BaseException) -> str | None:
 
     from prefixflow import settings
 
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    for e in _chain(exc):
         if isinstance(e, AccessDenied):
             return str(e)
         code, text = str(getattr(e, "error_code", "")), str(e)
-        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
         if type(e).__name__ in ("MlflowException", "RestException", "HTTPError") and (
                 code == "PERMISSION_DENIED" or "403" in text.split("Response")[0]):
             reason = text.split("Permission denied: ", 1)[1].rstrip("'") if "Permission denied: " in text else ""
@@ -63,9 +70,7 @@ def denied(exc: BaseException) -> str | None:
             return (f"the MLflow server at {settings.mlflow_tracking_uri()} did not accept {who}: it runs with "
                     "authentication; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, e.g. "
                     "eval \"$(prefixflow stack env --client CLIENT)\"")
-        e = e.__cause__ or e.__context__
     return None
-
 
 
 def outage(exc: BaseException) -> str | None:
@@ -76,10 +81,7 @@ def outage(exc: BaseException) -> str | None:
     from prefixflow import settings
     from prefixflow.services.storage import home
 
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
+    for e in _chain(exc):
         name, text = type(e).__name__, str(e)
         if isinstance(e, ServiceUnreachable):
             return text
@@ -99,7 +101,6 @@ def outage(exc: BaseException) -> str | None:
         if name in ("ConnectError", "ConnectTimeout") and settings.prefect_api_url():
             return (f"the Prefect server at {settings.prefect_api_url()} did not answer: start it "
                     "(`prefixflow stack up`) or check PREFECT_API_URL and `prefixflow stack status`")
-        e = e.__cause__ or e.__context__
     return state_disk_full()
 
 
