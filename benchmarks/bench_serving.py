@@ -433,7 +433,7 @@ def main() -> None:
     prompt_tokens = [len(tok(TEMPLATE.format(source=s))["input_ids"]) for s in sources]
     del base
 
-    serve_cmd = [sys.executable, "-m", "prefixflow.flows.cli", "serve", "--base", args.base, "--device", args.device,
+    serve_cmd = [sys.executable, "-m", "prefixflow.cli", "serve", "--base", args.base, "--device", args.device,
                  "--max-queued", "512", "--max-tokens", str(max(64, args.max_tokens)), "--refresh", "0",
                  "--precision", args.precision]
     peft_cmd = [sys.executable, str(HERE / "peft_engine.py"), "--adapters", str(home / "peft"), "--base", args.base,

@@ -6,12 +6,19 @@ No server, no GPU, no account."""
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from prefix_core import DEFAULT_MODEL
 from prefixflow.flows.demo_task import TEMPLATE, split
 from prefixflow.flows.embedded import use_embedded_prefect
+from prefixflow.services.run import RunResult
+from prefixflow.services.spec import parse_spec
+
+# Deferred imports: Prefect and everything that loads it (the pipeline flow), prefix_core (torch) and the registry are
+# deferred on purpose: Prefect reads its settings once, when imported, and use_embedded_prefect() must make them
+# first.
 
 CLIENT, TASK = "demo", "restaurants"
 
@@ -19,7 +26,6 @@ CLIENT, TASK = "demo", "restaurants"
 def demo_spec(state: Path, steps: int, model: str, strategy: str = "single", processes: int = 1):
     """The demo's pipeline spec (its data written under ``state/input``); ``strategy``/``processes`` pick
     how training is launched (the prefix is the same up to floating-point noise)."""
-    from prefixflow.services.spec import parse_spec
 
     train, val, test = split(seed=0)
     folder = state / "input"
@@ -46,7 +52,7 @@ def demo_spec(state: Path, steps: int, model: str, strategy: str = "single", pro
 
 @dataclass
 class DemoResult:
-    pipeline: object  # flows.pipeline.PipelineResult
+    pipeline: RunResult
     pulled: Path
     pulled_alias: str
     rows: list[tuple[str, str, str, str]]  # source, no prefix, pulled prefix, reference
@@ -58,7 +64,6 @@ def run_demo(state: Path, steps: int = 150, model: str = DEFAULT_MODEL, fresh: b
              strategy: str = "single", processes: int = 1) -> DemoResult:
     """Run the pipeline on the demo task, pull the registered prefix and generate with and without it.
     Reruns reuse the finished run (``fresh=True`` trains a new version)."""
-    import uuid
 
     use_embedded_prefect(state)
     from prefix_core import MultiPrefixGenerator, PrefixArtifact, load_base_model

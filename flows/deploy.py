@@ -4,6 +4,8 @@ click away). Needs a Prefect server (``PREFECT_API_URL``, e.g. from ``prefixflow
 
 from __future__ import annotations
 
+from prefect import serve
+
 from prefixflow.flows.pipeline import prefix_pipeline
 from prefixflow.services.spec import PipelineSpec
 
@@ -26,6 +28,5 @@ def deployments(specs: list[PipelineSpec]) -> list:
 
 def serve_specs(specs: list[PipelineSpec], limit: int | None = None) -> None:
     """Serve every spec's deployment from this process until interrupted (runs flows as subprocesses)."""
-    from prefect import serve
 
     serve(*deployments(specs), limit=limit)

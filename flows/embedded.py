@@ -9,12 +9,16 @@ the allowance is raised (a value the user set wins).
 
 from __future__ import annotations
 
+import atexit
 import os
+import signal
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from prefixflow import settings
+from prefixflow import processes, settings
 
 STARTUP_TIMEOUT_VAR = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 STARTUP_TIMEOUT_S = 600  # covers a first migration on the slowest machine seen (~40 s) many times over
@@ -54,9 +58,11 @@ EPHEMERAL_API = "prefect.server.api.server:create_app"  # in the command line of
 def stop_embedded_prefect(grace_s: float = 5.0) -> list[int]:
     """Stop the ephemeral Prefect API servers this process started. Prefect stops them at a normal exit, but a
     process ended by SIGTERM or SIGHUP would leave them running as orphans."""
-    from prefixflow import processes
 
     return processes.stop_children(EPHEMERAL_API, grace_s)
+
+
+STOP_DEADLINE_S = 20.0  # after a stop signal: the command is gone this long after it, whatever it was doing
 
 
 def stop_on_termination() -> None:
@@ -64,29 +70,59 @@ def stop_on_termination() -> None:
     the flow, and training launches stop their process groups), then re-sends the signal to this handler, which
     exits normally with 128 + the signal number. A normal exit drains Prefect's log and event queues and then
     stops the ephemeral API (Prefect's atexit); the default handler would kill the process before, leaving the
-    API server running as an orphan. The atexit fallback stops any ephemeral API still running."""
-    import atexit
-    import signal
-    import threading
+    API server running as an orphan. The atexit fallback stops any ephemeral API still running.
 
+    Every stop signal (SIGINT included) also arms :func:`_deadline`: whatever the process is waiting on after it
+    (a training group slow to die, a server that does not answer, the interpreter's own teardown), it stops what
+    it started and exits within ``STOP_DEADLINE_S``."""
     if threading.current_thread() is not threading.main_thread():
         return
 
     def terminated(signum, frame) -> None:
+        _deadline(signum)
         raise SystemExit(128 + signum)
+
+    def interrupted(signum, frame) -> None:
+        _deadline(signum)
+        raise KeyboardInterrupt
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, terminated)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (nohup, xdist)
+        signal.signal(signal.SIGINT, interrupted)
     atexit.register(stop_embedded_prefect)  # runs after Prefect's own atexit stop (LIFO): normally a no-op
+
+
+_armed = threading.Event()
+
+
+def stopping() -> bool:
+    """True once this process got a stop signal (SIGTERM, SIGHUP, or SIGINT where it is not ignored)."""
+    return _armed.is_set()
+
+
+def _deadline(signum: int, after_s: float = STOP_DEADLINE_S) -> None:
+    """Once per process: a daemon thread that, ``after_s`` after a stop signal, stops every child (training groups,
+    the ephemeral API, the SIGKILL watcher) and ends the process with 128 + ``signum``."""
+    if _armed.is_set():
+        return
+    _armed.set()
+
+    def expire() -> None:
+        time.sleep(after_s)
+
+        print(f"prefixflow: still running {after_s:g} s after {signal.Signals(signum).name}: stopping what it "
+              "started and exiting", file=sys.stderr, flush=True)
+        processes.stop_descendants()
+        os._exit(128 + signum)
+
+    threading.Thread(target=expire, name="prefixflow-stop-deadline", daemon=True).start()
 
 
 def watch_for_sigkill() -> None:
     """Start a watcher process: when this process ends without running its exit handlers (SIGKILL, the OOM
     killer), the watcher stops the ephemeral Prefect API servers this process had started, which would otherwise
     run on as orphans. An exit that runs its exit handlers (normal, Ctrl-C, SIGTERM) ends the watcher first."""
-    import atexit
-    import subprocess
-
     if settings.prefect_api_url():
         return
     watcher = subprocess.Popen([sys.executable, "-m", __name__, str(os.getpid())], start_new_session=True,
@@ -96,7 +132,6 @@ def watch_for_sigkill() -> None:
 
 def _watch(parent: int, poll_s: float = 1.0, grace_s: float = 5.0) -> None:
     """Note ``parent``'s ephemeral API servers while it lives; once it is gone, stop those still running."""
-    from prefixflow import processes
 
     servers: set[int] = set()
     while processes.alive(parent):

@@ -5,6 +5,8 @@ pipeline not stopping the others."""
 from __future__ import annotations
 
 from prefect import flow, task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
@@ -30,8 +32,6 @@ class FleetEntry(BaseModel):
 
 def set_training_limit(limit: int) -> None:
     """Create or update the global limit on concurrent trainings."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(TRAINING_LIMIT, limit)

@@ -14,39 +14,16 @@ from typing import Literal
 
 from prefect import flow
 from prefect.runtime import flow_run
-from pydantic import BaseModel
 
+from prefixflow.flows.finish import evaluate_and_register
 from prefixflow.services import tracking
-from prefixflow.services.evaluation import EvalReport
-from prefixflow.services.preparation import PreparedData
-from prefixflow.services.registration import Registration, Unchanged
+from prefixflow.services.run import RunContext, RunResult
 from prefixflow.services.spec import PipelineSpec
-from prefixflow.services.trained import TrainOutcome
 from prefixflow.tasks.check_for_changes import check_for_changes
-from prefixflow.tasks.evaluate_prefix import evaluate_prefix
 from prefixflow.tasks.open_tracking_run import open_tracking_run
 from prefixflow.tasks.prepare_data import prepare_data
 from prefixflow.tasks.publish_summary import publish_summary
-from prefixflow.tasks.register_prefix import register_prefix
 from prefixflow.tasks.train_prefix import train_prefix
-
-
-class PipelineResult(BaseModel):
-    """``outcome``: ``registered`` (trained, evaluated, a version registered) or ``unchanged`` (the champion
-    already is what this run would train: ``unchanged`` says which and why; nothing else ran)."""
-
-    client: str
-    task: str
-    run_key: str
-    outcome: Literal["registered", "unchanged"] = "registered"
-    mlflow_run_id: str | None = None
-    mlflow_link: str | None = None
-    data: PreparedData
-    trained: TrainOutcome | None = None
-    report: EvalReport | None = None
-    registration: Registration | None = None
-    unchanged: Unchanged | None = None
-    timings: dict[str, float]  # seconds: total, prepare, train, evaluate, orchestration (the rest)
 
 
 def _mark_failed(flow, flow_run_obj, state) -> None:
@@ -65,7 +42,7 @@ def _mark_failed(flow, flow_run_obj, state) -> None:
 @flow(name="prefix-pipeline", retries=1, retry_delay_seconds=5, persist_result=True, on_failure=[_mark_failed],
       flow_run_name="{spec.client}-{spec.task}")
 def prefix_pipeline(spec: PipelineSpec, run_key: str | None = None,
-                    retrain: Literal["always", "on_change"] = "always") -> PipelineResult:
+                    retrain: Literal["always", "on_change"] = "always") -> RunResult:
     """Prepare data → train → evaluate (candidate vs baseline vs champion) → register, for one spec.
     ``retrain``: used when the spec does not set ``retrain``; with ``on_change`` a run whose data, base model and
     training settings equal the champion's ends after preparing the data (outcome ``unchanged``)."""
@@ -76,19 +53,14 @@ def prefix_pipeline(spec: PipelineSpec, run_key: str | None = None,
         unchanged = check_for_changes(spec, data)
         if unchanged is not None:
             publish_summary(spec, data, None, None, None, "", unchanged)
-            total = time.time() - t0
-            return PipelineResult(client=spec.client, task=spec.task, run_key=key, outcome="unchanged", data=data,
-                                  unchanged=unchanged, timings={"total": total, "prepare": data.seconds})
-    mlflow_run_id = open_tracking_run(spec, key, data.fingerprint)
-    trained = train_prefix(spec, data, key, mlflow_run_id)
-    report = evaluate_prefix(spec, data, trained, key, mlflow_run_id)
-    registration = register_prefix(spec, data, trained, report, key, mlflow_run_id)
-    link = tracking.run_link(mlflow_run_id)
-    publish_summary(spec, data, trained, report, registration, link)
-    tracking.close_run(mlflow_run_id)
+            return RunResult(client=spec.client, task=spec.task, run_key=key, outcome="unchanged", data=data,
+                             unchanged=unchanged, timings={"total": time.time() - t0, "prepare": data.seconds})
+    ctx = RunContext(spec=spec, run_key=key, mlflow_run_id=open_tracking_run(spec, key, data.fingerprint))
+    trained = train_prefix(ctx, data)
+    report, registration, link = evaluate_and_register(
+        ctx, data, trained, lambda report, reg, link: publish_summary(spec, data, trained, report, reg, link))
     total = time.time() - t0
     work = {"prepare": data.seconds, "train": trained.seconds, "evaluate": report.seconds}
-    timings = {"total": total, **work, "orchestration": total - sum(work.values())}
-    return PipelineResult(client=spec.client, task=spec.task, run_key=key, mlflow_run_id=mlflow_run_id,
-                          mlflow_link=link, data=data, trained=trained, report=report, registration=registration,
-                          timings=timings)
+    return RunResult(client=spec.client, task=spec.task, run_key=key, mlflow_run_id=ctx.mlflow_run_id,
+                     mlflow_link=link, data=data, trained=trained, report=report, registration=registration,
+                     timings={"total": total, **work, "orchestration": total - sum(work.values())})

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,7 +25,10 @@ from torch import nn
 from .base_model import base_identity
 from .encoder import kv_to_table, table_to_kv
 from .errors import ArtifactError, BaseModelMismatchError
+from .files import atomic_write_dir
 from .geometry import Geometry, geometry_from_config
+
+# Deferred imports: peft_interop (peft) is deferred to the PEFT export and import.
 
 FORMAT = "prefixflow.prefix"
 FORMAT_VERSION = 1
@@ -42,40 +43,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_dir(target: Path, write) -> None:
-    """Call ``write(tmp_dir)``, then move ``tmp_dir`` to ``target`` in one rename (an existing
-    target is replaced only after the new one is complete)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        _fsync_dir(target.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class PrefixArtifact:

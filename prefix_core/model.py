@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .artifact import PrefixArtifact
 from .attention import PREFIX_IMPL, SITE_ATTR, PrefixKV
 from .config import PrefixConfig
 from .encoder import PrefixEncoder, kv_to_table, table_to_kv
@@ -194,8 +195,6 @@ class PrefixModel(nn.Module):
     # --- artifacts ------------------------------------------------------------------------------
     def export(self, **manifest_fields):
         """Fold the prefix into a PrefixArtifact (per-site K/V + trainable state + manifest)."""
-        from .artifact import PrefixArtifact
-
         return PrefixArtifact.from_model(self, **manifest_fields)
 
     @classmethod

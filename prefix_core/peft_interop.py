@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peft import PeftConfig, PrefixTuningConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -19,8 +20,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def write_peft_adapter(artifact, path: Path) -> Path:
-    from peft import PrefixTuningConfig
-
     geometry = artifact.geometry
     if geometry.is_encoder_decoder:
         raise ArtifactError(
@@ -51,8 +50,6 @@ def write_peft_adapter(artifact, path: Path) -> Path:
 
 
 def read_peft_adapter(cls, path: Path, base: nn.Module, **fields):
-    from peft import PeftConfig
-
     if not (path / "adapter_config.json").is_file():
         raise ArtifactError(f"{path} is not a PEFT adapter: it has no adapter_config.json")
     config = PeftConfig.from_pretrained(str(path))

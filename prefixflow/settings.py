@@ -1,5 +1,7 @@
-"""Settings read from the environment, in one place: the state folder, the Prefect and MLflow targets, and the
-environment defaults of a prefixflow process. Nothing here runs at import time."""
+"""Settings read from the environment, in one place: every ``PREFIXFLOW_*`` variable (prefix_core, a library
+that may not import this, reads only its model cache, ``PREFIXFLOW_MODEL_CACHE``), the Prefect and MLflow
+targets, and the environment defaults of a prefixflow process. Each value is read when its function is called
+(a command may set a variable first); nothing here runs at import time."""
 
 from __future__ import annotations
 
@@ -7,6 +9,14 @@ import os
 from pathlib import Path
 
 STATE_ENV = "PREFIXFLOW_HOME"
+CLIENT_ENV = "PREFIXFLOW_CLIENT"
+RUN_STORAGE_ENV = "PREFIXFLOW_RUN_STORAGE"
+SWEEP_STORAGE_ENV = "PREFIXFLOW_SWEEP_STORAGE"
+API_KEYS_ENV = "PREFIXFLOW_API_KEYS"
+BASE_MODEL_ENV = "PREFIXFLOW_BASE_MODEL"
+STEP_HOOK_ENV = "PREFIXFLOW_STEP_HOOK"
+STACK_DIR_ENV = "PREFIXFLOW_STACK_DIR"
+WEED_ENV = "PREFIXFLOW_WEED"
 PROCESS_DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",  # tokenizers' thread pool and forked ranks do not mix
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -37,7 +47,44 @@ def mlflow_tracking_uri() -> str | None:
 def client() -> str | None:
     """The client whose credentials are in the environment (``$PREFIXFLOW_CLIENT``, set by
     ``prefixflow stack env --client``), or None: the admin's, or a stack without auth."""
-    return os.environ.get("PREFIXFLOW_CLIENT") or None
+    return os.environ.get(CLIENT_ENV) or None
+
+
+def run_storage() -> str | None:
+    """Where training checkpoints are mirrored (``$PREFIXFLOW_RUN_STORAGE``, an ``s3://BUCKET/PREFIX``), or None."""
+    return os.environ.get(RUN_STORAGE_ENV, "").rstrip("/") or None
+
+
+def sweep_storage() -> str | None:
+    """The Optuna storage URL of sweeps (``$PREFIXFLOW_SWEEP_STORAGE``), or None: SQLite in the state folder."""
+    return os.environ.get(SWEEP_STORAGE_ENV) or None
+
+
+def api_keys() -> str:
+    """The serving API keys given in the environment (``$PREFIXFLOW_API_KEYS``: ``CLIENT=KEY,...``), or ""."""
+    return os.environ.get(API_KEYS_ENV, "")
+
+
+def base_model_override() -> str | None:
+    """The base model that MLflow's pyfunc loader uses instead of the one a prefix names
+    (``$PREFIXFLOW_BASE_MODEL``), or None."""
+    return os.environ.get(BASE_MODEL_ENV) or None
+
+
+def step_hook() -> str | None:
+    """``module:factory`` of the training step hook (``$PREFIXFLOW_STEP_HOOK``: the tests' one seam), or None."""
+    return os.environ.get(STEP_HOOK_ENV) or None
+
+
+def stack_dir() -> Path:
+    """The local server stack's folder (``$PREFIXFLOW_STACK_DIR``, default ``state/stack``); not created."""
+    return Path(os.environ.get(STACK_DIR_ENV) or "state/stack")
+
+
+def weed_binary() -> str | None:
+    """The SeaweedFS ``weed`` binary the user chose (``$PREFIXFLOW_WEED``), or None: found next to Python or on
+    PATH."""
+    return os.environ.get(WEED_ENV) or None
 
 
 def apply_process_defaults() -> None:

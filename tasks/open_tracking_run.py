@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from prefect import task
+from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 from prefixflow.services.tracking import flatten, open_run
@@ -16,7 +17,6 @@ from .policies import retry_on_io
 def open_tracking_run(spec, run_key: str, data_fingerprint: str, parent_run_id: str | None = None) -> str:
     """Prefect task: the MLflow run of this pipeline run (idempotent by run key); with ``parent_run_id`` a child
     run of it (a sweep's trial)."""
-    from prefect.runtime import flow_run
 
     tags = {"client": spec.client, "task": spec.task, "prefect.flow_run_id": str(flow_run.id or ""),
             "prefect.flow_run_name": str(flow_run.name or ""), "data_fingerprint": data_fingerprint,

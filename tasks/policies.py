@@ -1,8 +1,9 @@
 """Prefect policies the tasks share: the cache policy of the per-run tasks (train, evaluate, register), one
 result per pipeline run, and the retry condition (retry failures, never those caused by the input).
 
-The key is (task source, run key, spec hash, data fingerprint), not the full inputs: timings and
-"reused" flags in the inputs change between attempts, and must not make a retried flow redo work.
+The key is (task source, run key, spec hash, data fingerprint) of the task's ``ctx`` (a RunContext) and ``data``,
+not the full inputs: timings and "reused" flags in the inputs change between attempts, and must not make a retried
+flow redo work.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from prefixflow.services.errors import is_user_error
 
 
 def _run_scoped_key(context, parameters: dict) -> str:
-    spec, data = parameters["spec"], parameters["data"]
-    text = f"{parameters['run_key']}|{spec.spec_hash()}|{data.fingerprint}"
+    ctx, data = parameters["ctx"], parameters["data"]
+    text = f"{ctx.run_key}|{ctx.spec.spec_hash()}|{data.fingerprint}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 

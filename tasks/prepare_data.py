@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import task
+from prefect.logging import get_run_logger
 
 from prefixflow.services.preparation import PreparedData, prepare
 from prefixflow.services.spec import PipelineSpec
@@ -14,7 +15,6 @@ from .policies import retry_on_io
       retry_condition_fn=retry_on_io)
 def prepare_data(spec: PipelineSpec) -> PreparedData:
     """Prefect task over :func:`prepare` (retried on I/O errors, never on bad input)."""
-    from prefect.logging import get_run_logger
 
     result = prepare(spec)
     c = result.counts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import task
+from prefect.artifacts import create_markdown_artifact
 
 from prefixflow.services.evaluation import EvalReport
 from prefixflow.services.preparation import PreparedData
@@ -16,7 +17,6 @@ from prefixflow.services.trained import TrainOutcome
 def publish_summary(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome | None, report: EvalReport | None,
                     reg: Registration | None, link: str, unchanged: Unchanged | None = None) -> str:
     """The summary of a run that registered a version, or (``unchanged``) of one that had nothing to train."""
-    from prefect.artifacts import create_markdown_artifact
 
     if unchanged is not None:
         markdown = unchanged_markdown(spec, data, unchanged)

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from prefect import task
+from prefect.artifacts import create_markdown_artifact
 
 from prefixflow.services import sweeps, tracking
 from prefixflow.services.spec import PipelineSpec
@@ -16,8 +17,6 @@ from prefixflow.services.sweeps import TrialRow
 @task(name="publish_sweep_summary")
 def publish_sweep_summary(spec: PipelineSpec, trials: list[TrialRow], best: TrialRow, registered: str,
                           mlflow_run_id: str, link: str) -> str:
-    from prefect.artifacts import create_markdown_artifact
-
     client = tracking.client()
     with tempfile.TemporaryDirectory(prefix="prefixflow-sweep-") as tmp:
         png = sweeps.plot(trials, Path(tmp) / "sweep.png")

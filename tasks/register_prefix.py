@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from prefect import task
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
+from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
 from prefixflow.services.evaluation import EvalReport
 from prefixflow.services.preparation import PreparedData
 from prefixflow.services.registration import Registration, register
-from prefixflow.services.spec import PipelineSpec
+from prefixflow.services.run import RunContext
 from prefixflow.services.trained import TrainOutcome
 
 from .policies import PER_RUN, retry_on_io
@@ -21,9 +24,6 @@ def registration_lock(name: str):
     embedded API's database is shared by the commands of one state folder): Prefect's global concurrency limit
     ``prefixflow-register-NAME`` with one slot, created on first use. A holder that dies frees it when its
     lease ends."""
-    from prefect.client.orchestration import get_client
-    from prefect.concurrency.sync import concurrency
-
     limit = f"{LOCK_PREFIX}{name}"
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(limit, 1)
@@ -32,13 +32,11 @@ def registration_lock(name: str):
 
 @task(name="register_prefix", cache_policy=PER_RUN, persist_result=True, retries=3,
       retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_condition_fn=retry_on_io)
-def register_prefix(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, report: EvalReport, run_key: str,
-                    mlflow_run_id: str, extra_tags: dict[str, str] | None = None) -> Registration:
+def register_prefix(ctx: RunContext, data: PreparedData, trained: TrainOutcome, report: EvalReport,
+                    extra_tags: dict[str, str] | None = None) -> Registration:
     """Prefect task over :func:`register` (retried with backoff; never creates a second version)."""
-    from prefect.logging import get_run_logger
-
-    with registration_lock(spec.registered_model):
-        reg = register(spec, data, trained, report, run_key, mlflow_run_id, extra_tags)
+    with registration_lock(ctx.spec.registered_model):
+        reg = register(ctx.spec, data, trained, report, ctx.run_key, ctx.mlflow_run_id, extra_tags)
     if reg.note:
         get_run_logger().warning(reg.note)
     get_run_logger().info("%s version %s %s; champion v%s, previous v%s", reg.name, reg.version,

@@ -20,24 +20,13 @@ import torch
 import yaml
 
 from support.cli import prefixflow
+from support.harness import World, registry_snapshot
 from support.pipeline import patched_environ, spec_dict, write_task
 from support.serving import register_random_prefix, served_model_dir
 
 pytestmark = pytest.mark.slow
 
 VOLATILE = (".db", ".db-journal", ".db-wal", ".db-shm", ".log", ".lock")
-
-
-@dataclass
-class World:
-    root: Path
-    home: Path
-    env: dict[str, str]
-    model: Path
-    other_model: Path
-    data: Path
-    prefix: Path  # acme/rev's champion, downloaded
-    keys: dict[str, str]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +54,8 @@ def world(tmp_path_factory) -> World:
         assert out.returncode == 0, out.stderr
         keys[client] = out.stdout.strip().splitlines()[-1]
     keys["file"] = str(keys_file)
-    return World(root, home, env, model, other, write_task(root / "task.jsonl", n=60), prefix, keys)
+    return World(root, env, model=model, data=write_task(root / "task.jsonl", n=60), other_model=other,
+                 prefix=prefix, keys=keys)
 
 
 def cli(*args: str, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -77,21 +67,13 @@ def state(w: World) -> dict:
     """What must not change: registry (models, versions, aliases, tags), runs, and the state folder's files."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{w.home / 'mlflow' / 'mlflow.db'}")
-    models = {}
-    for m in client.search_registered_models():
-        versions = client.search_model_versions(f"name = '{m.name}'")
-        models[m.name] = {"aliases": dict(m.aliases), "tags": dict(m.tags),
-                          "versions": sorted((v.version, v.status, v.source, tuple(sorted(v.tags.items())))
-                                             for v in versions)}
-    runs = sorted((r.info.run_id, r.info.status) for e in client.search_experiments()
-                  for r in client.search_runs([e.experiment_id]))
+    registry = registry_snapshot(MlflowClient(tracking_uri=f"sqlite:///{w.home / 'mlflow' / 'mlflow.db'}"))
     files = {}
     for path in sorted(w.home.rglob("*")):
         rel = path.relative_to(w.home)
         if path.is_file() and rel.parts[0] != "prefect" and not path.name.endswith(VOLATILE):
             files[str(rel)] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return {"models": models, "runs": runs, "files": files}
+    return {**registry, "files": files}
 
 
 # --- the corpus -------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from prefix_core import PrefixArtifact, precision
-from prefixflow.flows.cli import app
+from prefixflow.cli import app
 from prefixflow.flows.demo_task import TEMPLATE, make_examples, split
 from prefixflow.flows.embedded import STARTUP_TIMEOUT_VAR
 

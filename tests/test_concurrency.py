@@ -8,34 +8,28 @@ import hashlib
 import os
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
 from support.faults import pause_fault
+from support.harness import World, wait_until
 from support.pipeline import patched_environ, save_tiny_model, spec_dict, write_task
 
 pytestmark = pytest.mark.slow
 EXE = str(Path(sys.executable).with_name("prefixflow"))
 
 
-@dataclass
-class Stack:
-    env: dict[str, str]  # the stack's client env, with a state folder of this module's own
-    model: Path
-    root: Path
-
-
 @pytest.fixture(scope="module")
-def stack(live_stack, tmp_path_factory):
+def stack(live_stack, tmp_path_factory) -> World:
+    """The live stack's client env with a state folder of this module's own, and a tiny base."""
     root = tmp_path_factory.mktemp("concurrency")
-    return Stack({**live_stack, "PREFIXFLOW_HOME": str(root / "state")}, save_tiny_model(root / "tiny-llama"), root)
+    return World(root, {**live_stack, "PREFIXFLOW_HOME": str(root / "state")},
+                 model=save_tiny_model(root / "tiny-llama"))
 
 
-def start(stack: Stack, spec: dict, run_key: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+def start(stack: World, spec: dict, run_key: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     """``prefixflow run SPEC --run-key KEY`` as a process of its own; its output goes to ROOT/KEY.log."""
     path = stack.root / f"{run_key}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -44,7 +38,7 @@ def start(stack: Stack, spec: dict, run_key: str, extra_env: dict[str, str] | No
                             env={**os.environ, "COLUMNS": "200", **stack.env, **(extra_env or {})})
 
 
-def finish(stack: Stack, proc: subprocess.Popen, run_key: str, timeout: float = 900) -> tuple[int, str]:
+def finish(stack: World, proc: subprocess.Popen, run_key: str, timeout: float = 900) -> tuple[int, str]:
     """Exit code and (whitespace-flattened) output of a process from :func:`start`."""
     try:
         code = proc.wait(timeout)
@@ -56,14 +50,15 @@ def finish(stack: Stack, proc: subprocess.Popen, run_key: str, timeout: float = 
 
 
 def wait_for(paths: list[Path], procs: list[subprocess.Popen], timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while not all(p.exists() for p in paths):
+    """Until every one of ``paths`` exists; fails at once if one of ``procs`` ends first."""
+    def appeared() -> bool:
         assert all(p.poll() is None for p in procs), "a run ended before reaching its pause"
-        assert time.monotonic() < deadline, f"not all of {paths} appeared in {timeout} s"
-        time.sleep(0.5)
+        return all(p.exists() for p in paths)
+
+    wait_until(appeared, timeout, 0.5, message=f"not all of {paths} appeared")
 
 
-def registry(stack: Stack):
+def registry(stack: World):
     from prefixflow.services import tracking
 
     with patched_environ(stack.env):

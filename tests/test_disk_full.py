@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from support.faults import fill_fault
+from support.harness import registry_snapshot, require
 from support.pipeline import save_tiny_model, spec_dict, write_task
 
 pytestmark = pytest.mark.slow
@@ -23,8 +24,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def small_disk(tmp_path):
     """A 64 MiB tmpfs (mounting needs root, which CI has)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    require("root")
     disk = tmp_path / "disk"
     disk.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], check=True)
@@ -35,12 +35,12 @@ def small_disk(tmp_path):
 
 
 def versions(state: Path, name: str) -> list[tuple[str, dict]]:
+    """(version, the model's aliases) of each version of ``name`` in the state folder's registry."""
     from mlflow import MlflowClient
 
-    c = MlflowClient(tracking_uri=f"sqlite:///{state / 'mlflow' / 'mlflow.db'}")
-    found = c.search_model_versions(f"name = '{name}'")
-    aliases = {a: str(v) for a, v in c.get_registered_model(name).aliases.items()} if found else {}
-    return sorted((str(v.version), aliases) for v in found)
+    client = MlflowClient(tracking_uri=f"sqlite:///{state / 'mlflow' / 'mlflow.db'}")
+    model = registry_snapshot(client, [name], runs=False)["models"].get(name)
+    return [(v.version, model.aliases) for v in model.versions] if model else []
 
 
 def test_a_full_disk_mid_training_ends_in_one_message_and_the_rerun_registers_once(small_disk, tmp_path):

@@ -180,7 +180,7 @@ def test_work_pool_template_is_valid_for_prefect():
 def test_serve_manifest_is_a_gpu_deployment_ready_on_health_with_keys_from_a_secret(tmp_path):
     import typer.main
 
-    from prefixflow.flows.cli import app
+    from prefixflow.cli import app
     from prefixflow.launch.k8s_render import SERVE_TEMPLATE, serve_values
 
     out = tmp_path / "serve.yaml"

@@ -17,6 +17,7 @@ from prefixflow.launch.command import Launch, build_launch
 from prefixflow.launch.gang import run_launch
 from prefixflow.launch.train_job import TrainJob
 from prefixflow.services.spec import TrainSpec
+from support.harness import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 GANG = str(REPO / "tests" / "workers" / "gang.py")
@@ -193,12 +194,21 @@ def test_dying_rank_tears_down_a_launcher_that_does_not(monkeypatch, tmp_path):
 
 
 def test_launcher_exit_leaves_no_orphans(tmp_path):
+    """The launcher exits 0 at once; its two ranks (which would sleep 600 s) must be stopped by run_launch, not
+    waited for: it returns within a minute and they are gone within the group's kill wait."""
+    t = time.monotonic()
     res = run_launch(Launch([sys.executable, GANG, "launcher", "orphan", "-m", "gang-rank"], {}), lambda e: None,
                      log_file=tmp_path / "log", hang_timeout_s=60)
+    took = time.monotonic() - t
     assert res.returncode == 0
-    time.sleep(0.2)
+    assert took < 60, f"run_launch returned after {took:.0f} s: it waited for the orphaned ranks to end"
     pids = pids_in([line for line in res.tail if "pid" in line])
-    assert pids and not any(alive(p) for p in pids)
+    assert len(pids) == 3, res.tail  # the launcher and its two ranks
+    try:
+        wait_until(lambda: not [p for p in pids if alive(p)], processes.KILL_WAIT_S,
+                   message=lambda: f"still running: {[p for p in pids if alive(p)]}")
+    finally:
+        processes.stop_pids([p for p in pids if alive(p)], 1.0)  # what a failure left
 
 
 def test_torchrun_stops_the_gang_when_a_rank_dies(cpu_only, tmp_path):

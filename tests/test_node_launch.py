@@ -59,8 +59,8 @@ def test_only_machine_0_watches_for_hangs(monkeypatch, tmp_path):
     import prefixflow.launch.gang as gang_mod
 
     seen = {}
-    monkeypatch.setattr(launch_mod, "build_launch", lambda train, job, machine_rank: launch_mod.Launch(["x"]))
-    monkeypatch.setattr(gang_mod, "run_launch", lambda lw, on_event, log_file, hang_timeout_s: seen.update(
+    monkeypatch.setattr(node_launch, "build_launch", lambda train, job, machine_rank: launch_mod.Launch(["x"]))
+    monkeypatch.setattr(node_launch, "run_launch", lambda lw, on_event, log_file, hang_timeout_s: seen.update(
         {log_file.name: hang_timeout_s}) or gang_mod.LaunchResult(0, "ok", None, []))
     train = TrainSpec(strategy="ddp", processes_per_machine=2, machines=2, main_address="localhost",
                       main_port=29500, hang_timeout_s=120)

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 USER_CHECK = """
 import flows, tasks
 assert flows.OWNER == tasks.OWNER == "user", (flows.__file__, tasks.__file__)
-import prefix_core, prefixflow, prefixflow.flows.cli, prefixflow.tasks.train_prefix, prefixflow.launch.train_job
+import prefix_core, prefixflow, prefixflow.cli, prefixflow.tasks.train_prefix, prefixflow.launch.train_job
 import prefixflow.infra.stack
 from prefixflow.launch.command import ACCELERATE_CONFIGS, DEEPSPEED_CONFIGS
 from prefixflow.launch.k8s_render import K8S_DIR

@@ -117,7 +117,7 @@ def test_gate_refuses_a_worse_candidate_and_keeps_the_champion(env, first_run):
     assert registry.rollback(spec.registered_model) == ("2", "1")
     assert registry.alias_version(spec.registered_model, "champion") == "1"
     # the same through the CLI, and a clear message for a version that does not exist
-    from prefixflow.flows.cli import app
+    from prefixflow.cli import app
 
     runner = CliRunner()
     out = runner.invoke(app, ["promote", "acme/rev@candidate"])
@@ -133,7 +133,7 @@ def test_gate_refuses_a_worse_candidate_and_keeps_the_champion(env, first_run):
     ("column", "no column 'text'"),
 ])
 def test_bad_input_fails_cleanly_and_touches_nothing_registered(env, tmp_path, problem, message):
-    from prefixflow.flows.cli import app
+    from prefixflow.cli import app
 
     d = spec_dict(env["model"], env["data"])
     if problem == "missing":
@@ -152,7 +152,7 @@ def test_bad_input_fails_cleanly_and_touches_nothing_registered(env, tmp_path, p
 
 
 def test_bad_spec_is_one_message(tmp_path):
-    from prefixflow.flows.cli import app
+    from prefixflow.cli import app
 
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text("client: Acme!\ntask: e2e\ndata: {source: x.csv, template: 'no placeholder'}\nbogus: 1\n")
@@ -223,7 +223,7 @@ def test_retrain_on_change_skips_an_unchanged_champion_and_trains_on_changed_dat
     assert same.mlflow_run_id is None and len(_versions(name)) == 1
 
     runner = CliRunner()  # the CLI says why, and the spec's own `retrain` is honoured
-    from prefixflow.flows.cli import app
+    from prefixflow.cli import app
 
     spec_file = env["root"] / "skip.yaml"
     import yaml

@@ -5,17 +5,19 @@ pyfunc flavour of a registered version. A tiny random llama; prefixes registered
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import yaml
 
+from support.harness import wait_until
 from support.pipeline import patched_environ
 from support.serving import TEMPLATE, register_random_prefix, serve_process, served_model_dir
 
@@ -51,7 +53,7 @@ def keys(registry_home):
     file = registry_home["root"] / "keys.yaml"
     out = {}
     for client in ("acme", "globex", "*"):
-        res = subprocess.run([sys.executable, "-m", "prefixflow.flows.cli", "keys", "add", "--client", client,
+        res = subprocess.run([sys.executable, "-m", "prefixflow.cli", "keys", "add", "--client", client,
                               "--file", str(file)], capture_output=True, text=True, check=True)
         out[client] = res.stdout.strip().splitlines()[-1]
     return {"file": file, **out}
@@ -184,21 +186,21 @@ def test_an_alias_moved_by_promote_is_served_without_a_restart(server, keys, reg
     assert before.choices[0].text == reference("acme/rev/1", "dog sun", 10)
     env = {**registry_home["env"]}
     with patched_environ(env, unset=("MLFLOW_TRACKING_URI",)):
-        subprocess.run([sys.executable, "-m", "prefixflow.flows.cli", "promote", "acme/rev/2"], check=True,
+        subprocess.run([sys.executable, "-m", "prefixflow.cli", "promote", "acme/rev/2"], check=True,
                        capture_output=True)
     want = reference("acme/rev/2", "dog sun", 10)
     assert want != before.choices[0].text
-    deadline = time.monotonic() + 30
-    while True:
-        text = c.completions.create(model="acme/rev@champion", prompt="dog sun", max_tokens=10,
-                                    temperature=0).choices[0].text
-        if text == want or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert text == want
+    seen = []
+
+    def moved() -> bool:
+        seen.append(c.completions.create(model="acme/rev@champion", prompt="dog sun", max_tokens=10,
+                                         temperature=0).choices[0].text)
+        return seen[-1] == want
+
+    wait_until(moved, 30, 0.5, message=lambda: f"@champion still answers {seen[-1]!r}, not v2's {want!r}")
     assert "alias_move" in httpx.get(f"{server}/metrics").text
     with patched_environ(env, unset=("MLFLOW_TRACKING_URI",)):  # back, for the other tests
-        subprocess.run([sys.executable, "-m", "prefixflow.flows.cli", "promote", "acme/rev/1"], check=True,
+        subprocess.run([sys.executable, "-m", "prefixflow.cli", "promote", "acme/rev/1"], check=True,
                        capture_output=True)
 
 
@@ -232,24 +234,14 @@ def test_a_client_that_disconnects_frees_its_row(server, keys):
     before = _counter(httpx.get(f"{server}/metrics").text, "prefixflow_requests_cancelled_total")
     with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=headers, timeout=30) as r:
         next(r.iter_lines())  # the first event: generation has started
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        metrics = httpx.get(f"{server}/metrics").text
-        if _counter(metrics, "prefixflow_requests_cancelled_total") > before:
-            break
-        time.sleep(0.2)
+    metrics = _metrics_once(server, "prefixflow_requests_cancelled_total", above=before)
     assert _counter(metrics, "prefixflow_requests_cancelled_total") == before + 1
     assert _counter(metrics, "prefixflow_running_requests") == 0
     # a plain (non-streaming) request whose client gives up frees its rows too (16 choices of 400 tokens: more work
     # than the tiny model can do before the server sees the client gone)
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{server}/v1/completions", json={**body, "stream": False, "n": 16}, headers=headers, timeout=0.2)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        metrics = httpx.get(f"{server}/metrics").text
-        if _counter(metrics, "prefixflow_requests_cancelled_total") > before + 1:
-            break
-        time.sleep(0.2)
+    metrics = _metrics_once(server, "prefixflow_requests_cancelled_total", above=before + 1)
     assert _counter(metrics, "prefixflow_requests_cancelled_total") == before + 2
     assert _counter(metrics, "prefixflow_running_requests") == 0
     assert client(server, keys["*"]).completions.create(model="base", prompt="red", max_tokens=3).choices
@@ -311,27 +303,39 @@ def test_a_registered_version_loads_with_mlflow_pyfunc(server, keys, registry_ho
 
 
 def test_serve_refuses_a_base_it_cannot_load_in_one_message(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "prefixflow.flows.cli", "serve", "--base", str(tmp_path / "none"),
+    r = subprocess.run([sys.executable, "-m", "prefixflow.cli", "serve", "--base", str(tmp_path / "none"),
                         "--port", "1"], capture_output=True, text=True, timeout=120,
                        env={**_env(), "PREFIXFLOW_HOME": str(tmp_path)})
     assert r.returncode == 2 and "cannot load base model" in r.stderr and "Traceback" not in r.stderr + r.stdout
     bad = tmp_path / "keys.yaml"
     bad.write_text("keys: [{client: acme, sha256: nothex}]")
-    r = subprocess.run([sys.executable, "-m", "prefixflow.flows.cli", "serve", "--keys", str(bad)],
+    r = subprocess.run([sys.executable, "-m", "prefixflow.cli", "serve", "--keys", str(bad)],
                        capture_output=True, text=True, timeout=120, env=_env())
     assert r.returncode == 2 and "entry 1 needs" in r.stderr
 
 
 def test_keys_are_stored_hashed(keys):
+    """No key in the file in plain text; each entry holds the SHA-256 hex digest of its client's key."""
     text = Path(keys["file"]).read_text()
-    assert keys["acme"] not in text and keys["*"] not in text
-    assert len(json.dumps(text)) > 0 and text.count("sha256:") == 3
+    created = {client: key for client, key in keys.items() if client != "file"}
+    assert not [client for client, key in created.items() if key in text]
+    stored = sorted((e["client"], e["sha256"]) for e in yaml.safe_load(text)["keys"])
+    assert stored == sorted((client, hashlib.sha256(key.encode()).hexdigest()) for client, key in created.items())
 
 
 def _env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+
+
+def _metrics_once(server: str, name: str, above: float) -> str:
+    """The server's metrics once the series ``name`` is above ``above`` (20 s at most)."""
+    def check() -> str | None:
+        metrics = httpx.get(f"{server}/metrics").text
+        return metrics if _counter(metrics, name) > above else None
+
+    return wait_until(check, 20, 0.2, message=f"{name} is not above {above}")
 
 
 def _counter(metrics: str, name: str) -> float:

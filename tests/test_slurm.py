@@ -9,7 +9,6 @@ last checkpoint to the prefix of an uninterrupted single-process run.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -21,8 +20,9 @@ from prefixflow.launch import slurm
 from prefixflow.services.errors import TrainingError
 from prefixflow.services.spec import SlurmSpec, TrainSpec, parse_spec
 from support.faults import hang_fault
+from support.harness import require, wait_until
 from support.pipeline import patched_environ, save_tiny_model, spec_dict, survivors, write_task
-from support.slurm_cluster import missing_binaries, running_cluster
+from support.slurm_cluster import running_cluster
 
 
 def test_srun_runs_one_node_launch_per_machine(tmp_path):
@@ -69,12 +69,7 @@ def test_local_launcher_refuses_several_machines():
 # --- a real Slurm cluster on this host -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    if missing_binaries():
-        if os.geteuid() == 0:  # CI runs as root and `make setup` installs Slurm: its absence is a failure
-            pytest.fail(f"Slurm binaries missing: {missing_binaries()}; "
-                        "run `python tests/support/test_packages.py install slurm`")
-        pytest.skip(f"Slurm is not installed ({', '.join(missing_binaries())}); as root: "
-                    "`python tests/support/test_packages.py install slurm`")
+    require("slurm")
     with running_cluster(tmp_path_factory.mktemp("slurm"), nodes=2) as c, patched_environ(c.env()):
         yield c
 
@@ -87,6 +82,11 @@ def pipeline_env(cluster, tmp_path_factory):
     with patched_environ({"PREFIXFLOW_HOME": str(root / "state")}, unset=("MLFLOW_TRACKING_URI",)), \
             prefect_test_harness(server_startup_timeout=120):
         yield {"model": save_tiny_model(root / "tiny-llama"), "data": write_task(root / "rev.jsonl", n=120)}
+
+
+def _running(name: str) -> None:
+    """Until Slurm runs the job ``name`` (60 s at most)."""
+    wait_until(lambda: any("RUNNING" in line for line in _squeue(name)), 60, 0.5, message=lambda: str(_squeue()))
 
 
 def _squeue(name: str | None = None) -> list[str]:
@@ -131,10 +131,7 @@ def test_a_leftover_job_of_an_earlier_try_is_cancelled_before_relaunch(cluster):
     stale = subprocess.Popen(["srun", f"--job-name={name}", "--nodes=2", "--ntasks=2", "sleep", "300"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while not any("RUNNING" in line for line in _squeue(name)):
-            assert time.monotonic() < deadline, _squeue()
-            time.sleep(0.5)
+        _running(name)
         cancelled = slurm.cancel_leftovers(name)
         assert len(cancelled) == 1 and "RUNNING" in cancelled[0]
         assert _squeue(name) == []
@@ -170,10 +167,7 @@ def test_waiting_for_nodes_is_not_a_hang(cluster, tmp_path, monkeypatch):
     blocker = subprocess.Popen(["srun", "--job-name=blocker", "--nodes=2", "--ntasks=2", "--cpus-per-task=2",
                                 "sleep", "52"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while not any("RUNNING" in line for line in _squeue("blocker")):
-            assert time.monotonic() < deadline, _squeue()
-            time.sleep(0.5)
+        _running("blocker")
         train = TrainSpec(strategy="ddp", processes_per_machine=1, machines=2, launcher="slurm", hang_timeout_s=40)
         started = time.monotonic()
         result = run_launch(slurm.build_srun(train, job, slurm.job_name("acme", "e2e", "queued")), lambda e: None,
@@ -205,7 +199,5 @@ def test_a_hung_rank_on_a_node_ends_the_whole_srun(cluster, tmp_path):
     assert result.reason == "failed", (result.reason, result.error, result.tail)
     assert result.error.startswith("training hung on machine 0: no output for 45 s"), result.error
     assert max(steps) <= 3 and time.monotonic() - started < 180
-    deadline = time.monotonic() + 60  # Slurm's KillWait is 10 s in the local cluster
-    while _squeue(name) or survivors(job):
-        assert time.monotonic() < deadline, (_squeue(name), survivors(job))
-        time.sleep(1)
+    wait_until(lambda: not (_squeue(name) or survivors(job)), 60, 1,  # Slurm's KillWait is 10 s in the local cluster
+               message=lambda: f"left: {_squeue(name)}, {survivors(job)}")

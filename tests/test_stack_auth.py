@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from prefixflow.infra.stack import StackConfig, StackError, running_stack, stack
 from prefixflow.infra.stack.clients import check_client_name, ensure_client
 from prefixflow.infra.stack.mlflow_auth import name_refusal
 from support.cli import prefixflow
+from support.harness import World, registry_snapshot
 from support.pipeline import patched_environ, save_tiny_model, spec_dict, write_task
 from support.stack_ports import stack_config_with_free_ports
 
@@ -61,18 +61,6 @@ def test_clients_need_a_stack_with_auth(tmp_path):
 slow = pytest.mark.slow
 
 
-@dataclass
-class World:
-    config: StackConfig
-    root: Path
-    admin: dict[str, str]
-    acme: dict[str, str]
-    globex: dict[str, str]
-    spec: Path  # acme's spec
-    run_id: str  # acme's MLflow run
-    experiment_id: str
-
-
 def _env(config: StackConfig, root: Path, client: str | None) -> dict[str, str]:
     return {**stack_env(config.state_dir, client), "PREFIXFLOW_HOME": str(root / f"state-{client or 'admin'}"),
             "HF_HUB_OFFLINE": "1", "PREFIXFLOW_STACK_DIR": str(config.state_dir)}
@@ -80,7 +68,8 @@ def _env(config: StackConfig, root: Path, client: str | None) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
-    """A stack with --auth; acme has run its pipeline (v1 @champion, checkpoints mirrored to its S3 prefix)."""
+    """A stack with --auth; acme has run its pipeline (v1 @champion, checkpoints mirrored to its S3 prefix).
+    ``env`` is the admin's, ``clients`` acme's and globex's."""
     root = tmp_path_factory.mktemp("auth")
     config = stack_config_with_free_ports(root / "stack", auth=True)
     with running_stack(config):
@@ -93,8 +82,7 @@ def world(tmp_path_factory) -> World:
         admin = _env(config, root, None)
         with patched_environ(admin):
             mv = _mlflow().get_model_version_by_alias("acme-e2e", "champion")
-            exp_id = _mlflow().get_run(mv.run_id).info.experiment_id
-        yield World(config, root, admin, acme, globex, spec, mv.run_id, exp_id)
+        yield World(root, admin, config=config, spec=spec, run_id=mv.run_id, clients={"acme": acme, "globex": globex})
 
 
 def _mlflow():
@@ -111,20 +99,14 @@ def _s3(env: dict[str, str]):
 
 
 def snapshot(w: World) -> dict:
-    """As the admin: acme's registered model (versions, aliases, tags), its run, and every S3 object's hash."""
-    with patched_environ(w.admin):
-        c = _mlflow()
-        model = c.get_registered_model("acme-e2e")
-        versions = sorted((v.version, v.status, v.run_id, tuple(sorted(v.tags.items())))
-                          for v in c.search_model_versions("name = 'acme-e2e'"))
-        run = c.get_run(w.run_id)
-    s3 = _s3(w.admin)
+    """As the admin: acme's registered model (versions, aliases, tags), the runs, and every S3 object's hash."""
+    with patched_environ(w.env):
+        registry = registry_snapshot(_mlflow(), ["acme-e2e"])
+    assert w.run_id in registry["runs"] and "acme-e2e" in registry["models"]
+    s3 = _s3(w.env)
     objects = {o["Key"]: o["ETag"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
                for o in page.get("Contents", [])}
-    return {"aliases": dict(model.aliases), "tags": dict(model.tags), "versions": versions,
-            "run": (run.info.lifecycle_stage, run.info.status, sorted(run.data.params.items()),
-                    sorted(run.data.tags.items())),
-            "objects": objects}
+    return {**registry, "objects": objects}
 
 
 def one_message(out, *words: str) -> None:
@@ -145,7 +127,7 @@ def test_stack_env_client_prints_that_clients_credentials_and_makes_it_once(worl
     lines = dict(line.removeprefix("export ").split("=", 1) for line in first.stdout.splitlines())
     assert lines["MLFLOW_TRACKING_USERNAME"] == "acme" and lines["PREFIXFLOW_CLIENT"] == "acme"
     assert lines["PREFIXFLOW_RUN_STORAGE"] == f"s3://{BUCKET}/clients/acme/runs"
-    assert lines["AWS_ACCESS_KEY_ID"] == world.acme["AWS_ACCESS_KEY_ID"] != world.admin["AWS_ACCESS_KEY_ID"]
+    assert lines["AWS_ACCESS_KEY_ID"] == world.clients["acme"]["AWS_ACCESS_KEY_ID"] != world.env["AWS_ACCESS_KEY_ID"]
     admin = prefixflow("stack", "env", "--state-dir", str(state), env={})
     assert "MLFLOW_TRACKING_USERNAME=admin" in admin.stdout
     creds = state / "credentials.json"
@@ -158,9 +140,10 @@ def test_stack_env_client_prints_that_clients_credentials_and_makes_it_once(worl
 
 @slow
 def test_the_client_reaches_its_own_prefix_run_and_checkpoints(world, tmp_path):
-    out = prefixflow("pull", "acme/e2e@champion", "--out", str(tmp_path / "prefix"), env=world.acme)
+    out = prefixflow("pull", "acme/e2e@champion", "--out", str(tmp_path / "prefix"), env=world.clients["acme"])
     assert out.returncode == 0, out.stderr[-2000:]
-    keys = [o["Key"] for o in _s3(world.acme).list_objects_v2(Bucket=BUCKET, Prefix="clients/acme/")["Contents"]]
+    listed = _s3(world.clients["acme"]).list_objects_v2(Bucket=BUCKET, Prefix="clients/acme/")
+    keys = [o["Key"] for o in listed["Contents"]]
     assert any("/checkpoints/step-" in k for k in keys), keys  # mirrored under its own prefix
 
 
@@ -170,7 +153,9 @@ def test_another_client_cannot_read_overwrite_promote_or_delete_it(world, tmp_pa
     from mlflow.exceptions import MlflowException
 
     before = snapshot(world)
-    g = world.globex
+    with patched_environ(world.env):
+        experiment_id = _mlflow().get_run(world.run_id).info.experiment_id
+    g = world.clients["globex"]
     refused = "refused user 'globex'"
     # through our CLI
     one_message(prefixflow("pull", "acme/e2e@champion", "--out", str(tmp_path / "stolen"), env=g), refused)
@@ -207,7 +192,7 @@ def test_another_client_cannot_read_overwrite_promote_or_delete_it(world, tmp_pa
         with pytest.raises(MlflowException, match="may create only registered models named globex-TASK"):
             c.create_registered_model("acme-other")
         # the artifact proxy: overwrite acme's prefix file in place
-        url = (f"{g['MLFLOW_TRACKING_URI']}/api/2.0/mlflow-artifacts/artifacts/{world.experiment_id}/"
+        url = (f"{g['MLFLOW_TRACKING_URI']}/api/2.0/mlflow-artifacts/artifacts/{experiment_id}/"
                f"{world.run_id}/artifacts/prefix/prefix.safetensors")
         auth = (g["MLFLOW_TRACKING_USERNAME"], g["MLFLOW_TRACKING_PASSWORD"])
         assert requests.put(url, data=b"evil", auth=auth, timeout=30).status_code == 403
@@ -250,16 +235,16 @@ def test_another_client_cannot_read_overwrite_promote_or_delete_it(world, tmp_pa
 @slow
 def test_an_s3_refusal_in_the_pipeline_is_one_message(world, tmp_path):
     """globex's spec reading acme's data in S3: refused by S3 at preparation, exit 2, nothing registered."""
-    admin_s3 = _s3(world.admin)
+    admin_s3 = _s3(world.env)
     admin_s3.put_object(Bucket=BUCKET, Key="clients/acme/data/t.jsonl", Body=(world.root / "t.jsonl").read_bytes())
     spec = yaml.safe_load(world.spec.read_text()) | {"client": "globex"}
     spec["data"]["source"] = f"s3://{BUCKET}/clients/acme/data/t.jsonl"
     path = tmp_path / "globex.yaml"
     path.write_text(yaml.safe_dump(spec))
-    out = prefixflow("run", str(path), "--run-key", "g-3", env=world.globex)
+    out = prefixflow("run", str(path), "--run-key", "g-3", env=world.clients["globex"])
     one_message(out, "the S3 server refused access to s3://prefixflow/clients/acme/data/t.jsonl",
-                world.globex["AWS_ACCESS_KEY_ID"])
-    with patched_environ(world.admin):
+                world.clients["globex"]["AWS_ACCESS_KEY_ID"])
+    with patched_environ(world.env):
         assert not _mlflow().search_registered_models("name = 'globex-e2e'")
 
 

@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,24 +21,19 @@ from prefixflow.infra.stack.config import pid_file
 from prefixflow.infra.stack.service_processes import running_pid, stop_service
 from prefixflow.services.spec import parse_spec
 from support.faults import pause_fault
+from support.harness import World, registry_snapshot, wait_until
 from support.pipeline import patched_environ, save_tiny_model, spec_dict, write_task
 
 pytestmark = pytest.mark.slow
-
-
-@dataclass
-class Stack:
-    config: StackConfig
-    env: dict[str, str]  # the stack's client env, with a state folder of this module's own
-    model: Path
-    data: Path
+RETRIED = b"Encountered retryable exception during request"  # prefect.client's debug line for a retried call
 
 
 @pytest.fixture(scope="module")
 def stack(live_stack_config, live_stack, tmp_path_factory):
+    """The live stack's client env with a state folder of this module's own, a tiny base and a task."""
     root = tmp_path_factory.mktemp("faults")
-    yield Stack(live_stack_config, {**live_stack, "PREFIXFLOW_HOME": str(root / "state")},
-                save_tiny_model(root / "tiny-llama"), write_task(root / "rev.jsonl", n=120))
+    yield World(root, {**live_stack, "PREFIXFLOW_HOME": str(root / "state")}, config=live_stack_config,
+                model=save_tiny_model(root / "tiny-llama"), data=write_task(root / "rev.jsonl", n=120))
     stack_up(live_stack_config)  # whatever a test left stopped comes back for the tests after it
 
 
@@ -52,7 +46,7 @@ def stop(config: StackConfig, name: str) -> None:
 
 
 @contextmanager
-def pointed_at(stack: Stack):
+def pointed_at(stack: World):
     """os.environ and Prefect's settings pointed at the stack, for a pipeline run in this process."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -61,14 +55,14 @@ def pointed_at(stack: Stack):
 
 
 def registry_state(name: str) -> dict:
-    """The registered model's versions (number, status, run key) and aliases."""
+    """The registered model's versions (number, status, run key) and aliases (none while it has no version)."""
     from prefixflow.services import tracking
 
-    c = tracking.client()
-    versions = c.search_model_versions(f"name = '{name}'")
-    aliases = dict(c.get_registered_model(name).aliases) if versions else {}
-    return {"versions": sorted((v.version, v.status, v.tags.get(tracking.RUN_KEY_TAG)) for v in versions),
-            "aliases": aliases}
+    model = registry_snapshot(tracking.client(), [name], runs=False)["models"].get(name)
+    if model is None or not model.versions:
+        return {"versions": [], "aliases": {}}
+    return {"versions": [(v.version, v.status, v.tags.get(tracking.RUN_KEY_TAG)) for v in model.versions],
+            "aliases": model.aliases}
 
 
 def assert_loads(ref: str, tmp: Path) -> None:
@@ -145,28 +139,38 @@ def test_s3_down_during_a_run_fails_in_one_message_and_the_rerun_registers_once(
 
 def test_prefect_server_restarted_mid_flow_the_run_finishes_and_registers_once(stack, tmp_path):
     """The Prefect server goes down while the flow trains and comes back (its database kept): the flow's calls to
-    it are retried, the run finishes, registers one version, and the server shows the flow run Completed."""
+    it are retried, the run finishes, registers one version, and the server shows the flow run Completed. The
+    outage lasts until the run's output shows a call to the stopped server being retried."""
     spec = spec_dict(stack.model, stack.data, client="faults", task="prefect-restart")
-    path, marker = tmp_path / "spec.yaml", tmp_path / "paused"
+    path, marker, log = tmp_path / "spec.yaml", tmp_path / "paused", tmp_path / "run.log"
     path.write_text(yaml.safe_dump(spec))
     exe = Path(sys.executable).with_name("prefixflow")
-    env = {**os.environ, "COLUMNS": "200", **stack.env, **pause_fault(0, 3, marker)}
-    run = subprocess.Popen([str(exe), "run", str(path), "--run-key", "prefect-restart"], env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not marker.exists():  # training is at step 3, its flow and task runs open on the server
-            assert run.poll() is None and time.monotonic() < deadline, run.stdout.read() if run.poll() else "timeout"
-            time.sleep(0.5)
+    env = {**os.environ, "COLUMNS": "200", **stack.env, **pause_fault(0, 3, marker),
+           "PREFECT_LOGGING_LOGGERS_PREFECT_CLIENT_LEVEL": "DEBUG"}  # each retried API call shows in the output
+    with open(log, "w") as out:
+        run = subprocess.Popen([str(exe), "run", str(path), "--run-key", "prefect-restart"], env=env, stdout=out,
+                               stderr=subprocess.STDOUT)
+
+    def running(condition):
+        def check():
+            assert run.poll() is None, f"the run exited with {run.returncode}:\n{log.read_text()[-3000:]}"
+            return condition()
+        return check
+
+    try:  # training pauses at step 3, its flow and task runs open on the server
+        wait_until(running(marker.exists), 300, 0.5, message="the training did not reach step 3")
         stop(stack.config, "prefect")
-        time.sleep(5.0)  # the flow's log and event workers meet a closed port meanwhile
+        since = log.stat().st_size
+        marker.unlink()  # training goes on: its progress updates and log lines meet a closed port
+        wait_until(running(lambda: RETRIED in log.read_bytes()[since:]), 120, 0.5,
+                   message="the run made no call to the stopped server")
         stack_up(stack.config)
-        marker.unlink()
-        out, _ = run.communicate(timeout=600)
+        run.wait(timeout=600)
     finally:
         if run.poll() is None:
             run.kill()
         marker.unlink(missing_ok=True)
+    out = log.read_text(errors="replace")
     flat = " ".join(out.split())
     assert run.returncode == 0, flat[-3000:]
     assert "registered faults-prefect-restart v1" in flat, flat[-3000:]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
@@ -16,6 +15,7 @@ from typer.testing import CliRunner
 from prefixflow import processes
 from prefixflow.services.spec import parse_spec
 from support.faults import kill_fault
+from support.harness import wait_until
 from support.pipeline import patched_environ, save_tiny_model, spec_dict, write_task
 
 pytestmark = pytest.mark.slow
@@ -49,7 +49,7 @@ def _s3_keys(env: dict, prefix: str = "") -> list[str]:
 
 
 def test_pipeline_on_the_real_stack(stack_env, tmp_path):
-    from prefixflow.flows.cli import app
+    from prefixflow.cli import app
     from prefixflow.flows.pipeline import prefix_pipeline
     from prefixflow.services import tracking
 
@@ -96,21 +96,21 @@ def test_served_deployment_runs_when_triggered(stack_env, tmp_path):
     specs = tmp_path / "specs"
     specs.mkdir()
     (specs / "rev.yaml").write_text(yaml.safe_dump(d))
-    prefixflow = [sys.executable, "-m", "prefixflow.flows.cli"]
+    prefixflow = [sys.executable, "-m", "prefixflow.cli"]
     server = processes.start([*prefixflow, "deploy", str(specs)], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:
         prefect = [sys.executable, "-m", "prefect"]
-        deadline = time.time() + 120
-        while time.time() < deadline:  # wait until the deployment is registered
-            check = subprocess.run([*prefect, "deployment", "inspect", "prefix-pipeline/served-rev"], env=env,
-                                   capture_output=True, text=True)
-            if check.returncode == 0:
-                break
-            assert server.poll() is None, server.stdout.read()
-            time.sleep(2)
-        assert check.returncode == 0, check.stdout + check.stderr
-        assert "0 3 * * 1" in check.stdout
+        checks = []
+
+        def registered() -> bool:  # the deployment is registered
+            checks.append(subprocess.run([*prefect, "deployment", "inspect", "prefix-pipeline/served-rev"], env=env,
+                                         capture_output=True, text=True))
+            assert checks[-1].returncode == 0 or server.poll() is None, server.stdout.read()
+            return checks[-1].returncode == 0
+
+        wait_until(registered, 120, 2, message=lambda: checks[-1].stdout + checks[-1].stderr)
+        assert "0 3 * * 1" in checks[-1].stdout
         run = subprocess.run([*prefect, "deployment", "run", "prefix-pipeline/served-rev", "--watch",
                               "--watch-timeout", "400"], env=env, capture_output=True, text=True, timeout=450)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

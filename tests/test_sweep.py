@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 import yaml
 
 from prefixflow.services.spec import SpecError, parse_spec
+from support.harness import wait_until
 from support.pipeline import marked, patched_environ, save_tiny_model, spec_dict, write_task
 
 SPACE = {"train.learning_rate": [5e-2, 1e-2, 1e-6], "prefix.num_virtual_tokens": [2, 4]}  # the spec: 1e-2, 4
@@ -92,9 +92,15 @@ def test_sweep_spec_is_checked():
 
 
 def _trials(study_db: Path, name: str) -> list:
+    """The study's trials; none before the sweep has created the database and the study in it."""
     import optuna
 
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{study_db}").trials
+    if not study_db.exists():
+        return []
+    try:
+        return optuna.load_study(study_name=name, storage=f"sqlite:///{study_db}").trials
+    except KeyError:  # the database is there, the study not yet
+        return []
 
 
 @pytest.mark.slow
@@ -117,14 +123,14 @@ def test_a_killed_sweep_continues_without_rerunning_finished_trials(tmp_path):
     with open(log, "w") as out:
         proc = subprocess.Popen([exe, "sweep", str(spec), "--run-key", key], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+
+    def one_done_one_running() -> bool:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        states = {t.state.name for t in _trials(db, name)}
+        return {"COMPLETE", "RUNNING"} <= states
+
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            done = [t for t in _trials(db, name) if t.state.name == "COMPLETE"] if db.exists() else []
-            if done and any(t.state.name == "RUNNING" for t in _trials(db, name)):
-                break
-            time.sleep(0.5)
+        wait_until(one_done_one_running, 600, 0.5, message=lambda: log.read_text()[-3000:])
     finally:  # a crash: the flow process and every training process it started die at once
         for pid in marked(mark):
             os.kill(pid, signal.SIGKILL)

@@ -15,9 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from prefixflow import processes
+from support.harness import wait_until
 from support.pipeline import marked, save_tiny_model, spec_dict, write_task
 
 CLIENT_ENV = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFIXFLOW_HOME", "PREFECT_HOME")
+STOPPED_WITHIN_S = 30.0  # a service manager escalates to SIGKILL after about this long
 
 
 @pytest.mark.slow
@@ -37,13 +40,16 @@ def test_a_stopped_run_leaves_nothing_running_and_its_run_key_finishes_it(tmp_pa
         # as from a terminal: SIGINT at its default (pytest-xdist workers ignore it, and children inherit that)
         proc = subprocess.Popen([exe, "run", str(spec)], env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    def past_two_checkpoints():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        return re.search(r"step (1[0-9]|[2-9][0-9])/90", log.read_text())
+
     try:
-        deadline = time.monotonic() + 300
-        while not re.search(r"step (1[0-9]|[2-9][0-9])/90", log.read_text()):  # past two checkpoints
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+        wait_until(past_two_checkpoints, 300, 0.5, message=lambda: log.read_text()[-3000:])
         os.kill(proc.pid, sig)  # the command only, as a service manager (SIGTERM) or a terminal (Ctrl-C) would
-        code = proc.wait(120)
+        signalled = time.monotonic()
+        code = proc.wait(STOPPED_WITHIN_S)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -53,10 +59,12 @@ def test_a_stopped_run_leaves_nothing_running_and_its_run_key_finishes_it(tmp_pa
     assert f"stopped by {name}" in text and "Traceback" not in text
     key = text.split("run key ")[1].split(":")[0].strip()
     assert f"--run-key {key}" in text.split("stopped by")[1]
-    deadline = time.monotonic() + 15
-    while marked(mark) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert marked(mark) == []  # no rank, launcher or ephemeral Prefect API left behind
+    # within STOPPED_WITHIN_S of the signal: the command's process group, every rank and launcher, the ephemeral
+    # Prefect API and the SIGKILL watcher are gone
+    left = max(0.0, STOPPED_WITHIN_S - (time.monotonic() - signalled))
+    wait_until(lambda: not processes.group_alive(proc.pid) and marked(mark) == [], left, 0.25,
+               message=lambda: f"still running {time.monotonic() - signalled:.1f} s after the signal: "
+                               f"{[(p, processes.cmdline(p)[:120]) for p in marked(mark)]}")
     if sig != signal.SIGTERM:
         return
 
@@ -94,19 +102,20 @@ def test_a_killed_run_command_leaves_a_training_that_its_rerun_stops_before_it_r
     command = [str(Path(sys.executable).with_name("prefixflow")), "run", str(spec), "--run-key", "killed"]
     killed = subprocess.Popen(command, env={**env, **pause_fault(0, 6, paused)}, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def at_pause() -> bool:  # the rank finished step 6 (and its checkpoint) and waits
+        assert killed.poll() is None, f"the command exited with {killed.returncode} before the pause"
+        return paused.exists()
+
     try:
-        deadline = time.monotonic() + 300
-        while not paused.exists():  # the rank finished step 6 (and its checkpoint) and waits
-            assert killed.poll() is None and time.monotonic() < deadline
-            time.sleep(0.5)
+        wait_until(at_pause, 300, 0.5, message="training did not reach step 6")
         killed.kill()
         killed.wait()
         orphans = [p for p in marked(mark) if JOB_MODULE in processes.cmdline(p)]
         assert orphans, "the training should outlive a command killed with SIGKILL"
-        deadline = time.monotonic() + 15  # its ephemeral Prefect API is stopped by the command's watcher
-        while [p for p in marked(mark) if EPHEMERAL_API in processes.cmdline(p)]:
-            assert time.monotonic() < deadline, "the killed command's ephemeral Prefect API is still running"
-            time.sleep(0.5)
+        # its ephemeral Prefect API is stopped by the command's watcher
+        wait_until(lambda: not [p for p in marked(mark) if EPHEMERAL_API in processes.cmdline(p)], 15, 0.5,
+                   message="the killed command's ephemeral Prefect API is still running")
 
         rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         out = " ".join((rerun.stdout + rerun.stderr).split())

@@ -15,21 +15,19 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 import yaml
 
 from prefixflow import processes
-from prefixflow.infra.stack import StackConfig, running_stack
+from prefixflow.infra.stack import running_stack
+from support.harness import World, require, wait_until
 from support.pipeline import save_tiny_model, spec_dict, write_task
 from support.stack_ports import stack_config_with_free_ports
 
@@ -41,11 +39,7 @@ TIMEOUT_MS = 90_000  # page loads and waits: the CI machine has 2 busy cores
 SCHEDULE = "0 3 * * 1"
 DEPLOYMENT = "ui-smoke"  # flows.deploy.deployment_name: CLIENT-TASK; also the registered model's name
 SCHEDULE_TEXT = "At 03:00 AM, only on Monday"  # how the Prefect UI spells "0 3 * * 1"
-
-
-class Stack(NamedTuple):
-    config: StackConfig
-    env: dict[str, str]
+API_BANNER = "Can't connect to Server API"  # the Prefect UI's error toast when its health check of the API fails
 
 
 def _output_dir() -> Path:
@@ -84,13 +78,8 @@ def _form_field(page, label: str):
 
 @pytest.fixture(scope="module")
 def browser_context():
-    """Headless chromium; skipped where it is missing, except in CI (env CI set), where that is a failure."""
-    executable = shutil.which("chromium")
-    if executable is None:
-        message = "chromium is not installed: as root run `python tests/support/test_packages.py install browser`"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    """Headless chromium (support.harness.require: skipped where it is missing, a failure in CI)."""
+    executable = require("chromium")
     from playwright.sync_api import sync_playwright
 
     args = ["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-proxy-server",
@@ -111,10 +100,11 @@ def page(browser_context):
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Iterator[Stack]:
-    config = stack_config_with_free_ports(tmp_path_factory.mktemp("uistack"), ui_host=UI_HOST)
+def stack(tmp_path_factory) -> Iterator[World]:
+    root = tmp_path_factory.mktemp("uistack")
+    config = stack_config_with_free_ports(root, ui_host=UI_HOST)
     with running_stack(config) as env:
-        yield Stack(config, env)
+        yield World(root, env, config=config)
 
 
 def _deployment(api_url: str) -> dict | None:
@@ -149,15 +139,15 @@ def deployment(stack, tmp_path_factory) -> Iterator[dict]:
     log_path = root / "deploy.log"
     env = {**os.environ, **stack.env, "PREFIXFLOW_HOME": str(root / "state")}
     with open(log_path, "w") as log:
-        proc = processes.start([sys.executable, "-m", "prefixflow.flows.cli", "deploy", str(specs)], cwd=REPO,
+        proc = processes.start([sys.executable, "-m", "prefixflow.cli", "deploy", str(specs)], cwd=REPO,
                                env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def found() -> dict | None:
+        assert proc.poll() is None, f"prefixflow deploy exited with {proc.returncode}:\n{log_path.read_text()}"
+        return _deployment(stack.env["PREFECT_API_URL"])
+
     try:
-        deadline = time.monotonic() + 180
-        while (found := _deployment(stack.env["PREFECT_API_URL"])) is None:
-            assert proc.poll() is None, f"prefixflow deploy exited with {proc.returncode}:\n{log_path.read_text()}"
-            assert time.monotonic() < deadline, f"no deployment after 180 s:\n{log_path.read_text()}"
-            time.sleep(1)
-        yield found
+        yield wait_until(found, 180, 1, message=lambda: f"no deployment:\n{log_path.read_text()}")
     finally:
         _stop(proc)
 
@@ -170,13 +160,27 @@ def test_prefect_ui_lists_the_deployment_with_its_schedule(page, deployment, sta
     ui = stack.config.ui_urls()["prefect"]
     assert ui == f"http://{UI_HOST}:{stack.config.prefect_port}"
     with _screenshot_after(page, "prefect-deployments"):
-        page.goto(f"{ui}/deployments")
+        with page.expect_request(_is_health_check) as health:  # the UI checks the API once, as it starts
+            page.goto(f"{ui}/deployments")
         _see(page.get_by_text(DEPLOYMENT, exact=True))  # listed: the UI reached the API at the stack's address
     with _screenshot_after(page, "prefect-deployment"):
         page.get_by_text(DEPLOYMENT, exact=True).click()
         _see(page.get_by_text(SCHEDULE_TEXT))
         assert f"/deployments/deployment/{deployment['id']}" in page.url
-    assert page.get_by_text("Can't connect to Server API").count() == 0
+        _settled(page, health.value)  # only now would its error banner have shown
+        assert page.get_by_text(API_BANNER).count() == 0, f"error banner after the health check {health.value.url}"
+
+
+def _is_health_check(request) -> bool:
+    return request.url.split("?")[0].rstrip("/").endswith("/api/health")
+
+
+def _settled(page, request) -> None:
+    """Return once ``request`` has ended (answered or failed) and the page's script has handled the outcome."""
+    response = request.response()  # None if the request failed
+    if response is not None:
+        response.finished()
+    page.evaluate("() => new Promise(done => requestAnimationFrame(() => setTimeout(done)))")
 
 
 def test_a_custom_run_from_the_ui_trains_the_edited_spec_and_registers_it(page, deployment, stack):
@@ -233,25 +237,22 @@ def _api(api_url: str, path: str, body: dict | None = None):
 
 def _flow_run_of(api_url: str, deployment_id: str, timeout: float = 60) -> dict:
     """The flow run the UI created for the deployment (the form's Submit creates it on the server)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def manual() -> list[dict]:
         runs = _api(api_url, "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment_id]}}})
-        manual = [r for r in runs if r["state"]["type"] != "SCHEDULED" or r["auto_scheduled"] is False]
-        if manual:
-            return manual[0]
-        assert time.monotonic() < deadline, f"no flow run of the deployment {timeout} s after Submit"
-        time.sleep(1)
+        return [r for r in runs if r["state"]["type"] != "SCHEDULED" or r["auto_scheduled"] is False]
+
+    return wait_until(manual, timeout, 1, message="no flow run of the deployment after Submit")[0]
 
 
 def _finished(api_url: str, flow_run_id: str, timeout: float = 600) -> dict:
     """The flow run once its state is final (the served deployment picks it up within seconds)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        run = _api(api_url, f"/flow_runs/{flow_run_id}")
-        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-            return run
-        assert time.monotonic() < deadline, f"flow run {flow_run_id} still {run['state']['type']} after {timeout} s"
-        time.sleep(2)
+    runs = []
+
+    def final() -> dict | None:
+        runs.append(_api(api_url, f"/flow_runs/{flow_run_id}"))
+        return runs[-1] if runs[-1]["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+    return wait_until(final, timeout, 2, message=lambda: f"flow run {flow_run_id} still {runs[-1]['state']['type']}")
 
 
 def test_seaweedfs_admin_page_loads(page, stack):

@@ -11,6 +11,9 @@ import shlex
 from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from .config import SERVICES, StackConfig, StackError, config_file, default_state_dir
 from .control import bring_up, stack_down, stack_env, stack_status
@@ -27,9 +30,6 @@ def _state(state_dir: Path | None) -> Path:
 
 
 def _fail(err: Exception) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-
     Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(err))}")
     raise typer.Exit(2)
 
@@ -55,7 +55,6 @@ def up(
                                           "prefixes and s3://BUCKET/clients/NAME/ (default off)"),
 ) -> None:
     """Start S3, MLflow and Prefect (settings not given: those of the last `up` in this folder, else defaults)."""
-    from rich.console import Console
 
     state = _state(state_dir)
     given = {"host": host, "s3_port": s3_port, "mlflow_port": mlflow_port, "prefect_port": prefect_port,
@@ -103,8 +102,6 @@ def down(state_dir: Path | None = StateDir,
 @app.command()
 def status(state_dir: Path | None = StateDir) -> None:
     """Show each service's process, health, UI and API addresses and log; exit 1 unless all are healthy."""
-    from rich.console import Console
-    from rich.table import Table
 
     state = _state(state_dir)
     table = Table(title=f"prefixflow stack in {state}")

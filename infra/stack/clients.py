@@ -15,12 +15,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
+from unittest import mock
 
 from prefixflow.services.spec import NAME_PATTERN, experiment_name
 
 from .config import REGION, StackConfig, StackError
 from .credentials import ADMIN_USER, load_credentials, new_password, save_client
 from .services import client_prefix
+
+# Deferred imports: mlflow and boto3 are deferred to the calls that make a client's user and S3 identity.
 
 POLICY_NAME = "prefixflow-client"
 
@@ -51,7 +55,6 @@ def client_policy(bucket: str, client: str) -> dict:
 
 def _as_admin(creds: dict):
     """MLflow's clients read the user from the environment: the stack's admin for the length of the block."""
-    from unittest import mock
 
     return mock.patch.dict(os.environ, {"MLFLOW_TRACKING_USERNAME": ADMIN_USER,
                                         "MLFLOW_TRACKING_PASSWORD": creds["mlflow_password"]})
@@ -59,7 +62,6 @@ def _as_admin(creds: dict):
 
 def _mlflow_user(config: StackConfig, creds: dict, name: str, password: str) -> None:
     """Create (or reset the password of) MLflow user ``name``; make its experiment and let it manage it."""
-    import warnings
 
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException

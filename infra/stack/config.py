@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from prefixflow import settings
 
 SERVICES = ("s3", "mlflow", "prefect")  # start order; shutdown is the reverse
 GRPC_OFFSET = 10000  # SeaweedFS serves gRPC on each HTTP port + 10000
@@ -37,7 +38,7 @@ class StackError(RuntimeError):
 
 def default_state_dir() -> Path:
     """``$PREFIXFLOW_STACK_DIR`` or ``state/stack``."""
-    return Path(os.environ.get("PREFIXFLOW_STACK_DIR") or "state/stack")
+    return settings.stack_dir()
 
 
 @dataclass

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import logging
 import os
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from prefix_core.files import file_lock
 
 from .clients import ensure_client
 from .config import SERVICES, StackConfig, StackError, config_file, lock_file, log_file, pid_file
@@ -27,16 +28,9 @@ from .services import client_env
 log = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def _locked(state_dir: Path) -> Iterator[None]:
+def _locked(state_dir: Path):
     """One ``up``/``down`` at a time per state folder."""
-    Path(state_dir).mkdir(parents=True, exist_ok=True)
-    with open(lock_file(state_dir), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return file_lock(lock_file(state_dir))
 
 
 def _remove_weed_sockets(config: StackConfig) -> None:

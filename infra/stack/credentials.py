@@ -17,20 +17,11 @@ import secrets
 import string
 from pathlib import Path
 
+from prefix_core.files import atomic_write
+
 from .config import StackError, credentials_file
 
 ADMIN_USER = "admin"  # the MLflow admin of a stack with --auth
-
-
-def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
 
 
 def new_password() -> str:
@@ -67,7 +58,7 @@ def load_credentials(state_dir: Path, create: bool) -> dict:
     missing = [k for k in defaults if k not in data]
     if missing and create:
         data |= {k: defaults[k]() for k in missing}
-        _write_private(credentials_file(state_dir), json.dumps(data, indent=2))
+        atomic_write(credentials_file(state_dir), json.dumps(data, indent=2), mode=0o600)
     return data
 
 
@@ -75,4 +66,4 @@ def save_client(state_dir: Path, client: str, entry: dict[str, str]) -> None:
     """Store (or replace) one client's secrets."""
     data = load_credentials(state_dir, create=False)
     data["clients"][client] = entry
-    _write_private(credentials_file(state_dir), json.dumps(data, indent=2))
+    atomic_write(credentials_file(state_dir), json.dumps(data, indent=2), mode=0o600)

@@ -15,6 +15,8 @@ from .config import REGION, StackConfig, StackError, log_file
 from .service_processes import exit_code, service_alive
 from .services import find_weed
 
+# Deferred imports: boto3 is deferred to the S3 check.
+
 
 def port_free(host: str, port: int) -> bool:
     """True when nothing listens on ``host:port`` (bind test with SO_REUSEADDR, as servers do)."""

@@ -21,6 +21,9 @@ import re
 
 from prefixflow.services.spec import NAME_PATTERN, experiment_name, registered_model_name
 
+# Deferred imports: flask and mlflow.server.auth are deferred: this module is loaded by the MLflow server, whose auth
+# app must be set up first.
+
 _CREATES = {  # REST path suffix -> (what is created, the body field naming it)
     "/mlflow/experiments/create": ("experiment", "name"),
     "/mlflow/registered-models/create": ("registered model", "name"),

@@ -12,6 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from prefixflow import settings
+
 from .config import REGION, StackConfig, StackError
 from .credentials import ADMIN_USER
 
@@ -33,7 +35,7 @@ def marker_entry(state_dir: Path, name: str) -> str:
 
 def find_weed() -> Path:
     """The SeaweedFS ``weed`` binary: ``$PREFIXFLOW_WEED``, next to this Python, or on PATH."""
-    override = os.environ.get("PREFIXFLOW_WEED")
+    override = settings.weed_binary()
     if override:
         path = Path(override)
         if path.is_file() and os.access(path, os.X_OK):

@@ -11,24 +11,24 @@ complete remote checkpoint is downloaded if it is newer than the newest local on
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import shutil
 import threading
 from pathlib import Path
 
 from prefix_core.checkpoint import MARKER, complete_checkpoints
+from prefix_core.files import atomic_write_dir
+from prefixflow import settings
 from prefixflow.services.storage import _s3_call, s3_client, upload_dir
 
-log = logging.getLogger("prefixflow.run_storage")
+log = logging.getLogger(__name__)
 
 
 def remote_checkpoints_uri(client: str, task: str, run_key: str) -> str | None:
-    root = os.environ.get("PREFIXFLOW_RUN_STORAGE", "").rstrip("/")
+    root = settings.run_storage()
     if not root:
         return None
     if not root.startswith("s3://"):
-        raise ValueError(f"PREFIXFLOW_RUN_STORAGE must be an s3://BUCKET/PREFIX URI, got {root!r}")
+        raise ValueError(f"{settings.RUN_STORAGE_ENV} must be an s3://BUCKET/PREFIX URI, got {root!r}")
     return f"{root}/{client}/{task}/{run_key}/checkpoints"
 
 
@@ -62,17 +62,15 @@ class CheckpointMirror:
         if not remote or (local and local[0].name >= remote[0]):
             return None
         step = remote[0]
-        tmp = self.local / f".{step}.download"
-        shutil.rmtree(tmp, ignore_errors=True)
-        for name in sorted(self._list()[step] - {MARKER}):
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            key = f"{self.prefix}/{step}/{name}"
-            _s3_call(f"s3://{self.bucket}/{key}", lambda key=key, name=name: self.client.download_file(
-                self.bucket, key, str(tmp / name)))
-        (tmp / MARKER).write_text(step)
-        target = self.local / step
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+        def download(tmp: Path) -> None:
+            for name in sorted(self._list()[step] - {MARKER}):
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                key = f"{self.prefix}/{step}/{name}"
+                _s3_call(f"s3://{self.bucket}/{key}", lambda key=key, name=name: self.client.download_file(
+                    self.bucket, key, str(tmp / name)))
+            (tmp / MARKER).write_text(step)
+
+        target = atomic_write_dir(self.local / step, download)
         log.info("restored checkpoint %s from s3://%s/%s", step, self.bucket, self.prefix)
         return target
 

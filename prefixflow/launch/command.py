@@ -31,6 +31,8 @@ from pathlib import Path
 from prefixflow.launch.protocol import JOB_MODULE
 from prefixflow.services.spec import STRATEGIES, TrainSpec
 
+# Deferred imports: torch (to count GPUs) is deferred to the call that needs it: building a command stays light.
+
 INFRA = Path(str(files("prefixflow.infra")))  # the config files travel with the package
 ACCELERATE_CONFIGS = {
     "single": INFRA / "accelerate" / "single.yaml",

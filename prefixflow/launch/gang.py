@@ -37,6 +37,7 @@ from pathlib import Path
 from prefixflow import processes
 from prefixflow.launch.command import Launch
 from prefixflow.launch.protocol import ERROR_PREFIX, EVENT_PREFIX, USER_ERROR_EXIT
+from prefixflow.services.errors import TrainingError
 from prefixflow.services.spec import HANG_TIMEOUT_S
 
 TAIL_LINES = 40
@@ -123,8 +124,6 @@ class RunLock:
         self.path, self.fd, self.note = Path(path), -1, None
 
     def __enter__(self) -> RunLock:
-        from prefixflow.services.errors import TrainingError
-
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

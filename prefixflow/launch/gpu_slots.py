@@ -17,6 +17,8 @@ from contextlib import ExitStack, contextmanager
 from prefixflow.services.errors import TrainingError
 from prefixflow.services.storage import home
 
+# Deferred imports: torch (to list GPUs) is deferred to the call that needs it.
+
 
 def visible_gpus() -> list[str]:
     """GPU ids this process may use (honours an existing CUDA_VISIBLE_DEVICES)."""

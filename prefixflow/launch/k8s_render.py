@@ -17,7 +17,6 @@ GPUs each, and a headless Service through which every pod reaches pod 0 at
 ready when ``/health`` is) behind a Service, keys and registry/S3 settings from Secrets.
 
 CLI::
-
     python -m prefixflow.launch.k8s_render multinode SPEC.yaml --image IMG --job-file /shared/.../job.json --out FILE
     python -m prefixflow.launch.k8s_render serve --image IMG --base /models/NAME --replicas 2 --out FILE
 
@@ -31,12 +30,10 @@ import argparse
 import re
 import sys
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from prefixflow.services.spec import TrainSpec
+from typing import Any
 
 from prefixflow.launch.command import INFRA
+from prefixflow.services.spec import SpecError, TrainSpec, load_spec
 
 K8S_DIR = INFRA / "k8s"
 MULTINODE_TEMPLATE = K8S_DIR / "multinode-train.yaml"
@@ -208,8 +205,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return _write(text, args.out)
     if args.command == "multinode":
-        from prefixflow.services.spec import SpecError, load_spec
-
         try:
             spec = load_spec(args.spec)
             values = multinode_values(spec.train, args.name or f"prefix-{spec.client}-{spec.task}", args.image,

@@ -32,12 +32,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from prefixflow.services.spec import HANG_TIMEOUT_S
-
-if TYPE_CHECKING:
-    from prefixflow.services.spec import TrainSpec
+from prefixflow.launch.command import build_launch
+from prefixflow.launch.gang import run_launch
+from prefixflow.launch.protocol import ERROR_PREFIX, EVENT_PREFIX, USER_ERROR_EXIT
+from prefixflow.services.spec import HANG_TIMEOUT_S, TrainSpec
 
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000
 
@@ -89,9 +88,6 @@ def slurm_main_port(env: dict[str, str]) -> int | None:
 
 def launch_machine(job_file: Path, train: TrainSpec, machine_rank: int, *, dns_timeout_s: float = 600) -> int:
     """Run this machine's ranks of ``job_file`` as a gang; returns the exit code for the scheduler."""
-    from prefixflow.launch.command import build_launch
-    from prefixflow.launch.gang import run_launch
-    from prefixflow.launch.protocol import ERROR_PREFIX, EVENT_PREFIX, USER_ERROR_EXIT
 
     wait_for_host(train.main_address, dns_timeout_s)
     launch = build_launch(train, job_file, machine_rank=machine_rank)
@@ -128,8 +124,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prefixflow.services.spec import TrainSpec
-
     args = _parser().parse_args(argv)
     env = dict(os.environ)
     try:

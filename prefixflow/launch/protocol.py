@@ -4,9 +4,11 @@ protocol (one ``PREFIXFLOW_EVENT {json}`` line per event, one ``PREFIXFLOW_ERROR
 plus the one test seam (``STEP_HOOK_ENV``: a hook run after each step,
 read by ``launch.train_job``; the tests kill or hang ranks with it)."""
 
+from prefixflow import settings
+
 JOB_MODULE = "prefixflow.launch.train_job"
 EVENT_PREFIX = "PREFIXFLOW_EVENT "
 ERROR_PREFIX = "PREFIXFLOW_ERROR "
 USER_ERROR_EXIT = 3  # a user error: retrying will not help
 PRUNED_EXIT = 4  # a sweep trial stopped early by its pruner (after a "pruned" event): not a failure
-STEP_HOOK_ENV = "PREFIXFLOW_STEP_HOOK"  # module:factory -> hook(trainer) after each step, or None
+STEP_HOOK_ENV = settings.STEP_HOOK_ENV  # module:factory -> hook(trainer) after each step, or None

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+# Deferred imports: optuna and the sweep service are deferred: only sweep trials load them, inside the training job.
+
 
 class Pruned(Exception):
     """The trial's pruner stopped it at ``step`` (validation loss ``loss``)."""

@@ -25,10 +25,15 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from prefixflow.launch.protocol import ERROR_PREFIX, EVENT_PREFIX, PRUNED_EXIT, STEP_HOOK_ENV, USER_ERROR_EXIT
+from prefix_core.files import atomic_write
+from prefixflow import settings
+from prefixflow.launch.protocol import ERROR_PREFIX, EVENT_PREFIX, PRUNED_EXIT, USER_ERROR_EXIT
 from prefixflow.services.spec import STRATEGIES
 
-log = logging.getLogger("prefixflow.train_job")
+# Deferred imports: prefix_core, torch and transformers are deferred to the job's steps: the job reports a bad job
+# file or setting before it loads them.
+
+log = logging.getLogger(__name__)
 
 
 class UserError(Exception):
@@ -58,12 +63,7 @@ class TrainJob:
 
     def to_json(self, path: str | Path) -> Path:
         """Write the job atomically (a temporary file renamed into place)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, json.dumps(asdict(self), indent=2, sort_keys=True))
 
     @classmethod
     def from_json(cls, path: str | Path) -> TrainJob:
@@ -136,7 +136,7 @@ def _step_hook():
     """The one test seam in the product: ``PREFIXFLOW_STEP_HOOK=module:factory`` names a factory that every
     rank calls once; what it returns (``hook(trainer)`` or None) runs after each optimizer step. The tests
     kill or hang a rank through it (tests/support/faults.py); nothing sets it in production."""
-    target = os.environ.get(STEP_HOOK_ENV)
+    target = settings.step_hook()
     if not target:
         return None
     module, _, name = target.partition(":")

@@ -19,9 +19,14 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from pathlib import Path
 
+from prefix_core import ArtifactError, PrefixArtifact
+from prefix_core.checkpoint import complete_checkpoints
 from prefixflow.launch import slurm
 from prefixflow.launch.checkpoint_mirror import CheckpointMirror, remote_checkpoints_uri
+from prefixflow.launch.command import build_launch
+from prefixflow.launch.gang import RunLock, run_launch
 from prefixflow.launch.gpu_slots import gpu_slots
+from prefixflow.launch.train_job import TrainJob
 from prefixflow.services import tracking
 from prefixflow.services.errors import TrainingError
 from prefixflow.services.preparation import PreparedData
@@ -29,7 +34,7 @@ from prefixflow.services.spec import PipelineSpec
 from prefixflow.services.storage import run_dir
 from prefixflow.services.trained import TrainOutcome
 
-log = logging.getLogger("prefixflow.train")
+log = logging.getLogger(__name__)
 _WATCHERS: ContextVar[tuple[Callable[[PipelineSpec, dict], None], ...]] = ContextVar("prefixflow_training_watchers",
                                                                                    default=())
 
@@ -46,8 +51,6 @@ def watching(watcher: Callable[[PipelineSpec, dict], None]) -> Iterator[None]:
 
 
 def make_job(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, pruning: dict | None = None):
-    from prefixflow.launch.train_job import TrainJob
-
     t = spec.train
     config = t.train_config(spec.data.max_length)
     prefix = {**spec.prefix.model_dump(), "seed": t.seed}
@@ -59,8 +62,6 @@ def make_job(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path,
 
 
 def _finished(out: Path) -> bool:
-    from prefix_core import ArtifactError, PrefixArtifact
-
     try:
         PrefixArtifact.load(out)
         return True
@@ -75,8 +76,6 @@ def _precision(out: Path) -> dict | None:
 
 
 def _history(checkpoints: Path) -> list[dict]:
-    from prefix_core.checkpoint import complete_checkpoints
-
     done = complete_checkpoints(checkpoints) if checkpoints.exists() else []
     return json.loads((done[-1] / "state.json").read_text())["history"] if done else []
 
@@ -137,7 +136,6 @@ class Progress:
 
 def _devices(spec: PipelineSpec):
     """GPU slots on this machine for a local launch; under Slurm the scheduler allocates devices."""
-    from contextlib import nullcontext
 
     return gpu_slots(spec.train.processes_per_machine) if spec.train.launcher == "local" else nullcontext({})
 
@@ -145,7 +143,6 @@ def _devices(spec: PipelineSpec):
 def _build(spec: PipelineSpec, job_file: Path, run_key: str, logger):
     """The launch command: ``accelerate launch`` here, or ``srun`` over the nodes (after cancelling any job
     of an earlier try of this run that is still in Slurm's queue)."""
-    from prefixflow.launch.command import build_launch
 
     if spec.train.launcher == "local":
         return build_launch(spec.train, job_file)
@@ -164,7 +161,6 @@ def _launch(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, 
             pruning: dict | None = None) -> tuple[float, float]:
     """Write the job, restore/mirror checkpoints, wait for a training slot and GPUs, run the launch.
     Returns (launched_at, finished_at); raises TrainingError (bad input) or RuntimeError (retry)."""
-    from prefixflow.launch.gang import RunLock
 
     if spec.train.machines > 1 and spec.train.launcher == "local":
         raise TrainingError(
@@ -178,8 +174,6 @@ def _launch(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, 
 def _launch_locked(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, progress: Progress,
                    logger, slot: Callable[[], AbstractContextManager], pruning: dict | None,
                    lock) -> tuple[float, float]:
-    from prefixflow.launch.gang import run_launch
-
     job = make_job(spec, data, run_key, folder, pruning)
     job.to_json(folder / "job.json")
     remote = remote_checkpoints_uri(spec.client, spec.task, run_key)

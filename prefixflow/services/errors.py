@@ -1,31 +1,61 @@
-"""Errors raised by the pipeline's tasks. Like prefix_core's, each message says what is wrong and how
-to fix it; the CLI prints it without a traceback and the flow does not retry it."""
+"""The error model: two roots, so that every layer decides by type alone.
+
+* :class:`InputError` (``prefix_core.PrefixError``): caused by the input (a spec, data, an artifact, a registry
+  reference, credentials). Retrying cannot help: tasks never retry it, the CLI prints its message (which says what
+  is wrong and how to fix it) and exits 2.
+* :class:`Unavailable`: a service the pipeline needs did not answer or failed (S3, MLflow, Prefect). Not the
+  input's fault: tasks retry it with backoff; the CLI names the service and exits 1 with the command that
+  finishes the run.
+
+Third-party exceptions (MLflow, boto3, httpx) become one of these where they are raised, in
+:mod:`prefixflow.services.boundary`. Classifying an error never does I/O: probing a server or the disk is a health
+check the caller runs explicitly (:mod:`prefixflow.services.health`).
+"""
+
+from __future__ import annotations
+
+import errno
+import sqlite3
+from collections.abc import Iterator
 
 from prefix_core.errors import PrefixError
+from prefixflow import settings
+
+InputError = PrefixError  # the root of errors caused by the input; prefix_core's errors are all of this kind
 
 
-class DataError(PrefixError):
+class DataError(InputError):
     """The task's data cannot be used: missing, unreadable, wrong columns or types, empty."""
 
 
-class RegistryError(PrefixError):
+class RegistryError(InputError):
     """A registry reference (models:/NAME@ALIAS, CLIENT/TASK@ALIAS, a version) does not resolve."""
 
 
-class TrainingError(PrefixError):
+class TrainingError(InputError):
     """The training launch failed because of its input (not worth retrying)."""
 
 
-class AccessDenied(PrefixError):
+class AccessDenied(InputError):
     """The credentials in use may not do this (S3 AccessDenied, MLflow 401/403): retrying cannot help."""
 
 
-class ServiceUnreachable(ConnectionError):
-    """A server the pipeline needs (S3, MLflow, Prefect) did not answer. Not the input's fault: tasks retry it
-    with backoff, and the CLI says which server and what to do."""
+class Unavailable(Exception):
+    """A service the pipeline needs did not answer or failed: retry later. The message names the service and what
+    to check."""
 
 
-def _chain(exc: BaseException):
+class ServiceUnreachable(Unavailable, ConnectionError):
+    """A server (S3, MLflow, Prefect) did not accept a connection or did not answer in time."""
+
+
+class ArtifactStoreFailed(Unavailable):
+    """The MLflow server answered 5xx to an artifact upload or download: it proxies them to its artifact store
+    (S3 on the stack), which is the usual cause. :func:`prefixflow.services.health.artifact_store_cause` says
+    which."""
+
+
+def chain(exc: BaseException) -> Iterator[BaseException]:
     """``exc`` and its causes (``__cause__``, else ``__context__``), each once."""
     seen: set[int] = set()
     e: BaseException | None = exc
@@ -37,108 +67,27 @@ def _chain(exc: BaseException):
 
 def is_user_error(exc: BaseException) -> bool:
     """True for errors caused by the input (retrying cannot help)."""
-    from prefixflow.services.spec import SpecError
-
-    return isinstance(exc, PrefixError | SpecError) or denied(exc) is not None
+    return isinstance(exc, InputError)
 
 
-def denied(exc: BaseException) -> str | None:
-    """One sentence saying which server refused which user, and what to do, when ``exc`` or one of its causes is
-    an MLflow 401/403 or an AccessDenied; None otherwise."""
-    import os
-    import re
+def unavailable(exc: BaseException) -> Unavailable | None:
+    """The :class:`Unavailable` in ``exc``'s cause chain (a task failure wraps it), or None."""
+    return next((e for e in chain(exc) if isinstance(e, Unavailable)), None)
 
-    from prefixflow import settings
 
-    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
-    for e in _chain(exc):
-        if isinstance(e, AccessDenied):
-            return str(e)
-        code, text = str(getattr(e, "error_code", "")), str(e)
-        if type(e).__name__ in ("MlflowException", "RestException", "HTTPError") and (
-                code == "PERMISSION_DENIED" or "403" in text.split("Response")[0]):
-            reason = text.split("Permission denied: ", 1)[1].rstrip("'") if "Permission denied: " in text else ""
-            endpoint = re.search(r"endpoint (\S+)|for url: (\S+?)[?.\s]", text)
-            on = f" on {endpoint[1] or endpoint[2]}" if endpoint else ""
-            return (f"the MLflow server at {settings.mlflow_tracking_uri()} refused user {user!r}{on}"
-                    + (f": {reason}" if reason else " (it sees only its own client's experiment, runs and prefixes;"
-                       " a registered model that does not exist reads the same)")
-                    + ". Use the credentials of the client that owns it (eval \"$(prefixflow stack env --client "
-                      "CLIENT)\") or the admin's (eval \"$(prefixflow stack env)\")")
-        if type(e).__name__ in ("MlflowException", "RestException") and code == "UNAUTHENTICATED":
-            who = f"user {user!r} with this password" if user else "no user (MLFLOW_TRACKING_USERNAME is not set)"
-            return (f"the MLflow server at {settings.mlflow_tracking_uri()} did not accept {who}: it runs with "
-                    "authentication; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, e.g. "
-                    "eval \"$(prefixflow stack env --client CLIENT)\"")
+def disk_full(exc: BaseException) -> str | None:
+    """The full-disk sentence when ``exc`` or one of its causes is ENOSPC (or SQLite's SQLITE_FULL), else None."""
+    for e in chain(exc):
+        full_db = isinstance(e, sqlite3.Error) and getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or full_db:
+            where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+            return f"no space left on the device{where}: free space there (the state folder is " \
+                   f"{settings.state_folder()})"
     return None
 
 
 def outage(exc: BaseException) -> str | None:
-    """One sentence naming the server that could not be reached, or the full disk, when ``exc`` or one of its
-    causes is such a failure; None otherwise."""
-    import errno
-
-    from prefixflow import settings
-    from prefixflow.services.storage import home
-
-    for e in _chain(exc):
-        name, text = type(e).__name__, str(e)
-        if isinstance(e, ServiceUnreachable):
-            return text
-        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "database or disk is full" in text:
-            where = f" writing {e.filename}" if e.filename else ""
-            return (f"no space left on the device{where}: free space there (the state folder is "
-                    f"{home()})")
-        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"):
-            endpoint = getattr(e, "kwargs", {}).get("endpoint_url", "")
-            return (f"the S3 server {endpoint} did not answer ({name}): start it (`prefixflow stack up`) or check "
-                    "AWS_ENDPOINT_URL and `prefixflow stack status`")
-        if name == "MlflowException" and "mlflow-artifacts" in text and "500" in text:
-            return _artifact_store_down()
-        if name == "MlflowException" and ("Max retries exceeded" in text or "Connection refused" in text):
-            return (f"the MLflow server at {settings.mlflow_tracking_uri()} did not answer: start it "
-                    "(`prefixflow stack up`) or check MLFLOW_TRACKING_URI and `prefixflow stack status`")
-        if name in ("ConnectError", "ConnectTimeout") and settings.prefect_api_url():
-            return (f"the Prefect server at {settings.prefect_api_url()} did not answer: start it "
-                    "(`prefixflow stack up`) or check PREFECT_API_URL and `prefixflow stack status`")
-    return state_disk_full()
-
-
-def _artifact_store_down() -> str:
-    """The MLflow server answered 500 to an artifact upload or download (it proxies them to its artifact store):
-    name S3 when the S3 endpoint of this environment does not accept a connection, else the server's store."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    from prefixflow import settings
-
-    endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        url = urlparse(endpoint)
-        try:
-            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), 2).close()
-        except OSError:
-            return (f"the S3 server {endpoint} did not answer (the MLflow server keeps the artifacts there): start "
-                    "it (`prefixflow stack up`) or check AWS_ENDPOINT_URL and `prefixflow stack status`")
-    return (f"the MLflow server at {settings.mlflow_tracking_uri()} could not store or read artifacts (HTTP 500): "
-            "its log has the cause; check its artifact store and `prefixflow stack status`")
-
-
-FULL_BELOW = 16 * 2**20  # bytes: a state folder with less free space than this cannot take a checkpoint or a log
-
-
-def state_disk_full() -> str | None:
-    """The full-disk sentence when the state folder's device has (almost) no space left, else None. A failure
-    seen through the embedded Prefect API (HTTP 500 from its SQLite database) carries no ENOSPC of its own."""
-    import shutil
-
-    from prefixflow.services.storage import home
-
-    folder = home()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if shutil.disk_usage(folder).free >= FULL_BELOW:
-        return None
-    return (f"no space left on the device of the state folder {home()} "
-            f"({shutil.disk_usage(folder).free // 1024} KiB free): free space there")
+    """One sentence naming the service that failed, or the full disk, when ``exc`` or one of its causes is such a
+    failure; None otherwise. No I/O: a failure that carries no such cause is for a health check to explain."""
+    found = unavailable(exc)
+    return str(found) if found is not None else disk_full(exc)

@@ -18,8 +18,10 @@ from prefixflow.services.preparation import PreparedData, read_split
 from prefixflow.services.spec import GateSpec, PipelineSpec
 from prefixflow.services.trained import TrainOutcome
 
+# Deferred imports: prefix_core (torch), transformers and matplotlib are deferred to the functions that use them.
+
 SYSTEMS = ("candidate", "baseline", "champion")
-log = logging.getLogger("prefixflow.evaluate")
+log = logging.getLogger(__name__)
 
 
 class GateDecision(BaseModel):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 import string
 
+# Deferred imports: sacrebleu and rouge-score are deferred to the metric that needs each.
+
 METRICS = ("bleu", "chrf", "rougeL", "exact_match", "accuracy")
 
 

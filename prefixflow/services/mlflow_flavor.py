@@ -13,11 +13,13 @@ column). Output: a list of strings. ``params``: ``max_tokens`` (default 64), ``t
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from prefixflow import settings
+
+# Deferred imports: mlflow and prefix_core (torch) are deferred: MLflow imports this module as a model's loader.
+
 LOADER = "prefixflow.services.mlflow_flavor"
-BASE_ENV = "PREFIXFLOW_BASE_MODEL"
 MLMODEL = "MLmodel"
 
 
@@ -43,7 +45,7 @@ class PrefixPredictor:
         from prefix_core import DecodeEngine, PrefixArtifact, load_base_model
 
         self.artifact = PrefixArtifact.load(folder)
-        base_name = os.environ.get(BASE_ENV) or self.artifact.manifest["base_model"]["name"]
+        base_name = settings.base_model_override() or self.artifact.manifest["base_model"]["name"]
         self.base, self.tokenizer = load_base_model(base_name)
         self.artifact.check_base(self.base)
         self.engine = DecodeEngine(self.base, self.tokenizer, max_batch=16)

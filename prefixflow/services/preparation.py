@@ -19,12 +19,15 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from prefix_core.artifact import atomic_write_dir
 from prefix_core.data import Example, encode, render
+from prefix_core.files import atomic_write_dir
 from prefixflow import settings
 from prefixflow.services.errors import AccessDenied, DataError
 from prefixflow.services.spec import DataSpec, PipelineSpec
 from prefixflow.services.storage import fetch, home, source_fingerprint
+
+# Deferred imports: datasets, transformers and prefix_core.base_model (torch) are deferred to the steps that load data
+# or a tokenizer; the CLI's preflight imports this module.
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SPLITS = ("train", "validation", "test")

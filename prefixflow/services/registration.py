@@ -17,6 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from prefixflow.services import registry, tracking
+from prefixflow.services.errors import AccessDenied
 from prefixflow.services.evaluation import EvalReport
 from prefixflow.services.mlflow_flavor import write_mlmodel
 from prefixflow.services.preparation import PreparedData
@@ -82,16 +83,17 @@ def register(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, repo
 
 def ensure_model(name: str, client: str, task: str, description: str) -> None:
     """Create the registered model ``name`` tagged with its client and task, unless it exists."""
-    from mlflow.exceptions import MlflowException
-
-    c = tracking.client()
     try:
-        c.get_registered_model(name)
-    except MlflowException:
-        try:
-            c.create_registered_model(name, tags={"client": client, "task": task}, description=description)
-        except MlflowException:
-            c.get_registered_model(name)  # created concurrently: fine
+        if registry.registered_model(name) is not None:
+            return
+    except AccessDenied:  # with auth, a model that does not exist reads as denied: creating it says whose it is
+        pass
+    try:
+        tracking.client().create_registered_model(name, tags={"client": client, "task": task},
+                                                  description=description)
+    except Exception:
+        if registry.registered_model(name) is None:  # else created concurrently: fine
+            raise
 
 
 def publish(name: str, prefix_dir: Path, mlflow_run_id: str, tags: dict[str, str], description: str = ""):

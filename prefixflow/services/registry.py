@@ -14,8 +14,11 @@ import tempfile
 from pathlib import Path
 
 from prefix_core import PrefixArtifact
-from prefixflow.services import tracking
-from prefixflow.services.errors import RegistryError
+from prefix_core.files import atomic_write_dir
+from prefixflow.services import boundary, tracking
+from prefixflow.services.errors import AccessDenied, RegistryError
+
+# Deferred imports: mlflow is deferred to the calls: the CLI imports this module.
 
 ALIASES = ("candidate", "champion", "previous")
 _REF = re.compile(r"^(?:models:/(?P<name>[^/@]+)|(?P<client>[a-z0-9-]+)/(?P<task>[a-z0-9-]+))"
@@ -36,55 +39,63 @@ def is_ref(text: str) -> bool:
     return text.startswith("models:/") or (bool(_REF.match(text)) and not Path(text).exists())
 
 
-def _missing(err: Exception) -> bool:
-    return "RESOURCE_DOES_NOT_EXIST" in str(getattr(err, "error_code", "")) or "not found" in str(err).lower()
-
-
-def _hidden(err: Exception) -> bool:
-    """An MLflow server with auth answers 403 to a user for a model it may not see, including one that does not
-    exist."""
-    return str(getattr(err, "error_code", "")) == "PERMISSION_DENIED"
-
-
-def resolve(ref: str):
-    """The ModelVersion a reference points at (RegistryError with the choices if none)."""
+def _absent(err: Exception) -> bool:
+    """MLflow said the registered model or version does not exist."""
     from mlflow.exceptions import MlflowException
 
-    name, alias, version = parse_ref(ref)
-    c = tracking.client()
-    try:
-        return c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version)
-    except MlflowException as err:
-        if not _missing(err):
-            raise
-    try:
-        model = c.get_registered_model(name)
-    except MlflowException as err:
-        if not _missing(err):
-            raise
-        raise RegistryError(f"no registered model {name!r} in {tracking.tracking_uri()} (run the pipeline for it "
-                            "first, or check MLFLOW_TRACKING_URI)") from None
-    aliases = ", ".join(f"@{a}=v{v}" for a, v in sorted(model.aliases.items())) or "none"
-    raise RegistryError(f"{ref}: {name!r} has no {'alias @' + alias if alias else 'version ' + version} "
-                        f"(aliases: {aliases})")
+    return isinstance(err, MlflowException) and err.error_code == "RESOURCE_DOES_NOT_EXIST"
 
 
-def aliased(name: str, alias: str):
-    """The ModelVersion behind ``@alias`` of ``name``, or None when the model or alias does not exist (or, on a
-    server with auth, the user cannot see the model: creating it then says whose it is)."""
-    from mlflow.exceptions import MlflowException
-
+def registered_model(name: str):
+    """The RegisteredModel ``name`` (with its tags and ``aliases``: alias -> version), or None when there is none."""
     try:
-        return tracking.client().get_model_version_by_alias(name, alias)
-    except MlflowException as err:
-        if _missing(err) or _hidden(err):
+        return tracking.client().get_registered_model(name)
+    except Exception as err:
+        if _absent(err):
             return None
         raise
 
 
+def version_exists(name: str, version: str) -> bool:
+    try:
+        tracking.client().get_model_version(name, version)
+    except Exception as err:
+        if _absent(err):
+            return False
+        raise
+    return True
+
+
+def resolve(ref: str):
+    """The ModelVersion a reference points at (RegistryError with the choices if none)."""
+    name, alias, version = parse_ref(ref)
+    model = registered_model(name)
+    if model is None:
+        raise RegistryError(f"no registered model {name!r} in {tracking.tracking_uri()} (run the pipeline for it "
+                            "first, or check MLFLOW_TRACKING_URI)")
+    version = model.aliases.get(alias) if alias else version
+    if version is None or not version_exists(name, str(version)):
+        aliases = ", ".join(f"@{a}=v{v}" for a, v in sorted(model.aliases.items())) or "none"
+        raise RegistryError(f"{ref}: {name!r} has no {'alias @' + alias if alias else 'version ' + version} "
+                            f"(aliases: {aliases})")
+    return tracking.client().get_model_version(name, str(version))
+
+
 def alias_version(name: str, alias: str) -> str | None:
-    mv = aliased(name, alias)
-    return None if mv is None else str(mv.version)
+    """The version behind ``@alias`` of ``name``, or None when the model or alias does not exist (or, on a server
+    with auth, the user cannot see the model: creating it then says whose it is)."""
+    try:
+        model = registered_model(name)
+    except AccessDenied:
+        return None
+    version = model.aliases.get(alias) if model is not None else None
+    return None if version is None else str(version)
+
+
+def aliased(name: str, alias: str):
+    """The ModelVersion behind ``@alias`` of ``name``, or None (see :func:`alias_version`)."""
+    version = alias_version(name, alias)
+    return None if version is None else tracking.client().get_model_version(name, version)
 
 
 def download(ref: str, out: Path | None = None) -> Path:
@@ -101,21 +112,15 @@ def download_version(mv, out: Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix="prefixflow-pull-"))
     try:
         source = tracking.client().get_model_version_download_uri(mv.name, mv.version)
-        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=uri))
+        with boundary.mlflow_calls("download_artifacts", artifacts=True):
+            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=uri))
         PrefixArtifact.load(got)  # checksums and format before anything is replaced
         if out is None:
             return got
         out = Path(out)
         if out.exists() and not (out / "manifest.json").exists():
             raise RegistryError(f"{out} exists and is not a prefix folder; choose another --out")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staged = out.parent / f".{out.name}.pull"
-        shutil.rmtree(staged, ignore_errors=True)
-        shutil.copytree(got, staged)
-        if out.exists():
-            shutil.rmtree(out)
-        staged.rename(out)
-        return out
+        return atomic_write_dir(out, lambda staged: shutil.copytree(got, staged, dirs_exist_ok=True))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-downloaded is left behind
         raise
@@ -137,14 +142,10 @@ def load_version(mv) -> PrefixArtifact:
 def owner(name: str) -> str | None:
     """The client a registered model belongs to (its ``client`` tag; None when untagged). RegistryError when
     there is no such model."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return tracking.client().get_registered_model(name).tags.get("client")
-    except MlflowException as err:
-        if _missing(err):
-            raise RegistryError(f"no registered model {name!r}") from None
-        raise
+    model = registered_model(name)
+    if model is None:
+        raise RegistryError(f"no registered model {name!r}")
+    return model.tags.get("client")
 
 
 def models(client: str | None = None) -> list:
@@ -155,14 +156,7 @@ def models(client: str | None = None) -> list:
 
 
 def versions_for_run(name: str, run_key: str) -> list:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        found = tracking.client().search_model_versions(f"name = '{name}'")
-    except MlflowException as err:
-        if _missing(err):
-            return []
-        raise
+    found = tracking.client().search_model_versions(f"name = '{name}'")
     return [v for v in found if v.tags.get(tracking.RUN_KEY_TAG) == run_key]
 
 

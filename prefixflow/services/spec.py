@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from prefix_core.config import TrainConfig
 from prefix_core.template import check_template
+from prefixflow.services.errors import InputError
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, description="lowercase letters, digits and inner hyphens; 1-40")]
@@ -36,8 +37,9 @@ def experiment_name(client: str) -> str:
     return f"prefixflow-{client}"
 
 
-class SpecError(ValueError):
-    """A pipeline spec is invalid; the message lists every problem and where it is."""
+class SpecError(InputError, ValueError):
+    """A pipeline spec is invalid; the message lists every problem and where it is. (A ValueError too, so that
+    pydantic reports one raised inside a validator.)"""
 
 
 class _Strict(BaseModel):

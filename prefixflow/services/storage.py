@@ -10,11 +10,15 @@ and credentials from the environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`
 from __future__ import annotations
 
 import hashlib
-import os
+import tempfile
 from pathlib import Path
 
+from prefix_core.files import replacing
 from prefixflow import settings
-from prefixflow.services.errors import AccessDenied, DataError, ServiceUnreachable
+from prefixflow.services import boundary
+from prefixflow.services.errors import DataError
+
+# Deferred imports: boto3 is deferred to the S3 calls: most runs read local files.
 
 
 def home() -> Path:
@@ -48,34 +52,9 @@ def s3_client():
 
 
 def _s3_call(uri: str, fn):
-    from botocore.exceptions import (
-        BotoCoreError,
-        ClientError,
-        ConnectionClosedError,
-        ConnectTimeoutError,
-        EndpointConnectionError,
-    )
-
-    try:
+    """``fn()``, a boto3 call on ``uri``, with its exceptions mapped to the error model (boundary.s3_calls)."""
+    with boundary.s3_calls(uri):
         return fn()
-    except ClientError as err:
-        code = err.response.get("Error", {}).get("Code", "")
-        if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
-            raise DataError(f"{uri} does not exist (S3 said {code}); check the bucket and key") from None
-        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            key = os.environ.get("AWS_ACCESS_KEY_ID", "(none)")
-            raise AccessDenied(f"the S3 server refused access to {uri} for access key {key} ({code}): a client's "
-                               "key reaches only s3://BUCKET/clients/CLIENT/; use the key of the client that owns "
-                               "it (eval \"$(prefixflow stack env --client CLIENT)\") or check AWS_ACCESS_KEY_ID / "
-                               "AWS_SECRET_ACCESS_KEY") from None
-        raise
-    except (EndpointConnectionError, ConnectTimeoutError, ConnectionClosedError) as err:
-        raise ServiceUnreachable(f"the S3 server did not answer for {uri} ({type(err).__name__}): start it "
-                                 "(`prefixflow stack up`) or check AWS_ENDPOINT_URL and `prefixflow stack status`"
-                                 ) from err
-    except BotoCoreError as err:
-        raise DataError(f"cannot reach the S3 server for {uri}: {err}. Is AWS_ENDPOINT_URL set and the server up "
-                        "(`prefixflow stack status`)?") from None
 
 
 def file_fingerprint(path: Path) -> str:
@@ -110,17 +89,14 @@ def fetch(uri: str) -> Path:
     bucket, key = split_s3(uri)
     target = home() / "downloads" / source_fingerprint(uri)[:16] / Path(key).name
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.part")
-        _s3_call(uri, lambda: s3_client().download_file(bucket, key, str(tmp)))
-        os.replace(tmp, target)
+        with replacing(target) as tmp:
+            _s3_call(uri, lambda: s3_client().download_file(bucket, key, str(tmp)))
     return target
 
 
 def fetch_dir(uri: str) -> Path:
     """A local folder for ``uri``: local paths as they are; ``s3://BUCKET/PREFIX`` downloaded (every
     object under the prefix) into a new temporary folder."""
-    import tempfile
 
     if not is_s3(uri):
         return Path(uri)

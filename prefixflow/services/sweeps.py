@@ -1,24 +1,26 @@
-"""Sweeps (no Prefect): one Optuna study per sweep run, its search space, trials that survive a crash, and the
-sweep's summary (a table of trials and a plot of the metric against prefix length and learning rate).
+"""Sweeps (no Prefect): one Optuna study per sweep run, its search space, the ask/tell driver that trains trials
+through a caller's ``start`` (:func:`run_trials`), trials that survive a crash, and the sweep's summary (a
+table of trials and a plot of the metric against prefix length and learning rate).
 
 The study is stored in ``$PREFIXFLOW_SWEEP_STORAGE`` (any SQLAlchemy URL Optuna accepts, e.g. the stack's
 database) or else ``$PREFIXFLOW_HOME/sweeps/optuna.db`` (SQLite), named ``CLIENT-TASK-RUNKEY``: rerunning a sweep
 with its run key continues the same study. The objective is the trial's best validation loss (minimized).
+
+Optuna and matplotlib are deferred to the functions that use them: the CLI imports this module.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from prefixflow.services.spec import SEARCHABLE, PipelineSpec, SearchRange
+from prefixflow import settings
+from prefixflow.services.spec import SEARCHABLE, PipelineSpec, SearchRange, SpecError
 from prefixflow.services.storage import home
-
-STORAGE_ENV = "PREFIXFLOW_SWEEP_STORAGE"
 
 
 class TrialRow(BaseModel):
@@ -36,7 +38,7 @@ class TrialRow(BaseModel):
 
 
 def storage_url() -> str:
-    url = os.environ.get(STORAGE_ENV)
+    url = settings.sweep_storage()
     if url:
         return url
     folder = home() / "sweeps"
@@ -55,7 +57,7 @@ def open_study(spec: PipelineSpec, run_key: str):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sweep = spec.sweep
     if sweep.sampler == "grid":
-        sampler = optuna.samplers.GridSampler(sweep.space, seed=sweep.seed)
+        sampler = _ask_tell_grid(sweep.space, seed=sweep.seed)
     elif sweep.sampler == "random":
         sampler = optuna.samplers.RandomSampler(seed=sweep.seed)
     else:
@@ -67,6 +69,19 @@ def open_study(spec: PipelineSpec, run_key: str):
         if own:
             study.enqueue_trial(own)
     return study
+
+
+def _ask_tell_grid(space: dict, seed: int | None):
+    """Optuna's GridSampler without its ``study.stop()`` once the grid is used up: outside ``study.optimize`` (our
+    ask/tell driver) that call raises, so the last trial of a grid sweep failed the sweep. :func:`run_trials`
+    counts trials itself; a grid point asked again is answered from its earlier trial, not trained again."""
+    import optuna
+
+    class Grid(optuna.samplers.GridSampler):
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    return Grid(space, seed=seed)
 
 
 def spec_params(spec: PipelineSpec) -> dict:
@@ -154,6 +169,81 @@ def pruning(study, trial, spec: PipelineSpec) -> dict:
     """What the training job needs to report to this trial and ask its pruner (``launch.pruning``)."""
     return {"storage": storage_url(), "study": study.study_name, "trial_id": trial._trial_id,
             "pruner": pruner_config(spec)}
+
+
+class TrialStart(Protocol):
+    """Starts the training of one trial and returns at once: ``start(trial_spec, trial_key, pruning)`` -> a future
+    whose ``result()`` is the :class:`~prefixflow.services.trained.TrainOutcome` (or raises its failure)."""
+
+    def __call__(self, spec: PipelineSpec, run_key: str, pruning: dict) -> Any: ...
+
+
+def run_trials(spec: PipelineSpec, run_key: str, study, start: TrialStart) -> None:
+    """Ask the study for trials, ``sweep.concurrent`` at a time, start each through ``start`` and tell the study
+    how it ended, until ``sweep.trials`` are complete or pruned. A setting the sampler repeats gets the earlier
+    trial's result without training; a setting the spec refuses (e.g. a batch size) is a failed trial; a training
+    that fails after its retries is a failed trial and the sweep goes on."""
+    import optuna
+
+    state = optuna.trial.TrialState
+    space = distributions(spec.sweep.space)
+    while (done := finished(study)) < spec.sweep.trials:
+        batch = [study.ask(space) for _ in range(min(spec.sweep.concurrent, spec.sweep.trials - done))]
+        started = []
+        for trial in batch:
+            key = trial_key(run_key, trial.params)
+            trial.set_user_attr("run_key", key)
+            same = earlier(study, trial.params)
+            if same is not None:
+                _repeat(study, trial, same)
+                continue
+            try:
+                trial_spec = spec.with_params(trial.params)
+            except SpecError as err:
+                trial.set_user_attr("error", str(err).splitlines()[-1].strip())
+                study.tell(trial, state=state.FAIL)
+                continue
+            started.append((trial, start(trial_spec, key, pruning(study, trial, spec))))
+        for trial, future in started:
+            try:
+                outcome = future.result()
+            except Exception as err:  # the trial failed after its retries; the sweep goes on
+                trial.set_user_attr("error", f"{type(err).__name__}: {str(err).splitlines()[0]}"[:500])
+                study.tell(trial, state=state.FAIL)
+                continue
+            trial.set_user_attr("steps", outcome.steps)
+            trial.set_user_attr("seconds", round(outcome.seconds, 1))
+            if outcome.pruned:
+                study.tell(trial, state=state.PRUNED)
+            elif outcome.best_eval_loss is None:
+                trial.set_user_attr("error", "no validation loss (the data has no validation split)")
+                study.tell(trial, state=state.FAIL)
+            else:
+                study.tell(trial, outcome.best_eval_loss)
+
+
+def _repeat(study, trial, same) -> None:
+    """Tell ``trial`` the result of the earlier trial ``same`` with the same parameters."""
+    import optuna
+
+    trial.set_user_attr("steps", same.user_attrs.get("steps"))
+    trial.set_user_attr("repeat_of", same.number)
+    if same.state == optuna.trial.TrialState.COMPLETE:
+        study.tell(trial, same.value)
+        return
+    last = max(same.intermediate_values, default=None)
+    if last is not None:
+        trial.report(same.intermediate_values[last], last)
+    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+
+
+def best_trial(trials: list[TrialRow]) -> TrialRow:
+    """The complete trial with the lowest validation loss; RuntimeError saying why when none finished."""
+    complete = [t for t in trials if t.state == "COMPLETE"]
+    if not complete:
+        raise RuntimeError(f"no trial of the sweep finished ({len(trials)} failed or pruned): "
+                           + "; ".join(f"trial {t.number}: {t.error or t.state}" for t in trials[:5]))
+    return min(complete, key=lambda t: t.value)
 
 
 def rows(study) -> list[TrialRow]:

@@ -8,9 +8,13 @@ whose artifact store may be S3. Without it, an embedded store under the state fo
 from __future__ import annotations
 
 import logging
+import time
 
 from prefixflow import settings
+from prefixflow.services import boundary
 from prefixflow.services.storage import home
+
+# Deferred imports: mlflow is deferred to the calls: the CLI imports this module.
 
 RUN_KEY_TAG = "prefixflow.run_key"
 
@@ -29,15 +33,12 @@ def is_embedded() -> bool:
 
 
 def client():
-    """An MlflowClient for the configured tracking server and registry."""
-    import logging
-
-    from mlflow import MlflowClient
-
+    """An MlflowClient for the configured tracking server and registry, behind the error model's adapter
+    (:func:`prefixflow.services.boundary.guarded_client`)."""
     logging.getLogger("alembic").setLevel(logging.WARNING)  # SQLite migrations on first use
     settings.apply_process_defaults()  # no artifact progress bars in task logs; bounded HTTP retries
-    uri = tracking_uri()  # passed explicitly: mlflow.set_tracking_uri() would export MLFLOW_TRACKING_URI
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    # the URI is passed explicitly: mlflow.set_tracking_uri() would export MLFLOW_TRACKING_URI
+    return boundary.guarded_client(tracking_uri())
 
 
 def ensure_experiment(name: str) -> str:
@@ -78,20 +79,21 @@ def log_params(run_id: str, params: dict[str, str], logger=None) -> None:
     """Log run params (idempotent for equal values). A value that differs from one logged earlier in the
     same run (a retry resumed on other hardware) keeps the first and is reported as a warning."""
     from mlflow.entities import Param
-    from mlflow.exceptions import MlflowException
 
-    try:
-        client().log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-    except MlflowException as err:
-        if "Changing param values is not allowed" not in str(err):
-            raise
-        (logger or logging.getLogger("prefixflow.tracking")).warning("MLflow params kept their first values: %s",
-                                                                     str(err).splitlines()[0])
+    values = {k: str(v)[:6000] for k, v in params.items()}
+    c = client()
+    logged = c.get_run(run_id).data.params
+    changed = sorted(k for k, v in values.items() if k in logged and logged[k] != v)
+    if changed:
+        (logger or logging.getLogger(__name__)).warning(
+            "MLflow params kept their first values: %s", ", ".join(f"{k}={logged[k]!r} (now {values[k]!r})"
+                                                                   for k in changed))
+    new = [Param(k, v) for k, v in values.items() if k not in logged]
+    if new:
+        c.log_batch(run_id, params=new)
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-    import time
-
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)

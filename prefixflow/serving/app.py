@@ -22,10 +22,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from prefix_core.template import render
+from prefixflow.services import registry
 from prefixflow.serving import openai_api as oa
 from prefixflow.serving.bank import BASE, Prefix
 from prefixflow.serving.keys import Caller
 from prefixflow.serving.server import Choice, ServeConfig, Server
+
+# Deferred imports: uvicorn is deferred to run(): the tests build the app without it.
 
 CLIENT_GONE = 499  # nginx's code for "the client closed the request" (only in metrics; nobody receives it)
 
@@ -82,8 +85,6 @@ def create_app(server: Server) -> FastAPI:
         return {"id": model, "object": "model", "created": 0, "owned_by": "prefixflow"}
 
     def _models(caller: Caller) -> list[dict]:
-        from prefixflow.services import registry
-
         data = [{"id": BASE, "object": "model", "created": 0, "owned_by": "prefixflow"}]
         for m in registry.models(None if caller.is_admin else caller.client):
             client, task = m.tags.get("client"), m.tags.get("task")
@@ -250,7 +251,7 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, engine_f
     the base could not be loaded: the process should exit with an error)."""
     import uvicorn
 
-    logger = logging.getLogger("prefixflow.serve")  # the server's own lines (loads, alias moves) beside uvicorn's
+    logger = logging.getLogger("prefixflow.serving")  # its modules' lines (loads, alias moves) beside uvicorn's
     if not logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))

@@ -29,9 +29,10 @@ from torch import nn
 
 from prefix_core import PrefixArtifact
 from prefix_core.errors import PrefixError
+from prefixflow.services import registry, tracking
 from prefixflow.services.errors import RegistryError
 
-log = logging.getLogger("prefixflow.serve")
+log = logging.getLogger(__name__)
 BASE = "base"
 
 
@@ -39,8 +40,8 @@ class ModelAccessError(PrefixError):
     """A request names a model its key may not use (HTTP 403)."""
 
 
-class ModelNotFound(PrefixError):
-    """A request names a model that does not exist (HTTP 404)."""
+class UnknownModel(RegistryError):
+    """A request names a registered model, version or alias that does not exist (HTTP 404)."""
 
 
 class PrefixUnusable(PrefixError):
@@ -73,35 +74,20 @@ class RegistrySource:
     """How the bank reads the registry (``prefixflow.services.registry`` over the configured MLflow)."""
 
     def parse(self, model: str) -> tuple[str, str | None, str | None]:
-        from prefixflow.services import registry
-
         return registry.parse_ref(model)
 
     def owner(self, name: str) -> str | None:
         """The model's ``client`` tag; RegistryError when there is no such registered model."""
-        from prefixflow.services import registry
 
         return registry.owner(name)
 
     def version_of(self, name: str, alias: str) -> str | None:
-        from prefixflow.services import registry
-
         return registry.alias_version(name, alias)
 
     def exists(self, name: str, version: str) -> bool:
-        from mlflow.exceptions import MlflowException
-
-        from prefixflow.services import tracking
-
-        try:
-            tracking.client().get_model_version(name, version)
-            return True
-        except MlflowException:
-            return False
+        return registry.version_exists(name, version)
 
     def load(self, name: str, version: str) -> PrefixArtifact:
-        from prefixflow.services import registry, tracking
-
         return registry.load_version(tracking.client().get_model_version(name, version))
 
 
@@ -129,7 +115,7 @@ class PrefixBank:
     # --- lookups ----------------------------------------------------------------------------------------------
     def resolve(self, model: str, client: str | None) -> Prefix | None:
         """The prefix a request's ``model`` names, for a caller of ``client`` (``None``: admin): ``None`` for the
-        bare base. Raises ModelAccessError (another client's), ModelNotFound, PrefixUnusable, or RegistryError
+        bare base. Raises ModelAccessError (another client's), UnknownModel, PrefixUnusable, or RegistryError
         (not a model name)."""
         if model == BASE:
             return None
@@ -144,7 +130,7 @@ class PrefixBank:
         if alias is not None:
             version = self._alias(name, alias, model)
         elif not self._has(name, version) and not self.source.exists(name, version):
-            raise ModelNotFound(f"{model}: {name!r} has no version {version}")
+            raise UnknownModel(f"{model}: {name!r} has no version {version}")
         return self.get(name, version, owner)
 
     def get(self, name: str, version: str, owner: str | None = None) -> Prefix:
@@ -198,7 +184,7 @@ class PrefixBank:
             try:
                 self._owners[name] = self.source.owner(name)
             except RegistryError as err:
-                raise ModelNotFound(str(err)) from None
+                raise UnknownModel(str(err)) from None
         return self._owners[name]
 
     def _alias(self, name: str, alias: str, model: str) -> str:
@@ -207,7 +193,7 @@ class PrefixBank:
         if version is None:
             version = self.source.version_of(name, alias)
             if version is None:
-                raise ModelNotFound(f"{model}: {name!r} has no alias @{alias}")
+                raise UnknownModel(f"{model}: {name!r} has no alias @{alias}")
             with self._lock:
                 self._aliases[(name, alias)] = version
         return version

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from prefixflow.serving.bank import Prefix
 from prefixflow.serving.metrics import ServerMetrics
 
-log = logging.getLogger("prefixflow.serve")
+log = logging.getLogger(__name__)
 
 
 class Overloaded(Exception):

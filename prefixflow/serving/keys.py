@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -26,9 +25,11 @@ from pathlib import Path
 import yaml
 
 from prefix_core.errors import PrefixError
+from prefix_core.files import atomic_write
+from prefixflow import settings
 
 ADMIN = "*"
-KEYS_ENV = "PREFIXFLOW_API_KEYS"
+KEYS_ENV = settings.API_KEYS_ENV
 _CLIENT = re.compile(r"^(\*|[a-z0-9][a-z0-9-]*)$")
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -90,7 +91,7 @@ class KeyStore:
         if file is not None:
             for entry in read_file(file):
                 hashes[entry["sha256"]] = entry["client"]
-        env = os.environ.get(KEYS_ENV, "") if env is None else env
+        env = settings.api_keys() if env is None else env
         for i, item in enumerate(p for p in (x.strip() for x in env.split(",")) if p):
             client, sep, key = item.partition("=")
             client, key = client.strip(), key.strip()
@@ -136,10 +137,6 @@ def add_key(file: Path, client: str) -> tuple[str, str]:
     key = "pf-" + secrets.token_urlsafe(32)
     digest = hash_key(key)
     entries.append({"client": client, "sha256": digest, "created": datetime.now(UTC).isoformat(timespec="seconds")})
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
     header = "# prefixflow serve: API keys, stored as SHA-256 hashes (the keys were shown once, at creation)\n"
-    tmp.write_text(header + yaml.safe_dump({"keys": entries}, sort_keys=False))
-    tmp.chmod(0o600)
-    os.replace(tmp, file)
+    atomic_write(file, header + yaml.safe_dump({"keys": entries}, sort_keys=False), mode=0o600)
     return key, digest[:12]

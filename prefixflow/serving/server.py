@@ -8,6 +8,7 @@ import asyncio
 import copy
 import logging
 import math
+import re
 import threading
 import time
 import uuid
@@ -15,13 +16,16 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefixflow.serving.bank import BASE, ModelAccessError, ModelNotFound, Prefix, PrefixBank, PrefixUnusable
+from prefixflow.serving.bank import BASE, ModelAccessError, Prefix, PrefixBank, PrefixUnusable, UnknownModel
 from prefixflow.serving.engine_loop import EngineLoop, Overloaded, Row
 from prefixflow.serving.keys import Caller, KeyStore
 from prefixflow.serving.metrics import ServerMetrics
 from prefixflow.serving.openai_api import FINISH, APIError
 
-log = logging.getLogger("prefixflow.serve")
+# Deferred imports: torch, prefix_core and starlette are deferred to the calls: the CLI validates a ServeConfig before
+# loading them.
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,6 @@ class ServeConfig:
     def torch_device(self) -> str:
         """``auto``: the first GPU when there is one, else the CPU. ValueError saying what this machine has
         when the device asked for is not one of its devices."""
-        import re
 
         import torch
 
@@ -237,7 +240,7 @@ class Server:
             return await run_in_threadpool(self.bank.resolve, model, None if caller.is_admin else caller.client)
         except ModelAccessError as err:
             raise APIError(403, str(err), param="model", code="model_not_permitted") from None
-        except ModelNotFound as err:
+        except UnknownModel as err:
             raise APIError(404, str(err), param="model", code="model_not_found") from None
         except PrefixUnusable as err:
             raise APIError(400, str(err), param="model", code="prefix_unusable") from None

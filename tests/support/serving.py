@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from support.harness import wait_until
 from support.pipeline import save_tiny_model
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -70,26 +70,23 @@ def serve_process(model_dir: Path, env: dict[str, str], *args: str, timeout: flo
     """``prefixflow serve --base MODEL_DIR ARGS`` on a free loopback port until /health is ready; yields the
     base URL (``http://127.0.0.1:PORT``). Stopped with SIGTERM (then SIGKILL) at the end."""
     port = free_port()
-    cli = [sys.executable, "-m", "prefixflow.flows.cli", "serve", "--base", str(model_dir), "--port", str(port), *args]
+    cli = [sys.executable, "-m", "prefixflow.cli", "serve", "--base", str(model_dir), "--port", str(port), *args]
     log = Path(env.get("PREFIXFLOW_HOME", "/tmp")) / f"serve-{port}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         proc = subprocess.Popen(cli, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, f"prefixflow serve exited with {proc.returncode}:\n{log.read_text()}"
+        try:
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"prefixflow serve exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"prefixflow serve not ready after {timeout} s:\n{log.read_text()}")
-            time.sleep(0.3)
+        wait_until(ready, timeout, 0.3, message=lambda: f"prefixflow serve is not ready:\n{log.read_text()}")
         yield url
     finally:
         if proc.poll() is None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from prefixflow import processes
 from support import test_packages
+from support.harness import wait_until
 
 PACKAGES = test_packages.GROUPS["slurm"]["packages"]
 BINARIES = test_packages.GROUPS["slurm"]["binaries"]
@@ -141,27 +142,37 @@ PartitionName=batch Nodes=node[0-{self.nodes - 1}] Default=YES MaxTime=INFINITE 
                                f"--key-file={m}/munge.key", f"--pid-file={m}/munged.pid",
                                f"--log-file={m}/munged.log", f"--seed-file={m}/munged.seed"])
         deadline = time.monotonic() + timeout_s
-        while not (m / "munge.sock").exists():
-            self._check_alive("munged", deadline)
-            time.sleep(0.1)
+        self._wait_for(lambda: (m / "munge.sock").exists(), ["munged"], deadline, 0.1)
         self._start("slurmctld", [_binary("slurmctld"), "-D", "-f", str(self.conf)])
         for i in range(self.nodes):
             self._start(f"slurmd-node{i}", [_binary("slurmd"), "-D", "-f", str(self.conf), "-N", f"node{i}"])
-        while self._idle_nodes() < self.nodes:
-            for name in ("munged", "slurmctld", *(f"slurmd-node{i}" for i in range(self.nodes))):
-                self._check_alive(name, deadline)
-            time.sleep(0.5)
+        self._wait_for(lambda: self._idle_nodes() >= self.nodes,
+                       ["munged", "slurmctld", *(f"slurmd-node{i}" for i in range(self.nodes))], deadline, 0.5)
         return self.env()
 
-    def _check_alive(self, name: str, deadline: float) -> None:
+    def _wait_for(self, ready, names: list[str], deadline: float, interval: float) -> None:
+        """Until ``ready()``; if one of the daemons ``names`` exits first, or ``deadline`` passes, stop the cluster
+        and raise SlurmClusterError with that daemon's log."""
+        def check() -> bool:
+            for name in names:
+                if self._exited(name):
+                    self._fail(name, "exited")
+            return ready()
+
+        try:
+            wait_until(check, max(0.0, deadline - time.monotonic()), interval)
+        except AssertionError:
+            self._fail(names[-1], "did not get ready")
+
+    def _exited(self, name: str) -> bool:
         proc = self._procs.get(name)
-        dead = proc.poll() is not None if proc is not None else not processes.alive(int(self._pid(name).read_text()))
-        if dead or time.monotonic() > deadline:
-            log = self.state_dir / "log" / f"{name}.out"
-            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            self.down()
-            raise SlurmClusterError(f"{name} {'exited' if dead else 'did not get ready'}; see {log} "
-                                    f"and {self.state_dir / 'log'}:\n{tail}")
+        return proc.poll() is not None if proc is not None else not processes.alive(int(self._pid(name).read_text()))
+
+    def _fail(self, name: str, what: str) -> None:
+        log = self.state_dir / "log" / f"{name}.out"
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        self.down()
+        raise SlurmClusterError(f"{name} {what}; see {log} and {self.state_dir / 'log'}:\n{tail}")
 
     def down(self, grace_s: float = 15) -> None:
         """Cancel every job, then stop the daemons (slurmd, slurmctld, munged)."""

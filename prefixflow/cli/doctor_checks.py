@@ -1,7 +1,10 @@
-"""``prefixflow doctor``: what a run on this machine will use, and why; each problem with its fix.
+"""The checks of ``prefixflow doctor``: what a run on this machine will use, and why; each problem with its fix.
 
 Checks are cheap (no model is loaded, services get one HTTP request with a short timeout) and never
 raise: a check that cannot tell says so in its value.
+
+Deferred on purpose: torch and what loads it (``prefix_core.precision``, ``prefix_core.base_model``) are imported
+by the checks that need them, so that importing this module (every command does) stays fast.
 """
 
 from __future__ import annotations

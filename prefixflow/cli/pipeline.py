@@ -1,0 +1,136 @@
+"""The pipeline commands: ``demo``, ``run``, ``sweep``, ``fleet`` and ``deploy``.
+
+Without ``PREFECT_API_URL`` / ``MLFLOW_TRACKING_URI`` everything runs embedded under the state folder
+(``$PREFIXFLOW_HOME``, default ``./state``): an ephemeral Prefect API and a local MLflow store. With
+them set (``eval "$(prefixflow stack env)"``) the same commands use the servers.
+
+Deferred on purpose: the flows (``prefixflow.flows.*``) import Prefect, which reads its settings once, when it is
+imported; each command imports its flow after :func:`_embedded_prefect` has set them (and after its input was
+checked, so a refused command stays fast).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+
+from prefixflow import settings
+from prefixflow.cli.doctor_checks import run_checks, summary_line
+from prefixflow.cli.guard import checked_run_key, explain_termination, fail, folder_specs, load_spec, run_guarded
+from prefixflow.cli.render import (
+    console,
+    print_demo_result,
+    print_fleet,
+    print_run_result,
+    print_sweep_result,
+    progress_bar,
+)
+from prefixflow.flows.embedded import use_embedded_prefect, watch_for_sigkill
+
+
+def _embedded_prefect(state: Path | None = None, summary: bool = False) -> None:
+    """Without a Prefect server, keep the ephemeral API's files next to the rest of the state (and say so
+    on a first run, which waits for Prefect to create its database). ``summary``: print doctor's line first."""
+    note = use_embedded_prefect(state)
+    watch_for_sigkill()
+    if summary:
+        console.print(f"[dim]{escape(summary_line(run_checks()))}[/]")
+    if note:
+        console.print(f"[dim]{escape(note)}[/]")
+
+
+def demo(
+    steps: int = typer.Option(150, min=1, help="training steps"),
+    state: Path = typer.Option(Path("state/demo"), help="state folder: data, runs, Prefect and MLflow stores"),
+    model: str = typer.Option("smollm2-135m", help="base model: embedded name, local folder or HF id"),
+    fresh: bool = typer.Option(False, help="train a new version even if this demo already ran"),
+    strategy: str = typer.Option("single", help="single | ddp | deepspeed-zero2 | deepspeed-zero3"),
+    processes: int = typer.Option(1, min=1, help="training processes (2+ for ddp/deepspeed; gloo on CPU)"),
+) -> None:
+    """The whole pipeline on a generated task and the embedded model, then generations with and without."""
+    _embedded_prefect(state, summary=True)
+    from prefixflow.flows.demo import run_demo
+
+    console.print(f"[bold]prefixflow demo[/]: pipeline on base model [cyan]{model}[/], {steps} steps ({strategy}, "
+                  f"{processes} process(es)), state in {state} (Prefect and MLflow embedded unless "
+                  "PREFECT_API_URL/MLFLOW_TRACKING_URI)")
+    with progress_bar():
+        result = run_guarded(run_demo, state, steps=steps, model=model, fresh=fresh, strategy=strategy,
+                             processes=processes)
+    print_demo_result(result)
+
+
+def run(
+    spec: Path = typer.Argument(..., help="pipeline spec (YAML)"),
+    run_key: str | None = typer.Option(None, help="resume or re-run this pipeline run (default: a new run)"),
+    retrain: str = typer.Option("always", help="always | on_change: skip training when data, base model and "
+                                               "training settings equal the champion's (the spec's retrain wins)"),
+) -> None:
+    """Run the pipeline for one spec: prepare data, train, evaluate, gate, register."""
+    if retrain not in ("always", "on_change"):
+        fail(f"--retrain must be always or on_change, got {retrain!r}")
+    parsed = load_spec(spec, here=True)  # bad input is refused before anything starts or is written
+    key = checked_run_key(run_key)
+    _embedded_prefect()
+    from prefixflow.flows.pipeline import prefix_pipeline
+
+    resume = f"prefixflow run {spec} --run-key {key}"
+    console.print(f"run key [bold]{key}[/]: if this run stops, `{escape(resume)}` finishes it (finished work is "
+                  "reused, training resumes from its newest checkpoint)")
+    with progress_bar(), explain_termination(resume):
+        result = run_guarded(prefix_pipeline, parsed, run_key=key, retrain=retrain, resume=resume)
+    print_run_result(result)
+
+
+def sweep(
+    spec: Path = typer.Argument(..., help="pipeline spec (YAML) with a `sweep:` section"),
+    run_key: str | None = typer.Option(None, help="continue this sweep (finished trials are not run again)"),
+) -> None:
+    """Search the spec's `sweep:` space (Optuna, pruned on validation loss), then evaluate, gate and register the
+    best setting like `prefixflow run`."""
+    parsed = load_spec(spec, here=True)
+    if parsed.sweep is None:
+        fail(f"{spec} has no `sweep:` section: add one (docs/pipeline.md, 'Sweeps') or use `prefixflow run`")
+    key = checked_run_key(run_key)
+    _embedded_prefect()
+    from prefixflow.flows.sweep import prefix_sweep
+
+    resume = f"prefixflow sweep {spec} --run-key {key}"
+    console.print(f"sweep run key [bold]{key}[/]: if it stops, `{escape(resume)}` continues it (finished trials "
+                  "are kept)")
+    with progress_bar(), explain_termination(resume):
+        result = run_guarded(prefix_sweep, parsed, run_key=key, resume=resume)
+    print_sweep_result(result, space=list(parsed.sweep.space))
+
+
+def fleet(
+    folder: Path = typer.Argument(..., help="folder of pipeline specs (*.yaml, *.yml)"),
+    max_concurrent: int = typer.Option(1, min=1, help="trainings allowed to run at once"),
+) -> None:
+    """Run the pipeline for every spec in a folder, at most N trainings at a time."""
+    specs = folder_specs(folder, here=True)
+    _embedded_prefect()
+    from prefixflow.flows.fleet import retrain_fleet
+
+    with progress_bar():
+        entries = run_guarded(retrain_fleet, specs, max_concurrent_trainings=max_concurrent)
+    print_fleet(entries)
+    if not all(e.ok for e in entries):
+        raise typer.Exit(1)
+
+
+def deploy(
+    folder: Path = typer.Argument(..., help="folder of pipeline specs (*.yaml); each becomes a deployment"),
+) -> None:
+    """Serve one deployment per spec, on its cron schedule, with the spec editable in the Prefect UI."""
+    specs = folder_specs(folder)
+    if settings.prefect_api_url() is None:
+        fail('deploy needs a Prefect server: run `prefixflow stack up` and `eval "$(prefixflow stack env)"` '
+             "(or set PREFECT_API_URL)")
+    from prefixflow.flows.deploy import deployment_name, serve_specs
+
+    for s in specs:
+        console.print(f"deployment prefix-pipeline/{deployment_name(s)}: schedule {s.schedule or 'none (manual)'}")
+    serve_specs(specs)
