@@ -74,11 +74,15 @@ def resolve(ref: str):
         raise RegistryError(f"no registered model {name!r} in {tracking.tracking_uri()} (run the pipeline for it "
                             "first, or check MLFLOW_TRACKING_URI)")
     version = model.aliases.get(alias) if alias else version
-    if version is None or not version_exists(name, str(version)):
-        aliases = ", ".join(f"@{a}=v{v}" for a, v in sorted(model.aliases.items())) or "none"
-        raise RegistryError(f"{ref}: {name!r} has no {'alias @' + alias if alias else 'version ' + version} "
-                            f"(aliases: {aliases})")
-    return tracking.client().get_model_version(name, str(version))
+    if version is not None:
+        try:
+            return tracking.client().get_model_version(name, str(version))
+        except Exception as err:
+            if not _absent(err):
+                raise
+    aliases = ", ".join(f"@{a}=v{v}" for a, v in sorted(model.aliases.items())) or "none"
+    raise RegistryError(f"{ref}: {name!r} has no {'alias @' + alias if alias else 'version ' + version} "
+                        f"(aliases: {aliases})")
 
 
 def alias_version(name: str, alias: str) -> str | None:
