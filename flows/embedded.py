@@ -104,6 +104,7 @@ def stopping() -> bool:
 def _deadline(signum: int, after_s: float = STOP_DEADLINE_S) -> None:
     """Once per process: a daemon thread that, ``after_s`` after a stop signal, stops every child (training groups,
     the ephemeral API, the SIGKILL watcher) and ends the process with 128 + ``signum``."""
+    processes.request_stop()
     if _armed.is_set():
         return
     _armed.set()
@@ -117,6 +118,16 @@ def _deadline(signum: int, after_s: float = STOP_DEADLINE_S) -> None:
         os._exit(128 + signum)
 
     threading.Thread(target=expire, name="prefixflow-stop-deadline", daemon=True).start()
+
+
+def stopped_by(exc: BaseException) -> None:
+    """A stop signal reached a flow that waits on its task threads (a fleet, a sweep): Prefect raises it there
+    (``TerminationSignal``, ``KeyboardInterrupt``) and holds this module's handler back until the flow ends, which
+    waits for those threads. Tell them to stop (:func:`prefixflow.processes.request_stop`) and arm the deadline, as
+    the handler would. Other exceptions are left alone."""
+    if isinstance(exc, Exception):
+        return
+    _deadline(getattr(exc, "signal", None) or (signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM))
 
 
 def watch_for_sigkill() -> None:

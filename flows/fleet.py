@@ -1,8 +1,10 @@
-"""retrain_fleet: run the pipeline for many (client, task) specs at once, with at most N trainings
-running at a time (a Prefect global concurrency limit that every training acquires), and one failed
-pipeline not stopping the others."""
+"""retrain_fleet: run the pipeline for many (client, task) specs at once, with at most N training jobs running at
+a time (a Prefect global concurrency limit that every training job acquires), trainings of one base model that are
+due together packed into one job (launch.packing), and one failed pipeline not stopping the others."""
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 from prefect import flow, task
 from prefect.client.orchestration import get_client
@@ -10,7 +12,9 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
+from prefixflow.flows.embedded import stopped_by
 from prefixflow.flows.pipeline import prefix_pipeline
+from prefixflow.launch.packing import PACK_SIZE, Packer, active_packer, pack_key, packing
 from prefixflow.services.errors import is_user_error
 from prefixflow.services.spec import PipelineSpec, check_fleet
 from prefixflow.tasks.train_prefix import TRAINING_LIMIT
@@ -39,10 +43,14 @@ def set_training_limit(limit: int) -> None:
 
 
 @task(name="pipeline", task_run_name="{spec.client}-{spec.task}")
-def run_pipeline(spec: PipelineSpec) -> FleetEntry:
-    """One pipeline as a subflow; its failure becomes an entry, not an exception."""
+def run_pipeline(spec: PipelineSpec, run_key: str | None = None) -> FleetEntry:
+    """One pipeline as a subflow; its failure becomes an entry, not an exception. ``run_key``: the fleet run's key
+    (each client's run is CLIENT/TASK/RUN_KEY; none: a new run each)."""
+    packer = active_packer()
     try:
-        r = prefix_pipeline(spec, retrain="on_change")  # a fleet retrains what changed (unless the spec says)
+        with packer.expecting(pack_key(spec)) if packer is not None else nullcontext():
+            # a fleet retrains what changed (unless the spec says)
+            r = prefix_pipeline(spec, run_key=run_key, retrain="on_change")
     except Exception as exc:
         error = str(exc) if is_user_error(exc) else f"{type(exc).__name__}: {exc}"
         return FleetEntry(client=spec.client, task=spec.task, ok=False, error=error.splitlines()[0])
@@ -56,9 +64,28 @@ def run_pipeline(spec: PipelineSpec) -> FleetEntry:
 
 
 @flow(name="retrain-fleet", task_runner=ThreadPoolTaskRunner(max_workers=8))
-def retrain_fleet(specs: list[PipelineSpec], max_concurrent_trainings: int = 1) -> list[FleetEntry]:
-    """Run every spec's pipeline; trainings wait for one of ``max_concurrent_trainings`` slots."""
+def retrain_fleet(specs: list[PipelineSpec], max_concurrent_trainings: int = 1,
+                  pack: int = PACK_SIZE, run_key: str | None = None) -> list[FleetEntry]:
+    """Run every spec's pipeline; training jobs wait for one of ``max_concurrent_trainings`` slots, and up to
+    ``pack`` trainings that can share a job share one (1: none do). ``run_key``: rerun with the same key, a fleet
+    finishes what it left (finished work is reused, trainings resume from their checkpoints). Pipelines run on the
+    flow's task threads: see :func:`fleet_flow` for as many as the packs need."""
     check_fleet(specs)  # the CLI checked already; a deployment's or a caller's list is checked here
     set_training_limit(max_concurrent_trainings)
-    futures = [run_pipeline.submit(spec) for spec in specs]
-    return [f.result() for f in futures]
+    with packing(Packer(pack) if pack > 1 else None):
+        futures = [run_pipeline.submit(spec, run_key) for spec in specs]
+        try:
+            return [f.result() for f in futures]
+        except BaseException as exc:  # a stop signal: the pipelines in the task threads stop too
+            stopped_by(exc)
+            raise
+
+
+def fleet_threads(specs: int, pack: int, max_concurrent: int) -> int:
+    """Pipelines running at once: enough to fill every running pack and gather the next (at least 8)."""
+    return max(1, min(specs, max(8, (max_concurrent + 1) * max(pack, 1))))
+
+
+def fleet_flow(specs: int, pack: int, max_concurrent: int):
+    """:func:`retrain_fleet` with :func:`fleet_threads` task threads."""
+    return retrain_fleet.with_options(task_runner=ThreadPoolTaskRunner(fleet_threads(specs, pack, max_concurrent)))

@@ -17,6 +17,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from prefixflow.flows.embedded import stopped_by
 from prefixflow.flows.finish import evaluate_and_register
 from prefixflow.services import sweeps
 from prefixflow.services.run import RunContext, SweepResult
@@ -46,7 +47,11 @@ def prefix_sweep(spec: PipelineSpec, run_key: str | None = None) -> SweepResult:
         return train_prefix.submit(RunContext(spec=trial_spec, run_key=trial_key, mlflow_run_id=child), data,
                                    pruning=pruning)
 
-    sweeps.run_trials(spec, key, study, start)
+    try:
+        sweeps.run_trials(spec, key, study, start)
+    except BaseException as exc:  # a stop signal: the trials training in task threads stop too
+        stopped_by(exc)
+        raise
     trials = sweeps.rows(study)
     best = sweeps.best_trial(trials)
     best_spec = spec.with_params(best.params)

@@ -16,11 +16,12 @@ _WHERE = {
     "PrefixConfig": "config", "TrainConfig": "config",
     "Example": "data",
     "ArtifactError": "errors", "BaseModelMismatchError": "errors", "ModelNotFoundError": "errors",
-    "PrefixError": "errors", "UnsupportedModelError": "errors",
+    "PrefixError": "errors", "TrainingDiverged": "errors", "UnsupportedModelError": "errors",
     "Geometry": "geometry", "Site": "geometry", "geometry_from_config": "geometry",
     "PrefixModel": "model",
     "MultiPrefixGenerator": "multi",
     "DecodeEngine": "serving", "EngineConfig": "serving",
+    "PackedTraining": "packed",
     "TrainResult": "train", "train_prefix": "train",
 }
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "Geometry",
     "ModelNotFoundError",
     "MultiPrefixGenerator",
+    "PackedTraining",
     "PrefixArtifact",
     "PrefixConfig",
     "PrefixError",
@@ -41,6 +43,7 @@ __all__ = [
     "Site",
     "TrainConfig",
     "TrainResult",
+    "TrainingDiverged",
     "UnsupportedModelError",
     "geometry_from_config",
     "load_base_model",
@@ -65,9 +68,17 @@ if TYPE_CHECKING:
     from .base_model import DEFAULT_MODEL, EMBEDDED_MODELS, load_base_model
     from .config import PrefixConfig, TrainConfig
     from .data import Example
-    from .errors import ArtifactError, BaseModelMismatchError, ModelNotFoundError, PrefixError, UnsupportedModelError
+    from .errors import (
+        ArtifactError,
+        BaseModelMismatchError,
+        ModelNotFoundError,
+        PrefixError,
+        TrainingDiverged,
+        UnsupportedModelError,
+    )
     from .geometry import Geometry, Site, geometry_from_config
     from .model import PrefixModel
     from .multi import MultiPrefixGenerator
+    from .packed import PackedTraining
     from .serving import DecodeEngine, EngineConfig
     from .train import TrainResult, train_prefix

@@ -20,3 +20,8 @@ class ArtifactError(PrefixError):
 
 class ModelNotFoundError(PrefixError):
     """A base model name or path could not be resolved offline."""
+
+
+class TrainingDiverged(PrefixError):
+    """A training step's loss is not finite (NaN or infinite): retrying the same settings on the same data
+    diverges again."""

@@ -34,9 +34,11 @@ from .base_model import weight_fingerprint
 from .config import TrainConfig
 from .data import Encoded, Example, collate, encode, length_grouped_batches, target_token_count
 from .encoder import PrefixEncoder
+from .errors import TrainingDiverged
 from .model import PrefixModel
 from .precision import Precision, decide
 from .train_checkpoints import CheckpointedTraining
+from .train_pace import Pace
 
 # Deferred imports: deepspeed is deferred: only DeepSpeed strategies load it.
 
@@ -235,7 +237,6 @@ class Trainer(CheckpointedTraining):
         """One optimizer step over this rank's micro-batches; returns (this rank's loss sum, grad norm).
         The loss is scaled by world/step_tokens: DDP and DeepSpeed average gradients over ranks, so
         the update is that of sum(CE over the step's target tokens) / step_tokens."""
-        cfg = self.config
         total_loss = 0.0
         scale = self.world / step_tokens
         for i, part in enumerate(micro):
@@ -255,76 +256,100 @@ class Trainer(CheckpointedTraining):
                         loss_sum, _ = _token_loss_sum(self.wrapped, tensors, self.encoder_decoder)
                     self.acc.backward(loss_sum * scale)
             total_loss += loss_sum.item()
+        return total_loss, self.apply_update()
+
+    def apply_update(self) -> float | None:
+        """The optimizer step over the accumulated gradients (clipped at ``max_grad_norm``), then the schedule's;
+        returns the gradient norm before clipping."""
         if self.deepspeed:
             self.wrapped.step()  # clip (gradient_clipping), optimizer step, zero grads
             norm = self.wrapped.get_global_grad_norm()
             grad_norm = float(norm) if norm is not None else None
         else:
-            grad_norm = self.acc.clip_grad_norm_(self.model.prefix.parameters(), cfg.max_grad_norm) \
-                if cfg.max_grad_norm > 0 else None
+            max_norm = self.config.max_grad_norm
+            grad_norm = self.acc.clip_grad_norm_(self.model.prefix.parameters(), max_norm) if max_norm > 0 else None
             grad_norm = float(grad_norm) if grad_norm is not None else None
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return total_loss, grad_norm
+        return grad_norm
 
-    def run(self) -> TrainResult:
-        cfg = self.config
+    def start(self) -> None:
+        """Before the first step: report the precision, resume from the newest checkpoint, start the clocks."""
         if self.precision.warning:
             log.warning(self.precision.warning)
         self.emit({"event": "precision", **self.precision.to_dict()})
         self.resume()
         self.wrapped.train()
-        start, tokens, window_tokens, window_start = time.time(), 0, 0, time.time()
-        stopped_early, last_loss = False, None
-        # Validation and checkpoint time is kept out of tokens/s and of the per-step part of the ETA (it is
-        # reported in each eval event, and the ETA adds the validations still to come at their mean time).
-        paused, window_paused, eval_times = 0.0, 0.0, []
-        while self.step < cfg.max_steps and not stopped_early:
-            batch = self.global_batch(self.step)
-            step_tokens = target_token_count(batch)
-            total_loss, grad_norm = self._backward_and_step(self.micro_batches(batch), step_tokens)
-            self.step += 1
-            if self.world > 1:
-                total_loss = float(self.acc.reduce(torch.tensor(total_loss, device=self.acc.device), "sum"))
-            last_loss = total_loss / step_tokens
-            tokens += sum(len(e) for e in batch)
-            window_tokens += sum(len(e) for e in batch)
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                elapsed = time.time() - window_start - window_paused
-                done = self.step - (self.resumed_from or 0)
-                remaining = cfg.max_steps - self.step
-                evals_left = 0  # validations still to come: every eval_every steps, and one at the end
-                if self.eval_set and cfg.eval_every:
-                    evals_left = cfg.max_steps // cfg.eval_every - self.step // cfg.eval_every
-                    evals_left += bool(cfg.max_steps % cfg.eval_every)
-                eta = (time.time() - start - paused) / max(done, 1) * remaining
-                eta += evals_left * (sum(eval_times) / len(eval_times) if eval_times else 0.0)
-                record = {"event": "step", "step": self.step, "max_steps": cfg.max_steps, "loss": last_loss,
-                          "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                          "grad_norm": grad_norm, "eta_s": eta}
-                self.history.append({k: v for k, v in record.items() if k != "event"})
-                self.emit(record)
-                window_tokens, window_start, window_paused = 0, time.time(), 0.0
-            pause_start = time.time()
-            if self.eval_set and cfg.eval_every and self.step % cfg.eval_every == 0:
-                stopped_early = self._eval_and_track()
-                eval_times.append(time.time() - pause_start)
-            if self.checkpoint_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self.save_checkpoint()
-            paused += time.time() - pause_start
-            window_paused += time.time() - pause_start
-            for hook in self.step_hooks:
-                hook(self)
+        self.pace = Pace()
+        self.stopped_early, self.last_loss = False, None
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.config.max_steps or self.stopped_early
+
+    def next_batch(self) -> tuple[list[Encoded], int]:
+        """The current step's global batch and its target-token count."""
+        batch = self.global_batch(self.step)
+        return batch, target_token_count(batch)
+
+    def end_step(self, batch: list[Encoded], total_loss: float, grad_norm: float | None) -> None:
+        """After a step's update: count it, log it, validate, checkpoint and run the step hooks as due.
+        Raises :class:`TrainingDiverged` (before anything of the step is logged or saved) on a non-finite loss."""
+        cfg, pace = self.config, self.pace
+        step_tokens = target_token_count(batch)
+        if self.world > 1:
+            total_loss = float(self.acc.reduce(torch.tensor(total_loss, device=self.acc.device), "sum"))
+        if not math.isfinite(total_loss):
+            raise TrainingDiverged(
+                f"training diverged: the loss is {total_loss} at step {self.step + 1}; lower train.learning_rate "
+                f"(now {cfg.learning_rate:g}) or train.max_grad_norm, or check the data for empty or extreme targets")
+        self.step += 1
+        self.last_loss = total_loss / step_tokens
+        pace.count(sum(len(e) for e in batch))
+        if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            evals_left = 0  # validations still to come: every eval_every steps, and one at the end
+            if self.eval_set and cfg.eval_every:
+                evals_left = cfg.max_steps // cfg.eval_every - self.step // cfg.eval_every
+                evals_left += bool(cfg.max_steps % cfg.eval_every)
+            tokens_per_s, eta = pace.window(self.step - (self.resumed_from or 0), cfg.max_steps - self.step,
+                                            evals_left)
+            record = {"event": "step", "step": self.step, "max_steps": cfg.max_steps, "loss": self.last_loss,
+                      "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s, "grad_norm": grad_norm,
+                      "eta_s": eta}
+            self.history.append({k: v for k, v in record.items() if k != "event"})
+            self.emit(record)
+        pause_start = time.time()
+        if self.eval_set and cfg.eval_every and self.step % cfg.eval_every == 0:
+            self.stopped_early = self._eval_and_track()
+            pace.eval_times.append(time.time() - pause_start)
+        if self.checkpoint_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            self.save_checkpoint()
+        pace.paused_for(time.time() - pause_start)
+        for hook in self.step_hooks:
+            hook(self)
+
+    def finish(self) -> TrainResult:
+        """After the last step: the final validation and checkpoint (unless the last step made them), the best
+        prefix left in ``model.prefix``, and the ``end`` event."""
+        cfg = self.config
         if self.eval_set and (not cfg.eval_every or self.step % cfg.eval_every):
             self._eval_and_track()
         if self.checkpoint_dir and (not cfg.checkpoint_every or self.step % cfg.checkpoint_every):
             self.save_checkpoint()
         self.consolidate(self.best_state)
-        result = TrainResult(self.step, stopped_early, self.best_eval, last_loss, self.resumed_from, tokens,
-                             time.time() - start, self.history, self.precision.to_dict())
+        result = TrainResult(self.step, self.stopped_early, self.best_eval, self.last_loss, self.resumed_from,
+                             self.pace.tokens, time.time() - self.pace.started, self.history, self.precision.to_dict())
         self.emit({"event": "end", **{k: v for k, v in asdict(result).items() if k != "history"}})
         return result
+
+    def run(self) -> TrainResult:
+        self.start()
+        while not self.done:
+            batch, step_tokens = self.next_batch()
+            total_loss, grad_norm = self._backward_and_step(self.micro_batches(batch), step_tokens)
+            self.end_step(batch, total_loss, grad_norm)
+        return self.finish()
 
     def _eval_and_track(self) -> bool:
         started = time.time()

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -188,13 +189,39 @@ def survivors(marker: str) -> list[int]:
     return out
 
 
-def exit_now(code: int) -> None:
+_stop = threading.Event()
+
+
+class Stopped(BaseException):
+    """Raised in a worker thread once this process is stopping (a stop signal reached its main thread): the work
+    there ends at once and, being no failure of its own, is not retried (Prefect marks its runs crashed)."""
+
+
+def request_stop() -> None:
+    """Tell the work in every thread of this process to stop (trainings stop their process groups, waiting
+    trainings give up): see :class:`Stopped`."""
+    _stop.set()
+
+
+def stop_requested() -> bool:
+    return _stop.is_set()
+
+
+def exit_now(code: int, wait_for_threads: bool = False, stop_children: bool = False) -> None:
     """End this process with ``code`` at once, after its exit handlers (``atexit``: Prefect drains its queues and
     stops its ephemeral API, our own stops) and a flush of stdout/stderr, but without the interpreter's
     finalization: with torch, transformers, MLflow and Prefect loaded, its garbage collection alone took seconds on
-    a loaded 2-core machine, for a process whose work is over."""
+    a loaded 2-core machine, for a process whose work is over. ``wait_for_threads``: first wait for the
+    non-daemon threads, as a normal exit does (not after a stop signal, where one may be stuck); ``stop_children``:
+    after the exit handlers, stop every child still running (a training a worker thread was stopping)."""
 
+    if wait_for_threads:
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread() and not thread.daemon:
+                thread.join()
     atexit._run_exitfuncs()
+    if stop_children:
+        stop_descendants()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()

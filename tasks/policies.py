@@ -12,6 +12,7 @@ import hashlib
 
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 
+from prefixflow import processes
 from prefixflow.services.errors import is_user_error
 
 
@@ -25,7 +26,10 @@ PER_RUN = TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_run_scoped_key)
 
 
 def retry_on_io(task, task_run, state) -> bool:
-    """Prefect ``retry_condition_fn``: retry failures, except those caused by the input."""
+    """Prefect ``retry_condition_fn``: retry failures, except those caused by the input, and none once this process
+    is stopping."""
+    if processes.stop_requested():
+        return False
     try:
         state.result()
     except Exception as exc:

@@ -166,7 +166,7 @@ def test_fleet_runs_at_most_n_trainings_at_once(env):
     from prefixflow.flows.fleet import retrain_fleet
 
     specs = [parse_spec(spec_dict(env["model"], env["data"], client="fleet", task=f"t{i}")) for i in range(3)]
-    entries = retrain_fleet(specs, max_concurrent_trainings=1)
+    entries = retrain_fleet(specs, max_concurrent_trainings=1, pack=1)  # every training a job of its own
     assert all(e.ok for e in entries), [e.error for e in entries]
     spans = sorted((e.launched_at, e.finished_at) for e in entries)
     for (_, end), (start, _) in itertools.pairwise(spans):

@@ -3,6 +3,7 @@ what happened and how to finish, and `prefixflow run --run-key K` then finishes 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -23,6 +24,47 @@ CLIENT_ENV = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFIXFLOW_HOME", "PREF
 STOPPED_WITHIN_S = 30.0  # a service manager escalates to SIGKILL after about this long
 
 
+def command_env(tmp_path: Path, mark: str) -> dict[str, str]:
+    """The environment of a command under test: a state folder of its own, embedded services, processes marked."""
+    env = {k: v for k, v in os.environ.items() if k not in CLIENT_ENV}
+    env.update(PREFIXFLOW_HOME=str(tmp_path / "state"), PREFIXFLOW_TEST_MARK=mark, COLUMNS="200")
+    return env
+
+
+def start_command(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """``prefixflow ARGS`` in a session of its own, its output in ``log``; as from a terminal: SIGINT at its default
+    (pytest-xdist workers ignore it, and children inherit that)."""
+    exe = str(Path(sys.executable).with_name("prefixflow"))
+    with open(log, "w") as out:
+        return subprocess.Popen([exe, *args], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def stop_and_check(proc: subprocess.Popen, sig: int, log: Path, mark: str) -> str:
+    """Send ``sig`` to the command only (as a service manager or a terminal would); check that it exits with
+    128 + sig, says so in one line with the command that finishes the run, and that its process group, every
+    rank, launcher and pack, the ephemeral Prefect API and the SIGKILL watcher are gone within STOPPED_WITHIN_S.
+    Returns the run key it printed."""
+    try:
+        os.kill(proc.pid, sig)
+        signalled = time.monotonic()
+        code = proc.wait(STOPPED_WITHIN_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = " ".join(log.read_text().split())
+    assert code == 128 + sig, text[-3000:]
+    name = "Ctrl-C" if sig == signal.SIGINT else signal.Signals(sig).name
+    assert f"stopped by {name}" in text and "Traceback" not in text
+    key = text.split("run key ")[1].split(":")[0].strip()
+    assert f"--run-key {key}" in text.split("stopped by")[1]
+    left = max(0.0, STOPPED_WITHIN_S - (time.monotonic() - signalled))
+    wait_until(lambda: not processes.group_alive(proc.pid) and marked(mark) == [], left, 0.25,
+               message=lambda: f"still running {time.monotonic() - signalled:.1f} s after the signal: "
+                               f"{[(p, processes.cmdline(p)[:120]) for p in marked(mark)]}")
+    return key
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stopped_run_leaves_nothing_running_and_its_run_key_finishes_it(tmp_path, sig):
@@ -32,14 +74,10 @@ def test_a_stopped_run_leaves_nothing_running_and_its_run_key_finishes_it(tmp_pa
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(d))
     mark = uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items() if k not in CLIENT_ENV}
-    env.update(PREFIXFLOW_HOME=str(tmp_path / "state"), PREFIXFLOW_TEST_MARK=mark, COLUMNS="200")
+    env = command_env(tmp_path, mark)
     exe = str(Path(sys.executable).with_name("prefixflow"))
     log = tmp_path / "run.log"
-    with open(log, "w") as out:
-        # as from a terminal: SIGINT at its default (pytest-xdist workers ignore it, and children inherit that)
-        proc = subprocess.Popen([exe, "run", str(spec)], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = start_command(["run", str(spec)], env, log)
 
     def past_two_checkpoints():
         assert proc.poll() is None, log.read_text()[-3000:]
@@ -47,24 +85,10 @@ def test_a_stopped_run_leaves_nothing_running_and_its_run_key_finishes_it(tmp_pa
 
     try:
         wait_until(past_two_checkpoints, 300, 0.5, message=lambda: log.read_text()[-3000:])
-        os.kill(proc.pid, sig)  # the command only, as a service manager (SIGTERM) or a terminal (Ctrl-C) would
-        signalled = time.monotonic()
-        code = proc.wait(STOPPED_WITHIN_S)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    text = " ".join(log.read_text().split())
-    assert code == 128 + sig, text[-3000:]
-    name = "Ctrl-C" if sig == signal.SIGINT else "SIGTERM"
-    assert f"stopped by {name}" in text and "Traceback" not in text
-    key = text.split("run key ")[1].split(":")[0].strip()
-    assert f"--run-key {key}" in text.split("stopped by")[1]
-    # within STOPPED_WITHIN_S of the signal: the command's process group, every rank and launcher, the ephemeral
-    # Prefect API and the SIGKILL watcher are gone
-    left = max(0.0, STOPPED_WITHIN_S - (time.monotonic() - signalled))
-    wait_until(lambda: not processes.group_alive(proc.pid) and marked(mark) == [], left, 0.25,
-               message=lambda: f"still running {time.monotonic() - signalled:.1f} s after the signal: "
-                               f"{[(p, processes.cmdline(p)[:120]) for p in marked(mark)]}")
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    key = stop_and_check(proc, sig, log, mark)
     if sig != signal.SIGTERM:
         return
 
@@ -132,3 +156,53 @@ def test_a_killed_run_command_leaves_a_training_that_its_rerun_stops_before_it_r
 
     uri = f"sqlite:///{tmp_path / 'state' / 'mlflow' / 'mlflow.db'}"
     assert len(MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions("name = 'acme-rev'")) == 1
+
+
+@pytest.mark.slow
+def test_a_stopped_fleet_with_a_pack_running_exits_promptly_and_its_run_key_resumes_each_client(tmp_path):
+    """SIGTERM to `prefixflow fleet` while a pack of two clients trains (held after its first member's step 10,
+    past that member's step-10 and the other's step-5 checkpoints): the command, its pack and the ephemeral API
+    are gone within STOPPED_WITHIN_S; `prefixflow fleet DIR --run-key K` then resumes each client from its own
+    newest checkpoint and registers one version each."""
+    from support.faults import pause_fault
+
+    model = save_tiny_model(tmp_path / "model")
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    for client, rows in (("ca", 120), ("cb", 80)):
+        d = spec_dict(model, write_task(tmp_path / f"{client}.jsonl", n=rows, seed=rows), client=client)
+        d["train"].update(max_steps=30, checkpoint_every=5, eval_every=15)
+        (specs / f"{client}.yaml").write_text(yaml.safe_dump(d))
+    mark, paused, log = uuid.uuid4().hex, tmp_path / "paused", tmp_path / "fleet.log"
+    env = command_env(tmp_path, mark)
+    proc = start_command(["fleet", str(specs)], {**env, **pause_fault(0, 10, paused)}, log)
+
+    def at_pause() -> bool:  # the pack's first member finished step 10 and its checkpoint; the pack waits
+        assert proc.poll() is None, log.read_text()[-3000:]
+        return paused.exists()
+
+    try:
+        wait_until(at_pause, 300, 0.5, message=lambda: log.read_text()[-3000:])
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    key = stop_and_check(proc, signal.SIGTERM, log, mark)
+    [pack] = [json.loads(f.read_text()) for f in (tmp_path / "state" / "packs").glob("*/pack.json")]
+    first, second = (member.split("/")[0] for member in pack["members"])  # the order each member steps in
+
+    exe = str(Path(sys.executable).with_name("prefixflow"))
+    again = subprocess.run([exe, "fleet", str(specs), "--run-key", key], env=env, capture_output=True, text=True,
+                           timeout=900)
+    out = " ".join((again.stdout + again.stderr).split())
+    assert again.returncode == 0, out[-3000:]
+    runs = tmp_path / "state" / "runs"
+    for client, step in ((first, 10), (second, 5)):
+        log_lines = (runs / client / "rev" / key / "train.log").read_text().splitlines()
+        resumed = [json.loads(line)["step"] for line in log_lines if '"event": "resume"' in line]
+        assert resumed == [step], client  # from its own newest checkpoint
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'state' / 'mlflow' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert [len(client.search_model_versions(f"name = '{c}-rev'")) for c in ("ca", "cb")] == [1, 1]
+    assert marked(mark) == []

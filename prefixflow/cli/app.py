@@ -24,15 +24,16 @@ from prefixflow.infra import stack
 
 
 class _App(typer.Typer):
-    """The typer app; a command stopped by a signal exits as soon as its exit handlers have run (see
-    :func:`prefixflow.processes.exit_now`), without the interpreter's slow teardown."""
+    """The typer app; as a console script, a command exits as soon as its exit handlers have run (see
+    :func:`prefixflow.processes.exit_now`), without the interpreter's slow teardown; after a stop signal without
+    waiting for its threads, and stopping any child left. (typer's test runner calls the click command, not this.)"""
 
     def __call__(self, *args, **kwargs):
         try:
             return super().__call__(*args, **kwargs)
         except SystemExit as exc:
-            if stopping() and isinstance(exc.code, int):
-                processes.exit_now(exc.code)
+            if exc.code is None or isinstance(exc.code, int):
+                processes.exit_now(exc.code or 0, wait_for_threads=not stopping(), stop_children=stopping())
             raise
 
 

@@ -28,6 +28,7 @@ from prefixflow.cli.render import (
     progress_bar,
 )
 from prefixflow.flows.embedded import use_embedded_prefect, watch_for_sigkill
+from prefixflow.launch.packing import PACK_SIZE
 
 
 def _embedded_prefect(state: Path | None = None, summary: bool = False) -> None:
@@ -39,6 +40,15 @@ def _embedded_prefect(state: Path | None = None, summary: bool = False) -> None:
         console.print(f"[dim]{escape(summary_line(run_checks()))}[/]")
     if note:
         console.print(f"[dim]{escape(note)}[/]")
+
+
+def _keyed_run(label: str, resume: str, stops: str, then: str, fn, *args, **kwargs):
+    """Say the run key and the command that finishes the run if it ``stops`` (``then``: what that command does),
+    then run ``fn`` guarded, with the progress bar, saying so if a signal stops it."""
+    key = resume.rsplit(" ", 1)[-1]
+    console.print(f"{label} [bold]{key}[/]: if {stops}, `{escape(resume)}` {then}")
+    with progress_bar(), explain_termination(resume):
+        return run_guarded(fn, *args, resume=resume, **kwargs)
 
 
 def demo(
@@ -76,11 +86,9 @@ def run(
     _embedded_prefect()
     from prefixflow.flows.pipeline import prefix_pipeline
 
-    resume = f"prefixflow run {spec} --run-key {key}"
-    console.print(f"run key [bold]{key}[/]: if this run stops, `{escape(resume)}` finishes it (finished work is "
-                  "reused, training resumes from its newest checkpoint)")
-    with progress_bar(), explain_termination(resume):
-        result = run_guarded(prefix_pipeline, parsed, run_key=key, retrain=retrain, resume=resume)
+    result = _keyed_run("run key", f"prefixflow run {spec} --run-key {key}", "this run stops", "finishes it (finished "
+                        "work is reused, training resumes from its newest checkpoint)", prefix_pipeline, parsed,
+                        run_key=key, retrain=retrain)
     print_run_result(result)
 
 
@@ -97,25 +105,30 @@ def sweep(
     _embedded_prefect()
     from prefixflow.flows.sweep import prefix_sweep
 
-    resume = f"prefixflow sweep {spec} --run-key {key}"
-    console.print(f"sweep run key [bold]{key}[/]: if it stops, `{escape(resume)}` continues it (finished trials "
-                  "are kept)")
-    with progress_bar(), explain_termination(resume):
-        result = run_guarded(prefix_sweep, parsed, run_key=key, resume=resume)
+    result = _keyed_run("sweep run key", f"prefixflow sweep {spec} --run-key {key}", "it stops",
+                        "continues it (finished trials are kept)", prefix_sweep, parsed, run_key=key)
     print_sweep_result(result, space=list(parsed.sweep.space))
 
 
 def fleet(
     folder: Path = typer.Argument(..., help="folder of pipeline specs (*.yaml, *.yml)"),
-    max_concurrent: int = typer.Option(1, min=1, help="trainings allowed to run at once"),
+    max_concurrent: int = typer.Option(1, min=1, help="training jobs allowed to run at once (a pack is one)"),
+    pack: int = typer.Option(PACK_SIZE, min=1, help="at most this many trainings of one base model in one job"),
+    no_pack: bool = typer.Option(False, "--no-pack", help="every training in a job of its own"),
+    run_key: str | None = typer.Option(None, help="finish this fleet run (finished work is not done again)"),
 ) -> None:
-    """Run the pipeline for every spec in a folder, at most N trainings at a time."""
+    """Run the pipeline for every spec in a folder, at most N training jobs at a time; trainings of one base
+    model that are due together train in one job (a pack), each with its own prefix, data and checkpoints."""
     specs = folder_specs(folder, here=True)
+    key = checked_run_key(run_key)
     _embedded_prefect()
-    from prefixflow.flows.fleet import retrain_fleet
+    from prefixflow.flows.fleet import fleet_flow
 
-    with progress_bar():
-        entries = run_guarded(retrain_fleet, specs, max_concurrent_trainings=max_concurrent)
+    members = 1 if no_pack else pack
+    entries = _keyed_run("run key", f"prefixflow fleet {folder} --run-key {key}", "this fleet stops", "finishes it "
+                         "(finished work is reused, trainings resume from their newest checkpoints)",
+                         fleet_flow(len(specs), members, max_concurrent), specs,
+                         max_concurrent_trainings=max_concurrent, pack=members, run_key=key)
     print_fleet(entries)
     if not all(e.ok for e in entries):
         raise typer.Exit(1)

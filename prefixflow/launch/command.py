@@ -136,3 +136,16 @@ def build_launch(train: TrainSpec, job_file: Path, *, machine_rank: int = 0, mai
     return Launch(argv, env)
 
 
+
+
+def build_one_process(job_file: Path, module: str) -> Launch:
+    """One process of ``module`` on this machine, started directly rather than through ``accelerate launch``:
+    the environment accelerate's simple launcher would give a ``single`` process (CPU or the visible GPU, no
+    mixed precision or dynamo: the trainer's own autocast), without the launcher's own interpreter and torch
+    import (seconds of every launch). Used for a pack (:mod:`prefixflow.launch.packing`)."""
+    env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_MIXED_PRECISION": "no",
+           "ACCELERATE_DYNAMO_BACKEND": "NO"}
+    if visible_gpus() == 0:
+        env.update(ACCELERATE_USE_CPU="True", KMP_AFFINITY="granularity=fine,compact,1,0", KMP_BLOCKTIME="1",
+                   OMP_NUM_THREADS=str(cpu_threads_per_process(1)))
+    return Launch([sys.executable, "-m", module, str(job_file)], env)

@@ -30,7 +30,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,7 +118,8 @@ class RunLock:
     inherited by the launched process group. The file says who holds it: ``PGID OWNER_PID`` (PGID 0 before
     the launch starts). Taking it: free -> taken; held by a live command -> TrainingError (the run is
     another command's); held only by a group whose command is gone (SIGKILL) -> that group is stopped first,
-    and :attr:`note` says so."""
+    and :attr:`note` says so; held by a training pack of this very command, which this run left (it failed there
+    and is retried) while the others train on -> taken once that pack ends."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.fd, self.note = Path(path), -1, None
@@ -131,6 +132,12 @@ class RunLock:
             fields = os.pread(fd, 64, 0).decode(errors="replace").split()
             pgid, owner = ((int(fields[0]), int(fields[1])) if len(fields) >= 2 and all(f.isdigit() for f in fields[:2])
                            else (0, None))
+            if owner == os.getpid():  # a pack of this command that this run has left still runs (launch.packing)
+                logger.info("waiting for the training pack that trained this run before to end (%s)", self.path.parent)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self.fd = fd
+                self.held_by(0)
+                return self
             if owner is not None and processes.alive(owner):
                 os.close(fd)
                 raise TrainingError(f"this run is being trained by another command (pid {owner}, {self.path.parent});"
@@ -178,14 +185,16 @@ def _reader(stream, out: queue.Queue) -> None:
 
 def run_launch(launch: Launch, on_event: Callable[[dict], None], *, log_file: Path,
                hang_timeout_s: float = HANG_TIMEOUT_S, cwd: Path | None = None,
-               lock: RunLock | None = None) -> LaunchResult:
+               lock: RunLock | None = None, also_held: Sequence[RunLock] = ()) -> LaunchResult:
     """Run ``launch`` as a gang (see the module docstring) and say how it ended. ``lock``: the run's lock, held
-    by the caller (else one on ``.LOG.lock`` is taken for the launch)."""
+    by the caller (else one on ``.LOG.lock`` is taken for the launch); ``also_held``: the other runs' locks of a
+    pack, which the group holds too."""
     log_file = Path(log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     if lock is None:
         with RunLock(log_file.with_name(f".{log_file.name}.lock")) as own:
-            return run_launch(launch, on_event, log_file=log_file, hang_timeout_s=hang_timeout_s, cwd=cwd, lock=own)
+            return run_launch(launch, on_event, log_file=log_file, hang_timeout_s=hang_timeout_s, cwd=cwd, lock=own,
+                              also_held=also_held)
     env = {**os.environ, **launch.env}
     marker = _rank_marker(launch.argv)
     tail: deque[str] = deque(maxlen=TAIL_LINES)
@@ -198,9 +207,10 @@ def run_launch(launch: Launch, on_event: Callable[[dict], None], *, log_file: Pa
         if lock.note:
             log.write(f"prefixflow: {lock.note}\n")
         proc = processes.start(launch.argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               pass_fds=(lock.fd,))  # the group holds the lock too, even if we are killed
+                               pass_fds=(lock.fd, *(held.fd for held in also_held)))  # held even if we are killed
         pgid = proc.pid  # start_new_session: the launcher leads a new session and process group
-        lock.held_by(pgid)
+        for held in (lock, *also_held):
+            held.held_by(pgid)
         reader = threading.Thread(target=_reader, args=(proc.stdout, lines), daemon=True)
         reader.start()
 
@@ -240,6 +250,10 @@ def run_launch(launch: Launch, on_event: Callable[[dict], None], *, log_file: Pa
                     handle(item)
                     last_output = now
                 if proc.poll() is not None:
+                    break
+                if processes.stop_requested():  # this command is stopping; this thread is not its main thread
+                    forced = ("stopped", "the command was stopped")
+                    processes.stop_group(pgid, TERM_GRACE_S, proc)
                     break
                 if last_output is not None and now - last_output > hang_timeout_s:
                     forced = ("hung", f"no output for {hang_timeout_s:g} s; the process group was killed")
@@ -281,6 +295,8 @@ def run_launch(launch: Launch, on_event: Callable[[dict], None], *, log_file: Pa
         if proc.stdout is not None:
             proc.stdout.close()
 
+    if forced is not None and forced[0] == "stopped":
+        raise processes.Stopped(f"stopped: {launch.argv[-1]}")
     if forced is not None:
         reason, error = forced
     elif (user_error is not None and returncode != 0) or returncode == USER_ERROR_EXIT:

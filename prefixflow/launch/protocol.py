@@ -7,6 +7,7 @@ read by ``launch.train_job``; the tests kill or hang ranks with it)."""
 from prefixflow import settings
 
 JOB_MODULE = "prefixflow.launch.train_job"
+PACK_MODULE = "prefixflow.launch.pack_job"  # several runs' trainings in one process (launch.packing)
 EVENT_PREFIX = "PREFIXFLOW_EVENT "
 ERROR_PREFIX = "PREFIXFLOW_ERROR "
 USER_ERROR_EXIT = 3  # a user error: retrying will not help

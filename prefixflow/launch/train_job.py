@@ -10,7 +10,7 @@ writes the folded prefix artifact to ``output_dir`` (atomically). A user error p
 propagates (traceback, exit code 1). ``prefixflow/launch/command.py`` builds the command and reads the output.
 
 Tests inject faults (a rank killed or hung after a step) through one seam, ``PREFIXFLOW_STEP_HOOK``
-(:func:`_step_hook`).
+(:func:`step_hook`).
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def _configs(job: TrainJob):
     return PrefixConfig(**job.prefix), TrainConfig(**job.train)
 
 
-def _step_hook():
+def step_hook():
     """The one test seam in the product: ``PREFIXFLOW_STEP_HOOK=module:factory`` names a factory that every
     rank calls once; what it returns (``hook(trainer)`` or None) runs after each optimizer step. The tests
     kill or hang a rank through it (tests/support/faults.py); nothing sets it in production."""
@@ -196,13 +196,9 @@ def _shutdown(acc) -> None:
         dist.destroy_process_group()
 
 
-def run_job(job: TrainJob) -> Path | None:
-    """Train and export; returns the artifact path on the main process (None on the others)."""
-    from prefix_core import PrefixModel, load_base_model
-    from prefix_core.data import encode
-    from prefix_core.train import Trainer, make_accelerator
-
-    # Validation first: a user error here is raised on every rank before any collective.
+def job_inputs(job: TrainJob) -> tuple:
+    """The job's checked settings and data: ``(PrefixConfig, TrainConfig, train examples, validation examples)``.
+    Raises :class:`UserError` for bad settings or data (before any model is loaded)."""
     try:
         data_dir = Path(job.data_dir)
         train = None
@@ -217,7 +213,47 @@ def run_job(job: TrainJob) -> Path | None:
         validation = read_examples(val_path) if val_path.exists() else []
     except (ValueError, TypeError) as err:
         raise UserError(str(err)) from err
+    return prefix_cfg, train_cfg, train, validation
 
+
+def encode_inputs(job: TrainJob, tokenizer, encoder_decoder: bool, train_cfg, train: list, validation: list):
+    """The job's examples tokenized with its template: ``(train, validation)``."""
+    from prefix_core.data import encode
+
+    length = train_cfg.max_length
+    train_enc = encode(tokenizer, train, job.template, length, encoder_decoder=encoder_decoder)
+    val_enc = encode(tokenizer, validation, job.template, length, encoder_decoder=encoder_decoder) if validation \
+        else []
+    return train_enc, val_enc
+
+
+def loaded_event(job: TrainJob, acc, model, train_enc: list, val_enc: list) -> dict:
+    return {"event": "loaded", "base_model": job.base_model, "strategy": job.strategy,
+            "processes": acc.num_processes, "device": str(acc.device),
+            "trainable_parameters": model.trainable_parameters(), "train_examples": len(train_enc),
+            "eval_examples": len(val_enc), "truncated": sum(e.truncated for e in train_enc)}
+
+
+def write_artifact(job: TrainJob, model, result, train_cfg, processes: int) -> Path:
+    """Fold the trained prefix into its artifact in ``job.output_dir`` (atomically); returns its path."""
+    training = {"strategy": job.strategy, "processes": processes, "config": train_cfg.to_dict(),
+                "steps": result.steps, "stopped_early": result.stopped_early,
+                "best_eval_loss": result.best_eval_loss, "final_train_loss": result.final_train_loss,
+                "resumed_from": result.resumed_from, "train_tokens": result.train_tokens,
+                "precision": result.precision}
+    extra = dict(job.manifest_fields)
+    extra["training"] = {**extra.get("training", {}), **training}
+    extra.setdefault("prompt_template", job.template)
+    return model.export(**extra).save(job.output_dir)
+
+
+def run_job(job: TrainJob) -> Path | None:
+    """Train and export; returns the artifact path on the main process (None on the others)."""
+    from prefix_core import PrefixModel, load_base_model
+    from prefix_core.train import Trainer, make_accelerator
+
+    # Validation first: a user error here is raised on every rank before any collective.
+    prefix_cfg, train_cfg, train, validation = job_inputs(job)
     if job.strategy.startswith("deepspeed"):
         clear_stale_build_locks()
     acc = make_accelerator()
@@ -227,14 +263,9 @@ def run_job(job: TrainJob) -> Path | None:
         with _whole_model_loading(acc):
             base, tokenizer = load_base_model(job.base_model, device=acc.device)
         model = PrefixModel(base, prefix_cfg, tokenizer=tokenizer)
-        enc_dec = bool(base.config.is_encoder_decoder)
-        train_enc = encode(tokenizer, train, job.template, train_cfg.max_length, encoder_decoder=enc_dec)
-        val_enc = encode(tokenizer, validation, job.template, train_cfg.max_length, encoder_decoder=enc_dec) \
-            if validation else []
-        emit({"event": "loaded", "base_model": job.base_model, "strategy": job.strategy,
-              "processes": acc.num_processes, "device": str(acc.device),
-              "trainable_parameters": model.trainable_parameters(), "train_examples": len(train_enc),
-              "eval_examples": len(val_enc), "truncated": sum(e.truncated for e in train_enc)})
+        train_enc, val_enc = encode_inputs(job, tokenizer, bool(base.config.is_encoder_decoder), train_cfg, train,
+                                           validation)
+        emit(loaded_event(job, acc, model, train_enc, val_enc))
         trainer = Trainer(model, tokenizer, train_enc, train_cfg, val_enc, job.checkpoint_dir or None, [emit], acc)
     except ValueError as err:  # config validation (batch sizes, template, init text ...)
         raise UserError(str(err)) from err
@@ -242,22 +273,13 @@ def run_job(job: TrainJob) -> Path | None:
         from prefixflow.launch.pruning import pruning_hook
 
         trainer.step_hooks.append(pruning_hook(job.pruning, main))
-    hook = _step_hook()
+    hook = step_hook()
     if hook is not None:
         trainer.step_hooks.append(hook)
     result = trainer.run()  # ends with the prefix consolidated on every rank
     path = None
     if main:
-        training = {"strategy": job.strategy, "processes": acc.num_processes, "config": train_cfg.to_dict(),
-                    "steps": result.steps, "stopped_early": result.stopped_early,
-                    "best_eval_loss": result.best_eval_loss, "final_train_loss": result.final_train_loss,
-                    "resumed_from": result.resumed_from, "train_tokens": result.train_tokens,
-                    "precision": result.precision}
-        extra = dict(job.manifest_fields)
-        extra["training"] = {**extra.get("training", {}), **training}
-        extra.setdefault("prompt_template", job.template)
-        artifact = model.export(**extra)
-        path = artifact.save(job.output_dir)
+        path = write_artifact(job, model, result, train_cfg, acc.num_processes)
         emit({"event": "artifact", "path": str(path)})
     _shutdown(acc)
     return path

@@ -26,6 +26,7 @@ from prefixflow.launch.checkpoint_mirror import CheckpointMirror, remote_checkpo
 from prefixflow.launch.command import build_launch
 from prefixflow.launch.gang import RunLock, run_launch
 from prefixflow.launch.gpu_slots import gpu_slots
+from prefixflow.launch.packing import PackRequest, active_packer, pack_key
 from prefixflow.launch.train_job import TrainJob
 from prefixflow.services import tracking
 from prefixflow.services.errors import TrainingError
@@ -76,8 +77,8 @@ def _precision(out: Path) -> dict | None:
 
 
 def _history(checkpoints: Path) -> list[dict]:
-    done = complete_checkpoints(checkpoints) if checkpoints.exists() else []
-    return json.loads((done[-1] / "state.json").read_text())["history"] if done else []
+    done = complete_checkpoints(checkpoints) if checkpoints.exists() else []  # newest first
+    return json.loads((done[0] / "state.json").read_text())["history"] if done else []
 
 
 class Progress:
@@ -182,25 +183,36 @@ def _launch_locked(spec: PipelineSpec, data: PreparedData, run_key: str, folder:
         restored = mirror.restore()
         if restored is not None:
             logger.info("checkpoint %s restored from %s", restored.name, remote)
-    with slot(), _devices(spec) as device_env:
-        launch = _build(spec, folder / "job.json", run_key, logger)
-        launch.env.update(device_env)
-        launched = time.time()
-        logger.info("launching %s training: %s", spec.train.strategy, " ".join(launch.argv))
-        hang_s = spec.train.hang_timeout_s if spec.train.launcher == "local" else slurm.flow_hang_timeout(spec.train)
-        on_event = progress if mirror is None else lambda event: (progress(event), mirror.on_event(event))
-        result = run_launch(launch, on_event, log_file=folder / "train.log", hang_timeout_s=hang_s, lock=lock)
-        landed = time.time()
+    on_event = progress if mirror is None else lambda event: (progress(event), mirror.on_event(event))
+    packer, kind = active_packer(), pack_key(spec, pruning)
+    if packer is not None and kind is not None:
+        logger.info("training in a pack: one process for the trainings of %s that are due now", spec.base_model)
+        end = packer.train(PackRequest(kind, f"{spec.client}/{spec.task}/{run_key}", folder / "job.json", lock,
+                                       spec.train, on_event, slot, folder / "train.log"))
+        launched, landed, reason, refused = end.launched_at, end.finished_at, end.reason, end.error
+        failure = f"training failed in its pack: {end.error}"
+    else:
+        with slot(), _devices(spec) as device_env:
+            launch = _build(spec, folder / "job.json", run_key, logger)
+            launch.env.update(device_env)
+            launched = time.time()
+            logger.info("launching %s training: %s", spec.train.strategy, " ".join(launch.argv))
+            local = spec.train.launcher == "local"
+            hang_s = spec.train.hang_timeout_s if local else slurm.flow_hang_timeout(spec.train)
+            result = run_launch(launch, on_event, log_file=folder / "train.log", hang_timeout_s=hang_s, lock=lock)
+            landed = time.time()
+        reason, refused = result.reason, result.error
+        tail = "\n".join(result.tail[-15:])
+        failure = (f"training {result.reason} (exit code {result.returncode}): {result.error}; "
+                   f"full log: {folder / 'train.log'}\n{tail}")
     for problem in mirror.close() if mirror is not None else []:
         logger.warning("checkpoint not mirrored to %s: %s", remote, problem)
-    if result.reason == "user_error":
-        raise TrainingError(result.error or "training refused its input")
+    if reason == "user_error":
+        raise TrainingError(refused or "training refused its input")
     if progress.pruned is not None:  # stopped by its sweep's pruner: an outcome, not a failure
         return launched, landed
-    if result.reason != "ok":
-        tail = "\n".join(result.tail[-15:])
-        raise RuntimeError(f"training {result.reason} (exit code {result.returncode}): {result.error}; "
-                           f"full log: {folder / 'train.log'}\n{tail}")
+    if reason != "ok":
+        raise RuntimeError(failure)
     return launched, landed
 
 

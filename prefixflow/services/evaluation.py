@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -21,7 +23,35 @@ from prefixflow.services.trained import TrainOutcome
 # Deferred imports: prefix_core (torch), transformers and matplotlib are deferred to the functions that use them.
 
 SYSTEMS = ("candidate", "baseline", "champion")
+SHARED_BASES = 2  # base models kept loaded for the evaluations of one process (the most recently used)
 log = logging.getLogger(__name__)
+_bases: OrderedDict[tuple, tuple] = OrderedDict()
+_bases_lock = threading.Lock()
+
+
+def _stamp(name: str) -> float | None:
+    """When a local model folder last changed (None for a name that is not a folder)."""
+    folder = Path(name)
+    return max((f.stat().st_mtime for f in folder.iterdir()), default=None) if folder.is_dir() else None
+
+
+def shared_base(name: str, dtype) -> tuple:
+    """``(base, tokenizer)`` for evaluation, loaded once per process and shared by the evaluations that run in it
+    at once (a fleet's pipelines are threads of one process): one copy of the weights, not one per client. Safe to
+    share: the base is frozen and in eval mode, and evaluation never changes it (prefixes travel as forward
+    arguments). The ``SHARED_BASES`` most recently used stay loaded; a local folder changed since it was loaded is
+    loaded again."""
+    from prefix_core import load_base_model
+
+    key = (name, str(dtype), _stamp(name))
+    with _bases_lock:
+        if key in _bases:
+            _bases.move_to_end(key)
+        else:
+            _bases[key] = load_base_model(name, dtype=dtype)
+            while len(_bases) > SHARED_BASES:
+                _bases.popitem(last=False)
+        return _bases[key]
 
 
 class GateDecision(BaseModel):
@@ -130,7 +160,7 @@ def loss_curve(history: list[dict]):
 def evaluate(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, mlflow_run_id: str | None) -> EvalReport:
     from transformers.utils import logging as hf_logging
 
-    from prefix_core import BaseModelMismatchError, PrefixArtifact, load_base_model
+    from prefix_core import BaseModelMismatchError, PrefixArtifact
     from prefix_core.precision import decide
 
     hf_logging.disable_progress_bar()
@@ -140,7 +170,7 @@ def evaluate(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, mlfl
     if precision.warning:
         log.warning(precision.warning)
     log.info("evaluation precision: %s", precision.reason)
-    base, tokenizer = load_base_model(spec.base_model, dtype=precision.dtype)
+    base, tokenizer = shared_base(spec.base_model, precision.dtype)
     prefixes = {"candidate": PrefixArtifact.load(trained.artifact_uri)}
     champion, note = registry.aliased(spec.registered_model, "champion"), None
     champion_version = None if champion is None else str(champion.version)

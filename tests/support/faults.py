@@ -10,6 +10,9 @@ calls the factory named by ``PREFIXFLOW_STEP_HOOK`` (``protocol.STEP_HOOK_ENV``;
                                  is left alone), then goes on; deleting FILE frees the disk
     pause:RANK:STEP:FILE         that rank creates FILE after STEP and waits until the test deletes it (a window
                                  in which the test breaks something around a training that is surely running)
+    poison:RANK:STEP:PART        the training whose checkpoint folder's path contains PART (one member of a pack)
+                                 fills its prefix with NaN after every step from STEP on (a resumed run too), so
+                                 its next loss is not finite
 
 What to break is chosen with a seeded generator whose seed a failing test shows; ``PREFIXFLOW_TEST_SEED=N``
 replays it.
@@ -35,10 +38,18 @@ def step_hook():
     if not spec:
         return None
     kind, rank, step, *once = spec.split(":", 3)
-    if kind not in ("kill", "hang", "fill", "pause"):
+    if kind not in ("kill", "hang", "fill", "pause", "poison"):
         raise ValueError(f"{FAULT_ENV}: unknown fault {kind!r}")
 
     def hook(trainer) -> None:
+        if kind == "poison":
+            if trainer.step >= int(step) and once[0] in str(trainer.checkpoint_dir):
+                import torch
+
+                with torch.no_grad():
+                    for param in trainer.model.prefix.parameters():
+                        param.fill_(float("nan"))
+            return
         if trainer.step == int(step) and trainer.acc.process_index == int(rank):
             if kind == "fill":
                 fill_disk(Path(once[0]))
