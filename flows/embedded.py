@@ -125,9 +125,12 @@ def stopped_by(exc: BaseException) -> None:
     (``TerminationSignal``, ``KeyboardInterrupt``) and holds this module's handler back until the flow ends, which
     waits for those threads. Tell them to stop (:func:`prefixflow.processes.request_stop`) and arm the deadline, as
     the handler would. Other exceptions are left alone."""
-    if isinstance(exc, Exception):
-        return
-    _deadline(getattr(exc, "signal", None) or (signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM))
+    signum = getattr(exc, "signal", None) if isinstance(exc, BaseException) and not isinstance(exc, Exception) \
+        else None  # Prefect's TerminationSignal carries the signal
+    if signum is None and isinstance(exc, KeyboardInterrupt):
+        signum = signal.SIGINT
+    if isinstance(signum, int):
+        _deadline(signum)
 
 
 def watch_for_sigkill() -> None:

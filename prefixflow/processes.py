@@ -216,9 +216,9 @@ def exit_now(code: int, wait_for_threads: bool = False, stop_children: bool = Fa
     after the exit handlers, stop every child still running (a training a worker thread was stopping)."""
 
     if wait_for_threads:
-        for thread in threading.enumerate():
-            if thread is not threading.current_thread() and not thread.daemon:
-                thread.join()
+        # The interpreter's own first step of a normal exit: tell thread pools to finish (their exit hooks), then
+        # join every non-daemon thread. Joining by hand would wait forever on an idle pool's workers.
+        threading._shutdown()
     atexit._run_exitfuncs()
     if stop_children:
         stop_descendants()

@@ -191,10 +191,14 @@ def test_a_stopped_fleet_with_a_pack_running_exits_promptly_and_its_run_key_resu
     first, second = (member.split("/")[0] for member in pack["members"])  # the order each member steps in
 
     exe = str(Path(sys.executable).with_name("prefixflow"))
-    again = subprocess.run([exe, "fleet", str(specs), "--run-key", key], env=env, capture_output=True, text=True,
-                           timeout=900)
+    again = subprocess.run([exe, "fleet", str(specs), "--run-key", key, "--format", "json"], env=env,
+                           capture_output=True, text=True, timeout=900)
     out = " ".join((again.stdout + again.stderr).split())
     assert again.returncode == 0, out[-3000:]
+    result = json.loads(again.stdout)  # stdout holds the JSON result only (logs and progress go to stderr)
+    assert sorted((e["client"], e["outcome"]) for e in result["entries"]) == [("ca", "registered"),
+                                                                              ("cb", "registered")]
+    assert result["summary"].startswith("fleet: 2 clients: 2 registered, 0 unchanged, 0 failed in ")
     runs = tmp_path / "state" / "runs"
     for client, step in ((first, 10), (second, 5)):
         log_lines = (runs / client / "rev" / key / "train.log").read_text().splitlines()

@@ -11,6 +11,7 @@ checked, so a refused command stays fast).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
@@ -26,12 +27,13 @@ from prefixflow.cli.render import (
     print_run_result,
     print_sweep_result,
     progress_bar,
+    stderr,
 )
 from prefixflow.flows.embedded import use_embedded_prefect, watch_for_sigkill
 from prefixflow.launch.packing import PACK_SIZE
 
 
-def _embedded_prefect(state: Path | None = None, summary: bool = False) -> None:
+def _embedded_prefect(state: Path | None = None, summary: bool = False, on_stderr: bool = False) -> None:
     """Without a Prefect server, keep the ephemeral API's files next to the rest of the state (and say so
     on a first run, which waits for Prefect to create its database). ``summary``: print doctor's line first."""
     note = use_embedded_prefect(state)
@@ -39,15 +41,16 @@ def _embedded_prefect(state: Path | None = None, summary: bool = False) -> None:
     if summary:
         console.print(f"[dim]{escape(summary_line(run_checks()))}[/]")
     if note:
-        console.print(f"[dim]{escape(note)}[/]")
+        (stderr if on_stderr else console).print(f"[dim]{escape(note)}[/]")
 
 
-def _keyed_run(label: str, resume: str, stops: str, then: str, fn, *args, **kwargs):
+def _keyed_run(label: str, resume: str, stops: str, then: str, fn, *args, on_stderr: bool = False, **kwargs):
     """Say the run key and the command that finishes the run if it ``stops`` (``then``: what that command does),
-    then run ``fn`` guarded, with the progress bar, saying so if a signal stops it."""
+    then run ``fn`` guarded, with the progress bar, saying so if a signal stops it. ``on_stderr``: all of this on
+    stderr (stdout carries a machine-readable result)."""
     key = resume.rsplit(" ", 1)[-1]
-    console.print(f"{label} [bold]{key}[/]: if {stops}, `{escape(resume)}` {then}")
-    with progress_bar(), explain_termination(resume):
+    (stderr if on_stderr else console).print(f"{label} [bold]{key}[/]: if {stops}, `{escape(resume)}` {then}")
+    with progress_bar(on_stderr), explain_termination(resume):
         return run_guarded(fn, *args, resume=resume, **kwargs)
 
 
@@ -116,20 +119,25 @@ def fleet(
     pack: int = typer.Option(PACK_SIZE, min=1, help="at most this many trainings of one base model in one job"),
     no_pack: bool = typer.Option(False, "--no-pack", help="every training in a job of its own"),
     run_key: str | None = typer.Option(None, help="finish this fleet run (finished work is not done again)"),
+    output: str = typer.Option("table", "--format", help="table | json (one JSON object on stdout)"),
 ) -> None:
     """Run the pipeline for every spec in a folder, at most N training jobs at a time; trainings of one base
     model that are due together train in one job (a pack), each with its own prefix, data and checkpoints."""
+    if output not in ("table", "json"):
+        fail(f"--format must be table or json, got {output!r}")
     specs = folder_specs(folder, here=True)
     key = checked_run_key(run_key)
-    _embedded_prefect()
+    started = time.time()
+    _embedded_prefect(on_stderr=output == "json")
     from prefixflow.flows.fleet import fleet_flow
 
     members = 1 if no_pack else pack
     entries = _keyed_run("run key", f"prefixflow fleet {folder} --run-key {key}", "this fleet stops", "finishes it "
                          "(finished work is reused, trainings resume from their newest checkpoints)",
                          fleet_flow(len(specs), members, max_concurrent), specs,
-                         max_concurrent_trainings=max_concurrent, pack=members, run_key=key)
-    print_fleet(entries)
+                         max_concurrent_trainings=max_concurrent, pack=members, run_key=key,
+                         on_stderr=output == "json")
+    print_fleet(entries, time.time() - started, output)
     if not all(e.ok for e in entries):
         raise typer.Exit(1)
 

@@ -10,6 +10,7 @@ imported by :func:`progress_bar`, when a command trains, so that ``prefixflow --
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -30,13 +31,14 @@ stderr = Console(stderr=True, soft_wrap=True)
 
 
 @contextmanager
-def progress_bar():
-    """A rich progress bar fed by the events of every training started within the block."""
+def progress_bar(on_stderr: bool = False):
+    """A rich progress bar fed by the events of every training started within the block (``on_stderr``: drawn on
+    stderr, when stdout carries a machine-readable result)."""
     from prefixflow.launch.training import watching
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                        TextColumn("{task.fields[validation]}"), TextColumn("{task.fields[eta]}"), console=console,
-                        transient=False)
+                        TextColumn("{task.fields[validation]}"), TextColumn("{task.fields[eta]}"),
+                        console=stderr if on_stderr else console, transient=False)
     bars: dict[str, int] = {}
 
     def on_event(spec, event: dict) -> None:
@@ -133,8 +135,24 @@ def print_demo_result(result: DemoResult) -> None:
                   f"the pulled prefix [bold green]{result.exact_after:.0%}[/]; prefix pulled to {result.pulled}")
 
 
-def print_fleet(entries: list[FleetEntry]) -> None:
-    """One row per spec of a fleet run: its outcome, version, champion, gate and metrics or error."""
+def fleet_summary(entries: list[FleetEntry], seconds: float) -> str:
+    """One line: how many clients, how each ended, the wall time and the time per client."""
+    counts = {"registered": 0, "unchanged": 0, "failed": 0}
+    for e in entries:
+        counts[e.outcome if e.ok and e.outcome in counts else "failed"] += 1
+    per = seconds / max(len(entries), 1)
+    return (f"fleet: {len(entries)} clients: {counts['registered']} registered, {counts['unchanged']} unchanged, "
+            f"{counts['failed']} failed in {seconds:.0f} s ({per:.1f} s per client)")
+
+
+def print_fleet(entries: list[FleetEntry], seconds: float, fmt: str = "table") -> None:
+    """One row per spec of a fleet run (its outcome, version, champion, gate and metrics or error), then the summary
+    line; ``fmt="json"``: one JSON object with the rows and the summary instead (nothing else on stdout)."""
+    if fmt == "json":
+        payload = {"summary": fleet_summary(entries, seconds), "seconds": round(seconds, 3),
+                   "entries": [e.model_dump(mode="json") for e in entries]}
+        print(json.dumps(payload, indent=2))
+        return
     table = Table(title="fleet")
     for col in ("client/task", "status", "version", "champion", "gate", "detail"):
         table.add_column(col)
@@ -146,3 +164,4 @@ def print_fleet(entries: list[FleetEntry]) -> None:
         table.add_row(f"{e.client}/{e.task}", status, e.version or "-",
                       e.champion or "-", {True: "passed", False: "refused"}.get(e.gate_passed, "-"), escape(detail))
     console.print(table)
+    console.print(escape(fleet_summary(entries, seconds)))
