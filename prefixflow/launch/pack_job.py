@@ -42,16 +42,16 @@ from prefixflow.launch.train_job import (
 # Deferred imports: prefix_core's torch modules are deferred to run_pack: a bad pack file is reported before
 # torch loads.
 
-ROWS_PER_FORWARD = 32  # prefix_core.packed.ROWS_PER_FORWARD, without importing torch here
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class PackJob:
-    """What one packed launch trains: member name -> job file, and the rows of all members per forward."""
+    """What one packed launch trains: member name -> job file, and the rows of all members per forward (None:
+    ``prefix_core.packed.ROWS_PER_FORWARD``)."""
 
     members: dict[str, str] = field(default_factory=dict)
-    rows_per_forward: int = ROWS_PER_FORWARD
+    rows_per_forward: int | None = None
 
     def to_json(self, path: str | Path) -> Path:
         return atomic_write(path, json.dumps(asdict(self), indent=2, sort_keys=True))
@@ -61,7 +61,8 @@ class PackJob:
         try:
             data = json.loads(Path(path).read_text())
             return cls(members={str(k): str(v) for k, v in data["members"].items()},
-                       rows_per_forward=int(data.get("rows_per_forward", ROWS_PER_FORWARD)))
+                       rows_per_forward=None if data.get("rows_per_forward") is None
+                       else int(data["rows_per_forward"]))
         except FileNotFoundError:
             raise ValueError(f"pack file {path} does not exist") from None
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
@@ -130,7 +131,8 @@ def run_pack(pack: PackJob) -> dict[str, Path]:
         _failed(name, err, user_error=isinstance(err, (UserError, PrefixError)))
 
     if trainers:
-        PackedTraining(trainers, pack.rows_per_forward).run(on_finish=finished, on_fail=failed)
+        rows = {} if pack.rows_per_forward is None else {"rows_per_forward": pack.rows_per_forward}
+        PackedTraining(trainers, **rows).run(on_finish=finished, on_fail=failed)
     return paths
 
 

@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +33,7 @@ from prefixflow import processes
 from prefixflow.launch.command import build_one_process
 from prefixflow.launch.gang import RunLock, run_launch
 from prefixflow.launch.gpu_slots import gpu_slots
-from prefixflow.launch.pack_job import ROWS_PER_FORWARD, PackJob
+from prefixflow.launch.pack_job import PackJob
 from prefixflow.launch.protocol import PACK_MODULE
 from prefixflow.services.spec import PipelineSpec, TrainSpec
 from prefixflow.services.storage import home
@@ -90,7 +90,7 @@ class Packer:
     """Forms packs of waiting trainings and supervises them (see the module docstring). Thread-safe."""
 
     def __init__(self, size: int = PACK_SIZE, gather_s: float = GATHER_S, max_wait_s: float = MAX_WAIT_S,
-                 rows_per_forward: int = ROWS_PER_FORWARD) -> None:
+                 rows_per_forward: int | None = None) -> None:
         if size < 2:
             raise ValueError(f"a pack holds at least 2 trainings; got {size}")
         self.size, self.gather_s, self.max_wait_s, self.rows_per_forward = size, gather_s, max_wait_s, rows_per_forward
@@ -186,8 +186,8 @@ class Packer:
             member = by_name.get(event.get("member", ""))
             if member is None:
                 return
-            with open(member.log_file, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(event, default=str) + "\n")
+            logs[member.name].write(json.dumps(event, default=str) + "\n")
+            logs[member.name].flush()
             kind = event.get("event")
             if kind == "failed":
                 member.finish(MemberEnd("user_error" if event.get("user_error") else "failed",
@@ -199,8 +199,10 @@ class Packer:
                 member.finish(MemberEnd("ok", None, launched, time.time()))
 
         hang_s = max(m.train.hang_timeout_s for m in members)
-        result = run_launch(launch, route, log_file=folder / "pack.log", hang_timeout_s=hang_s, lock=members[0].lock,
-                            also_held=[m.lock for m in members[1:]])
+        with ExitStack() as stack:  # each member's own train.log, open for the pack's life
+            logs = {m.name: stack.enter_context(open(m.log_file, "a", encoding="utf-8")) for m in members}
+            result = run_launch(launch, route, log_file=folder / "pack.log", hang_timeout_s=hang_s,
+                                lock=members[0].lock, also_held=[m.lock for m in members[1:]])
         reason = "user_error" if result.reason == "user_error" else "failed"
         why = result.error or f"the pack ended without finishing it (exit code {result.returncode})"
         for m in members:
