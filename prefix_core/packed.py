@@ -19,6 +19,11 @@ with its error and the others go on: a forward shared by several members that ra
 member, so only the member at fault fails. Nothing in a step draws random numbers (the base is in eval mode, a
 prefix has no dropout, and data order is a pure function of (seed, step)), so the members share the process RNG.
 
+What each member costs (:meth:`PackedTraining.usage`): the pack's wall and CPU time is charged in contiguous
+segments, so the members' charges add up to the pack's time: a shared forward and backward to its members by
+their tokens in it, a member's own update, validation, checkpoint and end to that member, and the set-up before
+the first step (``started_at``: loading the base once) in equal parts.
+
 One process only (``strategy: single`` on any one device); DDP and DeepSpeed trainings run alone.
 """
 
@@ -35,6 +40,7 @@ from .attention import PrefixKV
 from .data import IGNORE, Encoded, collate
 from .model import ensure_prefix_attention, prefix_positions
 from .train import Trainer, TrainResult
+from .train_pace import clock
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +55,51 @@ class _Step:
     tokens: int
     micro: list[list[Encoded]]
 
+    @property
+    def input_tokens(self) -> int:
+        """Tokens of the step's rows (what the member's tokens trained count, as ``TrainResult.train_tokens``)."""
+        return sum(len(e) for e in self.batch)
+
+
+@dataclass
+class Charge:
+    """What one member of a pack has cost so far: wall and CPU seconds (its share), tokens trained (input tokens
+    of its steps' rows)."""
+
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    tokens: int = 0
+
+
+class Ledger:
+    """Charges the time between consecutive :meth:`charge` calls to members, split by weight; ``charges``: name ->
+    :class:`Charge`. ``started_at``: the first reading of ``clock`` (default: now)."""
+
+    def __init__(self, members: Sequence[str], started_at: tuple[float, float] | None = None,
+                 clock: Callable[[], tuple[float, float]] = clock) -> None:
+        self.clock = clock
+        self.last = started_at or clock()
+        self.charges = {name: Charge() for name in members}
+
+    def charge(self, weights: Mapping[str, float]) -> None:
+        """The time since the last charge, split over ``weights``' members in proportion (equal if all are 0)."""
+        now = self.clock()
+        wall, cpu = now[0] - self.last[0], now[1] - self.last[1]
+        self.last = now
+        total = sum(weights.values())
+        for name, weight in weights.items():
+            part = weight / total if total > 0 else 1.0 / len(weights)
+            self.charges[name].wall_s += wall * part
+            self.charges[name].cpu_s += cpu * part
+
 
 class PackedTraining:
-    """Train ``trainers`` (name -> Trainer, all over one shared base) together; see the module docstring."""
+    """Train ``trainers`` (name -> Trainer, all over one shared base) together; see the module docstring.
+    ``started_at``: the :func:`~prefix_core.train_pace.clock` reading when the pack's set-up began (default: now);
+    the set-up is charged to all members equally."""
 
-    def __init__(self, trainers: Mapping[str, Trainer], rows_per_forward: int = ROWS_PER_FORWARD) -> None:
+    def __init__(self, trainers: Mapping[str, Trainer], rows_per_forward: int = ROWS_PER_FORWARD,
+                 started_at: tuple[float, float] | None = None) -> None:
         if not trainers:
             raise ValueError("a pack needs at least one member")
         if rows_per_forward < 1:
@@ -73,6 +119,13 @@ class PackedTraining:
         self.rows_per_forward = rows_per_forward
         self.encoder_decoder = first.encoder_decoder
         self.pad_id, self.device, self.autocast = first.pad_id, first.acc.device, first.autocast
+        self.ledger = Ledger(list(self.trainers), started_at)
+
+    def usage(self, name: str) -> Charge:
+        """What member ``name`` has cost so far, with the time since the last charge (e.g. writing its artifact in
+        ``on_finish``) charged to it."""
+        self.ledger.charge({name: 1.0})
+        return self.ledger.charges[name]
 
     # --- the loop ----------------------------------------------------------------------------------
     def run(self, on_finish: Callable[[str, TrainResult], None] | None = None,
@@ -82,6 +135,8 @@ class PackedTraining:
         ``on_fail(name, error)`` as a member fails."""
         outcomes: dict[str, TrainResult | Exception] = {}
         active: dict[str, Trainer] = {}
+        ledger = self.ledger
+        ledger.charge(dict.fromkeys(self.trainers, 1.0))  # the set-up: one base for all
 
         def fail(name: str, err: Exception) -> None:
             active.pop(name, None)
@@ -92,7 +147,10 @@ class PackedTraining:
 
         def finish(name: str) -> None:
             try:
-                result = active.pop(name).finish()
+                try:
+                    result = active.pop(name).finish()
+                finally:
+                    ledger.charge({name: 1.0})
                 if on_finish is not None:
                     on_finish(name, result)
             except Exception as err:  # its final validation, checkpoint or artifact
@@ -106,6 +164,8 @@ class PackedTraining:
             except Exception as err:  # an unreadable checkpoint of its own, ...
                 fail(name, err)
                 continue
+            finally:
+                ledger.charge({name: 1.0})
             active[name] = trainer
             if trainer.done:  # resumed at its end
                 finish(name)
@@ -114,13 +174,17 @@ class PackedTraining:
             losses: dict[str, float] = {}
             for chunk in self._chunks(steps):
                 losses.update(self._backward_guarded(chunk, steps, fail))
+                ledger.charge({name: steps[name].input_tokens for name in chunk})
             for name, loss in losses.items():
                 trainer = active[name]
+                ledger.charges[name].tokens += steps[name].input_tokens
                 try:
                     trainer.end_step(steps[name].batch, loss, trainer.apply_update())
                 except Exception as err:
                     fail(name, err)
                     continue
+                finally:
+                    ledger.charge({name: 1.0})
                 if trainer.done:
                     finish(name)
         return outcomes

@@ -1,8 +1,13 @@
-"""The pace of a training run: tokens/s and the ETA reported in its step events."""
+"""The pace of a training run: tokens/s and the ETA reported in its step events; the clock its cost is read from."""
 
 from __future__ import annotations
 
 import time
+
+
+def clock() -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds over all its threads): what a training's cost is measured with."""
+    return time.perf_counter(), time.process_time()
 
 
 class Pace:

@@ -129,10 +129,10 @@ def wait_gone(pgid: int, timeout_s: float, proc: subprocess.Popen | None = None)
 
 
 def stop_group(pgid: int, grace_s: float = TERM_GRACE_S, proc: subprocess.Popen | None = None,
-               on_escalate=None) -> bool:
-    """SIGTERM the whole group, SIGKILL whatever is left after ``grace_s``, wait up to ``KILL_WAIT_S``
-    more. Returns True once the group is gone. ``on_escalate()`` is called before the SIGKILL."""
-    if not signal_group(pgid, signal.SIGTERM) or wait_gone(pgid, grace_s, proc):
+               on_escalate=None, first: int = signal.SIGTERM) -> bool:
+    """Send ``first`` (SIGTERM) to the whole group, SIGKILL whatever is left after ``grace_s``, wait up to
+    ``KILL_WAIT_S`` more. Returns True once the group is gone. ``on_escalate()`` is called before the SIGKILL."""
+    if not signal_group(pgid, first) or wait_gone(pgid, grace_s, proc):
         _reap(pgid, proc)
         return True
     if on_escalate is not None:

@@ -17,6 +17,7 @@ BASE_MODEL_ENV = "PREFIXFLOW_BASE_MODEL"
 STEP_HOOK_ENV = "PREFIXFLOW_STEP_HOOK"
 STACK_DIR_ENV = "PREFIXFLOW_STACK_DIR"
 WEED_ENV = "PREFIXFLOW_WEED"
+USAGE_DIR_ENV = "PREFIXFLOW_USAGE_DIR"
 PROCESS_DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",  # tokenizers' thread pool and forked ranks do not mix
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -85,6 +86,13 @@ def weed_binary() -> str | None:
     """The SeaweedFS ``weed`` binary the user chose (``$PREFIXFLOW_WEED``), or None: found next to Python or on
     PATH."""
     return os.environ.get(WEED_ENV) or None
+
+
+def usage_dir() -> Path:
+    """Where servers append their usage log (``$PREFIXFLOW_USAGE_DIR``, default ``$PREFIXFLOW_HOME/usage``: a shared
+    volume when several replicas serve); not created."""
+    folder = os.environ.get(USAGE_DIR_ENV)
+    return Path(folder).expanduser().resolve() if folder else state_folder() / "usage"
 
 
 def apply_process_defaults() -> None:

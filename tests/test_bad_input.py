@@ -202,6 +202,21 @@ def _same(data: dict) -> None:
     return None
 
 
+def _fleet_file(build: Callable[[dict], dict | str]) -> Callable[[World, Path], list[str]]:
+    """``prefixflow fleet FILE``: ``build(spec)`` gives the fleet file's content (a mapping, or its text) from a
+    valid spec."""
+    def argv(w: World, f: Path) -> list[str]:
+        content = build(spec_dict(w.model, w.data))
+        (f / "fleet.yaml").write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+        return ["fleet", str(f / "fleet.yaml")]
+    return argv
+
+
+def _two_clients(spec: dict, second: dict) -> dict:
+    shared = {k: v for k, v in spec.items() if k not in ("client", "task")}
+    return {"defaults": shared, "clients": [{"client": "acme", "task": "rev"}, second]}
+
+
 CASES = [
     # --- spec ---
     Case("spec file missing", lambda w, f: ["run", str(f / "nope.yaml")], "does not exist"),
@@ -276,6 +291,15 @@ CASES = [
     Case("fleet folder without specs", _folder_of_specs("fleet"), "no *.yaml specs"),
     Case("fleet with one bad spec", _folder_of_specs("fleet", _same, "client: [\n"), "s1.yaml"),
     Case("fleet with the same client and task twice", _folder_of_specs("fleet", _same, _same), "acme/rev"),
+    Case("fleet file with a bad client", _fleet_file(lambda d: _two_clients(
+        d, {"client": "globex", "task": "rev", "train": {"max_steps": -3}})), "clients[1] (globex/rev)"),
+    Case("fleet file with an unknown top-level key", _fleet_file(lambda d: {"clients": [d], "train": {}}),
+         "unknown top-level key"),
+    Case("fleet file without clients", _fleet_file(lambda d: {"defaults": d}), "`clients:`"),
+    Case("fleet file with the same client and task twice", _fleet_file(lambda d: _two_clients(
+        d, {"client": "acme", "task": "rev"})), "acme/rev"),
+    Case("fleet file whose client's data is missing", _fleet_file(lambda d: _two_clients(
+        d, {"client": "globex", "task": "rev", "data": {"source": "nowhere.jsonl"}})), "clients[1] (globex/rev)"),
     Case("deploy folder missing", lambda w, f: ["deploy", str(f / "none")], "none is not a folder of specs"),
     Case("deploy with the same client and task twice", _folder_of_specs("deploy", _same, _same), "acme/rev"),
     Case("sweep without a sweep section", _sweep(None), "sweep"),

@@ -68,6 +68,48 @@ def test_a_packed_fleet_trains_each_client_as_alone_and_registers_each(env, alon
         assert (packed_table - alone[name]).abs().max().item() < 1e-5, name
         history = json.loads((_run_dir(env, name, "packed") / "history.json").read_text())
         assert max(h["step"] for h in history) == CLIENTS[name]["max_steps"]
+    # what each client cost: its share of the pack, on its MLflow run and its version
+    runs = {name: tracking.client().get_run(v.run_id) for name in CLIENTS
+            for v in tracking.client().search_model_versions(f"name = '{registered_model_name(name, 'packed')}'")}
+    for name, run in runs.items():
+        m = run.data.metrics
+        manifest = json.loads((_artifact(env, name, "packed") / "manifest.json").read_text())
+        assert m["usage.tokens"] == manifest["training"]["train_tokens"] > 0
+        assert m["usage.pack_members"] == 3 and m["usage.cpu_s"] > 0 and m["usage.gpu_s"] == 0
+        assert 0 < m["usage.wall_s"] < m["usage.elapsed_s"]  # a share of the pack's time
+        assert run.data.tags["usage.device"] == "cpu"
+        [version] = tracking.client().search_model_versions(f"name = '{registered_model_name(name, 'packed')}'")
+        assert float(version.tags["usage.tokens"]) == m["usage.tokens"]
+    # the shares add up to the pack's time until its last member ended
+    last = max(r.data.metrics["usage.elapsed_s"] for r in runs.values())
+    assert sum(r.data.metrics["usage.wall_s"] for r in runs.values()) == pytest.approx(last, rel=0.01)
+
+
+def test_usage_adds_up_each_clients_runs(env, alone):
+    """`prefixflow usage` (JSON) per client: the sum of its runs' usage metrics (alone and packed trainings)."""
+    from typer.testing import CliRunner
+
+    from prefixflow.cli import app
+    from prefixflow.services import tracking
+    from prefixflow.services.spec import experiment_name
+
+    res = CliRunner().invoke(app, ["usage", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["client"]: r for r in json.loads(res.stdout)}
+    assert set(CLIENTS) <= set(rows)
+    c = tracking.client()
+    for name in CLIENTS:
+        runs = c.search_runs([c.get_experiment_by_name(experiment_name(name)).experiment_id])
+        trained = [r.data.metrics for r in runs if "usage.wall_s" in r.data.metrics]
+        assert trained and rows[name]["trainings"] == len(trained)
+        assert rows[name]["runs"] == len(runs)
+        assert rows[name]["tokens_trained"] == sum(int(m["usage.tokens"]) for m in trained)
+        assert rows[name]["train_hours"]["cpu"] == pytest.approx(sum(m["usage.cpu_s"] for m in trained) / 3600)
+        assert rows[name]["wall_hours"] == pytest.approx(sum(m["usage.wall_s"] for m in trained) / 3600)
+        versions = c.search_model_versions(f"tags.client = '{name}'")
+        assert rows[name]["versions"] == len(versions)
+    res = CliRunner().invoke(app, ["usage", "--since", "a while"])
+    assert res.exit_code == 2 and "is not a duration or a date" in res.output
 
 
 def test_a_killed_pack_is_retried_and_each_client_resumes_from_its_own_checkpoint(env, alone, monkeypatch, tmp_path):

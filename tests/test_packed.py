@@ -9,7 +9,7 @@ from accelerate import Accelerator
 
 from prefix_core import Example, PrefixConfig, PrefixModel, TrainConfig, TrainingDiverged
 from prefix_core.data import encode
-from prefix_core.packed import PackedTraining
+from prefix_core.packed import Ledger, PackedTraining
 from prefix_core.train import Trainer
 from support.tiny_models import make_base
 
@@ -61,6 +61,32 @@ def test_each_packed_client_equals_the_same_client_trained_alone(tok, rows_per_f
         assert packed.best_eval_loss == pytest.approx(result.best_eval_loss, abs=1e-5)
         assert [h.get("loss") for h in packed.history] == pytest.approx([h.get("loss") for h in result.history],
                                                                           abs=1e-5)
+
+
+def test_the_ledger_splits_each_stretch_of_time_by_weight():
+    ticks = iter([(14.0, 7.0), (15.0, 9.0), (21.0, 9.0)])
+    ledger = Ledger(["a", "b"], started_at=(10.0, 5.0), clock=lambda: next(ticks))
+    ledger.charge({"a": 3, "b": 1})  # 4 s wall, 2 s CPU by tokens 3:1
+    ledger.charge({"b": 1.0})  # 1 s, 2 s: b's own
+    ledger.charge({"a": 0, "b": 0})  # 6 s, 0 s: equal parts
+    assert (ledger.charges["a"].wall_s, ledger.charges["a"].cpu_s) == (3.0 + 3.0, 1.5)
+    assert (ledger.charges["b"].wall_s, ledger.charges["b"].cpu_s) == (1.0 + 1.0 + 3.0, 0.5 + 2.0)
+
+
+def test_the_packs_time_is_charged_to_its_members_and_adds_up_to_the_whole(tok):
+    from prefix_core.train_pace import clock
+
+    base = make_base("llama")
+    trainers = {name: trainer(base, tok, name) for name in CLIENTS}
+    started = clock()
+    pack = PackedTraining(trainers, started_at=started)
+    outcomes = pack.run()
+    charges, end = pack.ledger.charges, pack.ledger.last
+    assert sum(c.wall_s for c in charges.values()) == pytest.approx(end[0] - started[0], rel=1e-9)
+    assert sum(c.cpu_s for c in charges.values()) == pytest.approx(end[1] - started[1], rel=1e-9)
+    for name in CLIENTS:  # tokens: each member's own rows, as the member counts them itself
+        assert charges[name].tokens == outcomes[name].train_tokens > 0
+        assert charges[name].wall_s > 0 and charges[name].cpu_s > 0
 
 
 def test_a_client_whose_loss_diverges_fails_alone_and_the_others_finish(tok):

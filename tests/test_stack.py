@@ -71,7 +71,7 @@ def test_taken_port_is_one_clear_error(tmp_path):
 
         args = ["up", "--state-dir", str(config.state_dir)]
         for name in ("s3_port", "mlflow_port", "prefect_port", "weed_master_port", "weed_volume_port",
-                     "weed_filer_port", "weed_admin_port"):
+                     "weed_filer_port", "weed_admin_port", "postgres_port"):
             args += [f"--{name.replace('_', '-')}", str(getattr(config, name))]
         result = runner.invoke(stack.app, args)
     assert result.exit_code == 2, result.output
@@ -92,7 +92,7 @@ def _gone(pid: int) -> bool:
 def test_service_that_dies_at_startup_shows_its_log_and_leaves_nothing(tmp_path, monkeypatch):
     body = 'sleep 60 &\necho "child $!"\necho "fatal: cannot open the data folder"\nexit 3'
     monkeypatch.setenv("PREFIXFLOW_WEED", str(_fake_weed(tmp_path, body)))
-    config = stack_config_with_free_ports(tmp_path / "stack")
+    config = stack_config_with_free_ports(tmp_path / "stack", database="sqlite")
     with pytest.raises(StackError, match=r"(?s)s3 exited with code 3 during startup.*fatal: cannot open") as err:
         stack_up(config)
     assert "prefixflow stack up" in str(err.value)
@@ -105,7 +105,7 @@ def test_service_that_dies_at_startup_shows_its_log_and_leaves_nothing(tmp_path,
 
 def test_service_that_never_gets_healthy_times_out_and_is_stopped(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFIXFLOW_WEED", str(_fake_weed(tmp_path, "exec sleep 60")))
-    config = stack_config_with_free_ports(tmp_path / "stack", start_timeout=1)
+    config = stack_config_with_free_ports(tmp_path / "stack", start_timeout=1, database="sqlite")
     with pytest.raises(StackError, match=r"(?s)s3 was not healthy at http://127.0.0.1:\d+/healthz within 1 s.*"
                                          r"fake weed pid"):
         stack_up(config)
@@ -126,7 +126,7 @@ def test_bad_config_and_missing_stack_are_clear_errors(tmp_path):
     result = runner.invoke(stack.app, ["env", "--state-dir", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "prefixflow stack up" in result.output and "Traceback" not in result.output
     status = stack_status(tmp_path / "nothing")
-    assert set(status) == {"s3", "mlflow", "prefect"}
+    assert set(status) == {"postgres", "s3", "mlflow", "prefect"}  # a new stack is on PostgreSQL
     assert not any(s["running"] or s["healthy"] for s in status.values())
     assert runner.invoke(stack.app, ["status", "--state-dir", str(tmp_path / "nothing")]).exit_code == 1
     stack_down(tmp_path / "nothing")  # nothing to stop: a no-op
@@ -135,7 +135,7 @@ def test_bad_config_and_missing_stack_are_clear_errors(tmp_path):
 def test_each_ui_is_told_the_address_browsers_use(tmp_path):
     """Prefect's UI calls the API at the UI host and the stack's port (not Prefect's default 4200); MLflow accepts
     that host name; `status` prints every UI and API address, even with nothing running."""
-    creds = {"access_key": "k", "secret_key": "s"}
+    creds = {"access_key": "k", "secret_key": "s", "postgres_password": "p"}
     local = StackConfig(state_dir=tmp_path / "local", host="0.0.0.0", prefect_port=14201)
     _, env, _ = service_command(local, "prefect", creds)
     assert env["PREFECT_SERVER_UI_API_URL"] == "http://127.0.0.1:14201/api"
@@ -143,8 +143,8 @@ def test_each_ui_is_told_the_address_browsers_use(tmp_path):
     assert "--allowed-hosts" not in service_command(local, "mlflow", creds)[0]  # MLflow's defaults cover loopback
 
     remote = StackConfig(state_dir=tmp_path / "remote", host="0.0.0.0", ui_host="gpu-box.example.com")
-    assert remote.ui_urls() == {"s3": "http://gpu-box.example.com:13646", "mlflow": "http://gpu-box.example.com:15000",
-                                "prefect": "http://gpu-box.example.com:14200"}
+    assert remote.ui_urls() == {"postgres": "-", "s3": "http://gpu-box.example.com:13646",
+                                "mlflow": "http://gpu-box.example.com:15000", "prefect": "http://gpu-box.example.com:14200"}
     assert remote.urls()["prefect"] == "http://127.0.0.1:14200/api"  # clients on this machine stay on loopback
     assert service_command(remote, "prefect", creds)[1]["PREFECT_SERVER_UI_API_URL"] == \
         "http://gpu-box.example.com:14200/api"
@@ -216,6 +216,14 @@ def test_stack_up_use_down_and_restart(tmp_path, monkeypatch):
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="mlflow/").get("Contents", [])]
         assert any(k.endswith(f"{run.info.run_id}/artifacts/prefix/notes.txt") for k in keys), keys
 
+        # both servers keep their data in the stack's PostgreSQL (the password never on a command line)
+        tables = _postgres_tables(config)
+        assert {"experiments", "runs", "registered_models", "model_versions"} <= tables["mlflow"]
+        assert {"flow", "flow_run", "task_run", "deployment"} <= tables["prefect"]
+        password = json.loads(creds.read_text())["postgres_password"]
+        assert not any(password in processes.cmdline(pid) for pid in pids.values())
+        assert not (state / "mlflow" / "mlflow.db").exists() and not (state / "prefect" / "prefect.db").exists()
+
         # Prefect, and the API URL its UI is told (Prefect's default would be port 4200)
         with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/health", timeout=5) as resp:
             assert resp.status == 200 and json.loads(resp.read()) is True
@@ -238,7 +246,7 @@ def test_stack_up_use_down_and_restart(tmp_path, monkeypatch):
 
         # down: reverse order, every port free, no process or pid file left
         result = runner.invoke(stack.app, ["down", "--state-dir", str(state)])
-        assert result.exit_code == 0 and "stopped prefect, mlflow, s3" in result.output, result.output
+        assert result.exit_code == 0 and "stopped prefect, mlflow, s3, postgres" in result.output, result.output
         assert not any(_listening(p) for p in _all_ports(config))
         assert not any(processes.group_alive(pid) for pid in pids.values())
         assert _no_pid_files(state)
@@ -255,6 +263,52 @@ def test_stack_up_use_down_and_restart(tmp_path, monkeypatch):
     finally:
         stack_down(state)
     assert not any(_listening(p) for p in _all_ports(config))
+
+
+def _postgres_tables(config: StackConfig) -> dict[str, set[str]]:
+    """Database -> its tables, read from the stack's PostgreSQL with the stack's own credentials."""
+    import psycopg2
+
+    password = json.loads((config.state_dir / "credentials.json").read_text())["postgres_password"]
+    out = {}
+    for db in ("mlflow", "prefect"):
+        with psycopg2.connect(host="127.0.0.1", port=config.postgres_port, user="prefixflow", password=password,
+                              dbname=db) as conn, conn.cursor() as cur:
+            cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")
+            out[db] = {row[0] for row in cur.fetchall()}
+        conn.close()
+    return out
+
+
+def test_a_stack_made_before_postgres_keeps_sqlite_and_a_missing_postgres_is_one_clear_error(tmp_path, monkeypatch):
+    from prefixflow.infra.stack import postgres
+
+    old = stack_config_with_free_ports(tmp_path / "old")
+    stored = json.loads(old.to_json())
+    del stored["database"], stored["postgres_port"]  # config.json of a stack made before PostgreSQL
+    old.state_dir.mkdir(parents=True, exist_ok=True)
+    (old.state_dir / "config.json").write_text(json.dumps(stored))
+    loaded = StackConfig.load(old.state_dir)
+    assert loaded.database == "sqlite" and loaded.services() == ("s3", "mlflow", "prefect")
+    cmd, env, _ = service_command(loaded, "mlflow", {"access_key": "a", "secret_key": "b"})
+    assert f"sqlite:///{old.state_dir / 'mlflow' / 'mlflow.db'}" in cmd and "PGPASSWORD" not in env
+
+    monkeypatch.setattr(postgres, "bin_dir", lambda: (_ for _ in ()).throw(StackError(
+        "PostgreSQL is not installed (test)")))
+    config = stack_config_with_free_ports(tmp_path / "new")
+    with pytest.raises(StackError, match="not installed"):
+        stack_up(config)
+    assert _no_pid_files(config.state_dir) and not any(_listening(p) for p in _all_ports(config))
+
+
+def test_the_missing_postgres_message_names_the_install_and_the_sqlite_way(monkeypatch, tmp_path):
+    from prefixflow.infra.stack import postgres
+
+    monkeypatch.setattr(postgres, "DEBIAN_ROOT", tmp_path)  # no /usr/lib/postgresql/*/bin
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(StackError) as err:
+        postgres.bin_dir()
+    assert "apt-get install -y postgresql" in str(err.value) and "--database sqlite" in str(err.value)
 
 
 @pytest.mark.slow

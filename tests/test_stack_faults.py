@@ -73,22 +73,29 @@ def assert_loads(ref: str, tmp: Path) -> None:
     PrefixArtifact.load(registry.download(ref, tmp / "pulled"))
 
 
-@pytest.mark.parametrize("service", ["mlflow", "s3"])
+@pytest.mark.parametrize("service", ["mlflow", "s3", "postgres"])
 def test_a_service_restarted_during_registration_is_retried_and_registers_one_version(stack, service, monkeypatch,
                                                                                       tmp_path):
-    """The MLflow server (or S3) goes down just as the prefix is uploaded and registered, and is back a few
-    seconds later: the registration is retried with backoff and ends with one complete version."""
+    """The MLflow server (or S3, or PostgreSQL, the servers' database) goes down just as the prefix is uploaded
+    and registered, and comes back once the upload has failed on it (the outage ends when the product has met it,
+    not after a fixed time): the registration is retried with backoff and ends with one complete version."""
     from prefixflow.flows.pipeline import prefix_pipeline
     from prefixflow.services import registration
 
-    real_publish, calls = registration.publish, []
+    real_publish, calls, failed = registration.publish, [], []
 
     def publish_during_an_outage(*args, **kwargs):
         calls.append(time.monotonic())
-        if len(calls) == 1:
-            stop(stack.config, service)
-            threading.Timer(3.0, stack_up, [stack.config]).start()
-        return real_publish(*args, **kwargs)
+        if len(calls) > 1:
+            return real_publish(*args, **kwargs)
+        stop(stack.config, service)
+        try:
+            return real_publish(*args, **kwargs)
+        except Exception as err:
+            failed.append(err)
+            raise
+        finally:  # back while the task waits for its retry
+            threading.Thread(target=stack_up, args=[stack.config]).start()
 
     monkeypatch.setattr(registration, "publish", publish_during_an_outage)
     spec = parse_spec(spec_dict(stack.model, stack.data, client="faults", task=f"restart-{service}"))
@@ -99,6 +106,7 @@ def test_a_service_restarted_during_registration_is_retried_and_registers_one_ve
                          "aliases": {"candidate": "1", "champion": "1"}}
         assert result.registration.version == "1" and result.registration.champion == "1"
         assert_loads(f"faults/restart-{service}@champion", tmp_path)
+    assert len(failed) == 1 and len(calls) >= 2  # the outage was met, and the retry registered
 
 
 def cli(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:

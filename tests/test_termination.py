@@ -160,19 +160,20 @@ def test_a_killed_run_command_leaves_a_training_that_its_rerun_stops_before_it_r
 
 @pytest.mark.slow
 def test_a_stopped_fleet_with_a_pack_running_exits_promptly_and_its_run_key_resumes_each_client(tmp_path):
-    """SIGTERM to `prefixflow fleet` while a pack of two clients trains (held after its first member's step 10,
-    past that member's step-10 and the other's step-5 checkpoints): the command, its pack and the ephemeral API
-    are gone within STOPPED_WITHIN_S; `prefixflow fleet DIR --run-key K` then resumes each client from its own
-    newest checkpoint and registers one version each."""
+    """SIGTERM to `prefixflow fleet FILE` (a fleet file) while a pack of two clients trains (held after its first
+    member's step 10, past that member's step-10 and the other's step-5 checkpoints): the command, its pack and
+    the ephemeral API are gone within STOPPED_WITHIN_S; `prefixflow fleet FILE --run-key K` then resumes each
+    client from its own newest checkpoint and registers one version each."""
     from support.faults import pause_fault
 
     model = save_tiny_model(tmp_path / "model")
-    specs = tmp_path / "specs"
-    specs.mkdir()
-    for client, rows in (("ca", 120), ("cb", 80)):
-        d = spec_dict(model, write_task(tmp_path / f"{client}.jsonl", n=rows, seed=rows), client=client)
-        d["train"].update(max_steps=30, checkpoint_every=5, eval_every=15)
-        (specs / f"{client}.yaml").write_text(yaml.safe_dump(d))
+    defaults = spec_dict(model, write_task(tmp_path / "ca.jsonl", n=120, seed=120))
+    defaults["train"].update(max_steps=30, checkpoint_every=5, eval_every=15)
+    defaults.pop("client")
+    write_task(tmp_path / "cb.jsonl", n=80, seed=80)
+    specs = tmp_path / "fleet.yaml"  # a fleet file: shared defaults, each client's own data (a relative path)
+    specs.write_text(yaml.safe_dump({"defaults": defaults, "clients": [
+        {"client": "ca", "data": {"source": "ca.jsonl"}}, {"client": "cb", "data": {"source": "cb.jsonl"}}]}))
     mark, paused, log = uuid.uuid4().hex, tmp_path / "paused", tmp_path / "fleet.log"
     env = command_env(tmp_path, mark)
     proc = start_command(["fleet", str(specs)], {**env, **pause_fault(0, 10, paused)}, log)
@@ -209,4 +210,46 @@ def test_a_stopped_fleet_with_a_pack_running_exits_promptly_and_its_run_key_resu
     uri = f"sqlite:///{tmp_path / 'state' / 'mlflow' / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     assert [len(client.search_model_versions(f"name = '{c}-rev'")) for c in ("ca", "cb")] == [1, 1]
+    assert marked(mark) == []
+
+
+@pytest.mark.slow
+def test_a_stopped_sweep_exits_promptly_and_its_run_key_finishes_it(tmp_path):
+    """SIGTERM to `prefixflow sweep` while its first trial trains (held after step 5, past its step-5 checkpoint):
+    the command, the trial's training and the ephemeral API are gone within STOPPED_WITHIN_S; `prefixflow sweep
+    SPEC --run-key K` then finishes the sweep and registers one version."""
+    from support.faults import pause_fault
+
+    model, data = save_tiny_model(tmp_path / "model"), write_task(tmp_path / "rev.jsonl", n=120)
+    d = spec_dict(model, data)
+    d["train"].update(max_steps=20, checkpoint_every=5, eval_every=10)
+    d["sweep"] = {"trials": 2, "sampler": "grid", "pruner": "none", "seed": 0,
+                  "space": {"train.learning_rate": [2e-2, 1e-2]}}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(d))
+    mark, paused, log = uuid.uuid4().hex, tmp_path / "paused", tmp_path / "sweep.log"
+    env = command_env(tmp_path, mark)
+    proc = start_command(["sweep", str(spec)], {**env, **pause_fault(0, 5, paused)}, log)
+
+    def at_pause() -> bool:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        return paused.exists()
+
+    try:
+        wait_until(at_pause, 300, 0.5, message=lambda: log.read_text()[-3000:])
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    key = stop_and_check(proc, signal.SIGTERM, log, mark)
+
+    exe = str(Path(sys.executable).with_name("prefixflow"))
+    again = subprocess.run([exe, "sweep", str(spec), "--run-key", key], env=env, capture_output=True, text=True,
+                           timeout=900)
+    out = " ".join((again.stdout + again.stderr).split())
+    assert again.returncode == 0, out[-3000:]
+    assert "registered acme-rev v1" in out
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'state' / 'mlflow' / 'mlflow.db'}"
+    assert len(MlflowClient(tracking_uri=uri, registry_uri=uri).search_model_versions("name = 'acme-rev'")) == 1
     assert marked(mark) == []

@@ -18,7 +18,7 @@ from rich.table import Table
 from .config import SERVICES, StackConfig, StackError, config_file, default_state_dir
 from .control import bring_up, stack_down, stack_env, stack_status
 
-app = typer.Typer(help="The local server stack: SeaweedFS (S3), MLflow and Prefect on 127.0.0.1.",
+app = typer.Typer(help="The local server stack: PostgreSQL, SeaweedFS (S3), MLflow and Prefect on 127.0.0.1.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
 StateDir = typer.Option(None, "--state-dir", envvar="PREFIXFLOW_STACK_DIR", show_default="state/stack",
@@ -49,18 +49,24 @@ def up(
     timeout: float | None = typer.Option(None, min=1, help="seconds each service may take to start (default 120)"),
     ui_host: str | None = typer.Option(None, help="host name browsers use for the UIs, when it is not the bind "
                                                   "address (default: the client host, 127.0.0.1; '' resets)"),
+    database: str | None = typer.Option(None, help="where Prefect and MLflow keep their data: postgres (a PostgreSQL "
+                                                   "server of the stack, the default for a new stack) or sqlite "
+                                                   "(files; a stack made before keeps it)"),
+    postgres_port: int | None = typer.Option(None, help="PostgreSQL port on 127.0.0.1 (default 15432)"),
     auth: bool | None = typer.Option(None, "--auth/--no-auth",
                                      help="MLflow basic auth and one S3 identity per client: each client's "
                                           "credentials (`stack env --client NAME`) reach only its own runs, "
                                           "prefixes and s3://BUCKET/clients/NAME/ (default off)"),
 ) -> None:
-    """Start S3, MLflow and Prefect (settings not given: those of the last `up` in this folder, else defaults)."""
+    """Start PostgreSQL, S3, MLflow and Prefect (settings not given: those of the last `up` in this folder, else
+    defaults)."""
 
     state = _state(state_dir)
     given = {"host": host, "s3_port": s3_port, "mlflow_port": mlflow_port, "prefect_port": prefect_port,
              "weed_master_port": weed_master_port, "weed_volume_port": weed_volume_port,
              "weed_filer_port": weed_filer_port, "weed_admin_port": weed_admin_port, "bucket": bucket,
-             "start_timeout": timeout, "ui_host": ui_host, "auth": auth}
+             "start_timeout": timeout, "ui_host": ui_host, "auth": auth, "database": database,
+             "postgres_port": postgres_port}
     given = {k: v for k, v in given.items() if v is not None}
     console = Console()
     try:
@@ -74,7 +80,7 @@ def up(
     if all(a == "running" for a in actions.values()):
         console.print("already running and healthy: nothing to do")
     urls, ui_urls = config.urls(), config.ui_urls()
-    for name in SERVICES:
+    for name in config.services():
         console.print(f"  {name:8} {actions[name]:8} UI {ui_urls[name]:<{len(ui_urls['prefect'])}}  API {urls[name]}",
                       soft_wrap=True)
     where = "" if state == _state(None) else f" with PREFIXFLOW_STACK_DIR={shlex.quote(str(state))}"
@@ -88,7 +94,7 @@ def up(
 @app.command()
 def down(state_dir: Path | None = StateDir,
          grace: float = typer.Option(15.0, min=0, help="seconds to wait after SIGTERM before SIGKILL")) -> None:
-    """Stop Prefect, MLflow and S3 (data is kept)."""
+    """Stop Prefect, MLflow, S3 and PostgreSQL (data is kept)."""
     state = _state(state_dir)
     before = {n: s["running"] for n, s in stack_status(state).items()} if state.exists() else {}
     try:

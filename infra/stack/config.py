@@ -6,10 +6,12 @@ Everything lives under one state folder (``$PREFIXFLOW_STACK_DIR``, default ``st
     config.json        the StackConfig last used (ports, bucket): ``status``/``env``/``down`` read it
     credentials.json   generated secrets (mode 0600, reused on restart): the S3 admin key pair, the MLflow admin
                        password, and each client's (``credentials``)
+    postgres/data      the PostgreSQL cluster (``database: postgres``, the default): databases prefect, mlflow,
+                       mlflow_auth (infra.stack.postgres)
     s3/                SeaweedFS data (``weed mini -dir``)
-    mlflow/mlflow.db   MLflow tracking + registry store (artifacts go to s3://BUCKET/mlflow)
-    mlflow/auth.db     with ``auth``: MLflow's users and permissions (basic_auth.ini beside it)
-    prefect/           PREFECT_HOME of the server (prefect.db)
+    mlflow/            the MLflow server's folder; ``database: sqlite``: mlflow.db (tracking + registry) and,
+                       with ``auth``, auth.db (basic_auth.ini beside it); artifacts go to s3://BUCKET/mlflow
+    prefect/           PREFECT_HOME of the server (``database: sqlite``: prefect.db)
     logs/NAME.log      each service's stdout + stderr
     run/NAME.pid       pid of each service (the leader of its own process group)
     .lock              held by ``up``/``down`` (one at a time per folder)
@@ -25,7 +27,8 @@ from pathlib import Path
 
 from prefixflow import settings
 
-SERVICES = ("s3", "mlflow", "prefect")  # start order; shutdown is the reverse
+SERVICES = ("postgres", "s3", "mlflow", "prefect")  # start order; shutdown is the reverse
+DATABASES = ("postgres", "sqlite")  # what the Prefect and MLflow servers keep their data in
 GRPC_OFFSET = 10000  # SeaweedFS serves gRPC on each HTTP port + 10000
 REGION = "us-east-1"
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -47,7 +50,9 @@ class StackConfig:
 
     SeaweedFS also listens on each of its HTTP ports + 10000 (gRPC): s3, master, volume, filer and admin.
     ``ui_host`` is the host name browsers use for the UIs ("" = the client host); set it when the UIs are
-    reached from another machine (with ``host`` binding to an address that machine can reach).
+    reached from another machine (with ``host`` binding to an address that machine can reach). ``database``:
+    ``postgres`` (a PostgreSQL server of the stack on 127.0.0.1, ``postgres_port``) or ``sqlite`` (files; a stack
+    made before PostgreSQL came keeps it).
     """
 
     state_dir: Path = field(default_factory=default_state_dir)
@@ -63,9 +68,13 @@ class StackConfig:
     start_timeout: float = 120.0  # seconds each service may take to become healthy
     ui_host: str = ""
     auth: bool = False  # MLflow basic auth and one S3 identity per client (``stack env --client``)
+    database: str = "postgres"
+    postgres_port: int = 15432
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser().resolve()
+        if self.database not in DATABASES:
+            raise StackError(f"database {self.database!r} is not one of {', '.join(DATABASES)}")
         if self.ui_host and not _HOST_RE.match(self.ui_host):
             raise StackError(f"UI host {self.ui_host!r} is not a host name or IPv4 address: give the bare name "
                              "browsers use (no scheme, port or path), e.g. --ui-host gpu-box.example.com")
@@ -81,12 +90,17 @@ class StackConfig:
             raise StackError(f"port(s) {dupes} are used twice in the stack config (SeaweedFS also takes each of its "
                              f"ports + {GRPC_OFFSET}); choose distinct ports")
 
+    def services(self) -> tuple[str, ...]:
+        """The services of this stack, in start order."""
+        return SERVICES if self.database == "postgres" else SERVICES[1:]
+
     def ports(self) -> dict[str, list[int]]:
-        """Every TCP port each service listens on."""
+        """Every TCP port each service listens on (PostgreSQL's on 127.0.0.1 whatever ``host`` is)."""
         weed = [self.s3_port, self.weed_master_port, self.weed_volume_port, self.weed_filer_port,
                 self.weed_admin_port]
-        return {"s3": [p + off for p in weed for off in (0, GRPC_OFFSET)],
-                "mlflow": [self.mlflow_port], "prefect": [self.prefect_port]}
+        ports = {"s3": [p + off for p in weed for off in (0, GRPC_OFFSET)],
+                 "mlflow": [self.mlflow_port], "prefect": [self.prefect_port]}
+        return {"postgres": [self.postgres_port], **ports} if self.database == "postgres" else ports
 
     @property
     def client_host(self) -> str:
@@ -100,13 +114,13 @@ class StackConfig:
     def urls(self) -> dict[str, str]:
         """The URL clients use for each service's API."""
         h = self.client_host
-        return {"s3": f"http://{h}:{self.s3_port}", "mlflow": f"http://{h}:{self.mlflow_port}",
-                "prefect": f"http://{h}:{self.prefect_port}/api"}
+        return {"postgres": f"postgresql://127.0.0.1:{self.postgres_port}", "s3": f"http://{h}:{self.s3_port}",
+                "mlflow": f"http://{h}:{self.mlflow_port}", "prefect": f"http://{h}:{self.prefect_port}/api"}
 
     def ui_urls(self) -> dict[str, str]:
         """The address of each service's web UI: SeaweedFS admin, MLflow, Prefect (whose API is at ``/api``)."""
         h = self.ui_hostname
-        return {"s3": f"http://{h}:{self.weed_admin_port}", "mlflow": f"http://{h}:{self.mlflow_port}",
+        return {"postgres": "-", "s3": f"http://{h}:{self.weed_admin_port}", "mlflow": f"http://{h}:{self.mlflow_port}",
                 "prefect": f"http://{h}:{self.prefect_port}"}
 
     def to_json(self) -> str:
@@ -126,6 +140,7 @@ class StackConfig:
             raise StackError(f"cannot read {path}: {err}; delete it and run `prefixflow stack up`") from None
         known = {f.name for f in dataclasses.fields(cls)}
         data = {k: v for k, v in data.items() if k in known}
+        data.setdefault("database", "sqlite")  # made before the stack had PostgreSQL: its data is in SQLite
         data["state_dir"] = Path(state_dir)
         return cls(**data)
 

@@ -1,7 +1,8 @@
 """Bring the stack up and down, and read it: ``stack_up``, ``stack_down``, ``stack_status``, ``stack_env`` and
 ``running_stack`` (up for the length of a ``with`` block).
 
-Start order is S3 → MLflow → Prefect, each waited on with an HTTP health check; shutdown is the reverse.
+Start order is PostgreSQL (with ``database: postgres``) → S3 → MLflow → Prefect, each waited on with a health
+check; shutdown is the reverse.
 ``up`` and ``down`` hold the state folder's lock, so only one runs at a time per folder.
 """
 
@@ -21,7 +22,7 @@ from prefix_core.files import file_lock
 from .clients import ensure_client
 from .config import SERVICES, StackConfig, StackError, config_file, lock_file, log_file, pid_file
 from .credentials import load_credentials
-from .health import health_url, http_ok, port_free, preflight, wait_healthy
+from .health import healthy, port_free, preflight, wait_healthy
 from .service_processes import running_pid, start_service, stop_service
 from .services import client_env
 
@@ -62,14 +63,14 @@ def bring_up(config: StackConfig) -> tuple[dict[str, str], dict[str, str]]:
         creds = load_credentials(state, create=True)
         actions: dict[str, str] = {}
         for name, pid in list(running.items()):
-            if http_ok(health_url(config, name)):
+            if healthy(config, name):
                 actions[name] = "running"
             else:  # alive but not answering: restart it
                 log.warning("%s (pid %d) is running but not healthy; restarting it", name, pid)
                 stop_service(pid, name, grace=10.0)
                 pid_file(state, name).unlink(missing_ok=True)
                 del running[name]
-        to_start = [n for n in SERVICES if n not in actions]
+        to_start = [n for n in config.services() if n not in actions]
         preflight(config, to_start)
         config_file(state).write_text(config.to_json() + "\n")
         started: list[tuple[str, int]] = []
@@ -86,7 +87,7 @@ def bring_up(config: StackConfig) -> tuple[dict[str, str], dict[str, str]]:
             if any(n == "s3" for n, _ in started):
                 _remove_weed_sockets(config)
             raise
-        return client_env(config, creds), {n: actions[n] for n in SERVICES}
+        return client_env(config, creds), {n: actions[n] for n in config.services()}
 
 
 def stack_up(config: StackConfig) -> dict[str, str]:
@@ -138,10 +139,10 @@ def stack_status(state_dir: Path) -> dict[str, dict]:
         config = StackConfig(state_dir=state)
     urls, ui_urls = config.urls(), config.ui_urls()
     status: dict[str, dict] = {}
-    for name in SERVICES:
+    for name in config.services():
         pid = running_pid(state, name)
-        healthy = pid is not None and http_ok(health_url(config, name))
-        status[name] = {"running": pid is not None, "healthy": healthy, "pid": pid, "api": urls[name],
+        ok = pid is not None and healthy(config, name)
+        status[name] = {"running": pid is not None, "healthy": ok, "pid": pid, "api": urls[name],
                         "ui": ui_urls[name], "log": str(log_file(state, name))}
     return status
 
@@ -154,7 +155,7 @@ def stack_env(state_dir: Path, client: str | None = None) -> dict[str, str]:
     if client is None:
         return client_env(config, load_credentials(state, create=False))
     with _locked(state):  # one client change at a time, and not during up/down
-        down = [n for n in ("s3", "mlflow") if running_pid(state, n) is None or not http_ok(health_url(config, n))]
+        down = [n for n in ("s3", "mlflow") if running_pid(state, n) is None or not healthy(config, n)]
         if config.auth and down:
             raise StackError(f"{' and '.join(down)} of the stack in {state} not running: making client {client!r} "
                              "needs them; run `prefixflow stack up` first")

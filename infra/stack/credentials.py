@@ -4,6 +4,7 @@ every restart:
 - ``access_key`` / ``secret_key``: the S3 admin key pair (SeaweedFS's admin identity; the MLflow server's);
 - ``mlflow_password`` / ``flask_secret``: the MLflow ``admin`` user's password and the session secret of its
   auth app (used by ``stack up --auth``);
+- ``postgres_password``: the password of the stack's PostgreSQL superuser (``database: postgres``);
 - ``clients``: per client made by ``stack env --client NAME``, its MLflow password and its S3 key pair.
 
 The file is replaced atomically, so an interrupted write leaves the previous one.
@@ -53,7 +54,7 @@ def load_credentials(state_dir: Path, create: bool) -> dict:
     alphabet = string.ascii_uppercase + string.digits
     defaults = {"access_key": lambda: "PF" + "".join(secrets.choice(alphabet) for _ in range(18)),
                 "secret_key": lambda: secrets.token_urlsafe(30), "mlflow_password": new_password,
-                "flask_secret": lambda: secrets.token_hex(32)}
+                "flask_secret": lambda: secrets.token_hex(32), "postgres_password": new_password}
     data.setdefault("clients", {})
     missing = [k for k in defaults if k not in data]
     if missing and create:

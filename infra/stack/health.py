@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from . import postgres
 from .config import REGION, StackConfig, StackError, log_file
 from .service_processes import exit_code, service_alive
 from .services import find_weed
@@ -41,21 +42,29 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
 
 
 def health_url(config: StackConfig, name: str) -> str:
-    """The health endpoint of service ``name``."""
-    return {"s3": f"{config.urls()['s3']}/healthz", "mlflow": f"{config.urls()['mlflow']}/health",
-            "prefect": f"{config.urls()['prefect']}/health"}[name]
+    """The health endpoint of service ``name`` (PostgreSQL's: its connection URL)."""
+    return {"postgres": config.urls()["postgres"], "s3": f"{config.urls()['s3']}/healthz",
+            "mlflow": f"{config.urls()['mlflow']}/health", "prefect": f"{config.urls()['prefect']}/health"}[name]
+
+
+def healthy(config: StackConfig, name: str) -> bool:
+    """Service ``name`` answers its health check (PostgreSQL: accepts connections)."""
+    return postgres.ready(config) if name == "postgres" else http_ok(health_url(config, name))
 
 
 def preflight(config: StackConfig, to_start: list[str]) -> None:
     """Fail before starting anything: weed binary present, every port needed still free."""
     if "s3" in to_start:
         find_weed()
+    if "postgres" in to_start:
+        postgres.bin_dir()
     for name in to_start:
+        host = postgres.HOST if name == "postgres" else config.host
         for port in config.ports()[name]:
-            if not port_free(config.host, port):
-                flag = {"s3": "--s3-port / --weed-*-port", "mlflow": "--mlflow-port",
+            if not port_free(host, port):
+                flag = {"postgres": "--postgres-port", "s3": "--s3-port / --weed-*-port", "mlflow": "--mlflow-port",
                         "prefect": "--prefect-port"}[name]
-                raise StackError(f"port {port} on {config.host}, needed by {name}, is already in use by another "
+                raise StackError(f"port {port} on {host}, needed by {name}, is already in use by another "
                                  f"program: stop that program, or choose other ports (prefixflow stack up {flag}, "
                                  f"or StackConfig(...) in Python)")
 
@@ -103,7 +112,7 @@ def wait_healthy(config: StackConfig, name: str, pid: int, creds: dict[str, str]
             code_text = f" with code {code}" if code is not None else ""
             raise StackError(f"{name} exited{code_text} during startup. Last lines of {log_path}:\n"
                              f"{_tail(log_path)}\nFix the cause shown above, then run `prefixflow stack up` again.")
-        if http_ok(url):
+        if healthy(config, name):
             break
         if time.monotonic() > deadline:
             raise StackError(f"{name} was not healthy at {url} within {config.start_timeout:.0f} s. Last lines of "
@@ -113,3 +122,5 @@ def wait_healthy(config: StackConfig, name: str, pid: int, creds: dict[str, str]
         time.sleep(0.25)
     if name == "s3":
         _ensure_bucket(config, creds)
+    elif name == "postgres":
+        postgres.ensure_databases(config, creds["postgres_password"])

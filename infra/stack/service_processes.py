@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shlex
+import signal
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,14 +79,17 @@ def running_pid(state_dir: Path, name: str, reap: bool = False) -> int | None:
 
 
 def stop_service(pgid: int, name: str, grace: float) -> None:
-    """SIGTERM the process group of service ``name``, wait ``grace`` seconds, then SIGKILL it (warning first).
+    """SIGTERM (PostgreSQL: SIGINT) the process group of service ``name``, wait ``grace`` seconds, then SIGKILL it
+    (warning first).
     A group of another user is a StackError."""
 
     def warn() -> None:
         log.warning("%s (pid %d) did not stop within %.0f s; sending SIGKILL", name, pgid, grace)
 
+    # PostgreSQL: SIGINT is its fast shutdown (SIGTERM would wait for every client to disconnect)
+    first = signal.SIGINT if name == "postgres" else signal.SIGTERM
     try:
-        processes.stop_group(pgid, grace, proc=_CHILDREN.get(pgid), on_escalate=warn)
+        processes.stop_group(pgid, grace, proc=_CHILDREN.get(pgid), on_escalate=warn, first=first)
     except PermissionError as err:
         raise StackError(f"not allowed to stop {name} (pid {pgid}): {err}; stop it as its owner") from None
     child = _CHILDREN.pop(pgid, None)

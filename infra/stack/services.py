@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prefixflow import settings
 
+from . import postgres
 from .config import REGION, StackConfig, StackError
 from .credentials import ADMIN_USER
 
@@ -85,9 +86,11 @@ def _mlflow_auth_ini(config: StackConfig) -> Path:
     """Write the MLflow auth app's config (no secret in it: the admin password goes in the server's env)."""
     path = config.state_dir / "mlflow" / "basic_auth.ini"
     path.parent.mkdir(parents=True, exist_ok=True)
+    database = postgres.url(config, "mlflow_auth") if config.database == "postgres" else \
+        f"sqlite:///{config.state_dir / 'mlflow' / 'auth.db'}"
     path.write_text("[mlflow]\n"
                     "default_permission = NO_PERMISSIONS\n"
-                    f"database_uri = sqlite:///{config.state_dir / 'mlflow' / 'auth.db'}\n"
+                    f"database_uri = {database}\n"
                     f"admin_username = {ADMIN_USER}\n"
                     "authorization_function = prefixflow.infra.stack.mlflow_auth:authenticate\n")
     return path
@@ -117,10 +120,17 @@ def _mlflow_host_args(config: StackConfig) -> list[str]:
 
 def service_command(config: StackConfig, name: str,
                     creds: dict[str, str]) -> tuple[list[str], dict[str, str], Path]:
-    """Command line, environment and working folder of service ``name`` (s3, mlflow or prefect)."""
+    """Command line, environment and working folder of service ``name`` (postgres, s3, mlflow or prefect)."""
     state, host = config.state_dir, config.host
     env = _base_env(config, name)
-    if name == "s3":
+    on_postgres = config.database == "postgres"
+    if on_postgres and name in ("mlflow", "prefect"):
+        env["PGPASSWORD"] = creds["postgres_password"]  # read by libpq (MLflow) and asyncpg (Prefect)
+    if name == "postgres":
+        postgres.initialise(config, creds["postgres_password"])
+        workdir = postgres.data_dir(config).parent
+        cmd = postgres.server_command(config)
+    elif name == "s3":
         workdir = state / "s3"
         ip = config.client_host
         cmd = [str(find_weed()), "mini", f"-dir={workdir}", f"-ip={ip}", f"-ip.bind={host}",
@@ -133,7 +143,8 @@ def service_command(config: StackConfig, name: str,
     elif name == "mlflow":
         workdir = state / "mlflow"
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(config.mlflow_port),
-               "--workers", "1", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+               "--workers", "1", "--backend-store-uri",
+               postgres.url(config, "mlflow") if on_postgres else f"sqlite:///{workdir / 'mlflow.db'}",
                "--artifacts-destination", f"s3://{config.bucket}/mlflow", *_mlflow_host_args(config)]
         env |= {"MLFLOW_S3_ENDPOINT_URL": config.urls()["s3"], "AWS_ACCESS_KEY_ID": creds["access_key"],
                 "AWS_SECRET_ACCESS_KEY": creds["secret_key"], "AWS_DEFAULT_REGION": REGION,
@@ -150,7 +161,8 @@ def service_command(config: StackConfig, name: str,
         ui_url = config.ui_urls()["prefect"]
         env |= {"PREFECT_HOME": str(workdir), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",  # to its log file (embedded runs quiet it)
-                "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{workdir / 'prefect.db'}",
+                "PREFECT_API_DATABASE_CONNECTION_URL": postgres.url(config, "prefect", "postgresql+asyncpg")
+                if on_postgres else f"sqlite+aiosqlite:///{workdir / 'prefect.db'}",
                 # the UI in the browser calls this API URL (Prefect's default is port 4200), and the server's
                 # own links point at this UI
                 "PREFECT_SERVER_UI_API_URL": f"{ui_url}/api", "PREFECT_UI_URL": ui_url}

@@ -1,7 +1,8 @@
 """The ``prefixflow`` command line: the typer app, its setup, and every command registered in the order
 ``--help`` lists them. The commands live in their modules: :mod:`~prefixflow.cli.pipeline` (demo, run, sweep,
 fleet, deploy), :mod:`~prefixflow.cli.doctor`, :mod:`~prefixflow.cli.registry` (pull, promote, rollback),
-:mod:`~prefixflow.cli.generate`, :mod:`~prefixflow.cli.serving` (serve, keys), and ``stack`` in
+:mod:`~prefixflow.cli.generate`, :mod:`~prefixflow.cli.serving` (serve, keys), :mod:`~prefixflow.cli.usage`, and
+``stack`` in
 :mod:`prefixflow.infra.stack`; how they end (exit codes) is :mod:`~prefixflow.cli.guard`, what they print
 :mod:`~prefixflow.cli.render`.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import typer
 
 from prefixflow import processes, settings
-from prefixflow.cli import doctor, generate, pipeline, registry, serving
+from prefixflow.cli import doctor, generate, pipeline, registry, serving, usage
 from prefixflow.flows.embedded import stop_on_termination, stopping
 from prefixflow.infra import stack
 
@@ -39,7 +40,7 @@ class _App(typer.Typer):
 
 app = _App(help="prefixflow: train, evaluate, register and serve prefixes on frozen LLMs.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-app.add_typer(stack.app, name="stack", help="the local server stack: Prefect, MLflow and S3 (SeaweedFS)")
+app.add_typer(stack.app, name="stack", help="the local server stack: Prefect, MLflow, S3 (SeaweedFS) and PostgreSQL")
 
 
 @app.callback()
@@ -53,7 +54,8 @@ def _setup() -> None:
 
 
 COMMANDS = (pipeline.demo, doctor.doctor, pipeline.run, pipeline.sweep, pipeline.fleet, pipeline.deploy,
-            registry.pull, generate.generate, serving.serve, registry.promote, registry.rollback)  # --help's order
+            registry.pull, generate.generate, serving.serve, registry.promote, registry.rollback,
+            usage.usage)  # --help's order
 for _command in COMMANDS:
     app.command()(_command)
 app.add_typer(serving.keys_app, name="keys")

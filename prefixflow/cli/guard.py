@@ -26,6 +26,7 @@ from rich.markup import escape
 from prefix_core.errors import PrefixError
 from prefixflow.cli.render import stderr
 from prefixflow.services import boundary, errors, health
+from prefixflow.services.fleet_file import is_fleet_file, load_fleet_file
 from prefixflow.services.spec import PipelineSpec, SpecError, check_fleet
 from prefixflow.services.spec import load_spec as parse_spec_file
 
@@ -114,17 +115,25 @@ def load_spec(path: Path, here: bool = False) -> PipelineSpec:
     folder and local data files it names must exist (checked without loading them)."""
     try:
         parsed = parse_spec_file(path)
-        if here:
-            from prefixflow.services.preparation import preflight
-
-            preflight(parsed)
-        return parsed
-    except (SpecError, PrefixError) as err:  # a SpecError names the file itself; the preflight's errors do not
-        fail(str(err) if isinstance(err, SpecError) else f"{path}: {err}")
+    except SpecError as err:  # names the file itself
+        fail(str(err))
+    if here:
+        _preflight(parsed, str(path))
+    return parsed
 
 
 def folder_specs(folder: Path, here: bool = False) -> list[PipelineSpec]:
-    """Every spec of a folder (:func:`load_spec`), each (client, task) at most once, or exit 2 saying why."""
+    """Every spec of a folder (:func:`load_spec`) or of a fleet file (services.fleet_file), each (client, task) at
+    most once, or exit 2 saying why."""
+    if is_fleet_file(folder):
+        try:
+            specs = load_fleet_file(folder)
+            if here:
+                for i, spec in enumerate(specs):
+                    _preflight(spec, f"{folder}: clients[{i}] ({spec.client}/{spec.task})")
+        except SpecError as err:
+            fail(str(err))
+        return specs
     specs = [load_spec(p, here) for p in _spec_files(folder)]
     try:
         check_fleet(specs)
@@ -133,9 +142,18 @@ def folder_specs(folder: Path, here: bool = False) -> list[PipelineSpec]:
     return specs
 
 
+def _preflight(spec: PipelineSpec, where: str) -> None:
+    from prefixflow.services.preparation import preflight
+
+    try:
+        preflight(spec)
+    except PrefixError as err:
+        fail(f"{where}: {err}")
+
+
 def _spec_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
-        fail(f"{folder} is not a folder of specs")
+        fail(f"{folder} is not a folder of specs nor a fleet file")
     files = sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")])
     if not files:
         fail(f"no *.yaml specs in {folder}")

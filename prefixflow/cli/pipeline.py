@@ -114,15 +114,17 @@ def sweep(
 
 
 def fleet(
-    folder: Path = typer.Argument(..., help="folder of pipeline specs (*.yaml, *.yml)"),
+    folder: Path = typer.Argument(..., help="folder of pipeline specs (*.yaml, *.yml), or a fleet file (`defaults:` "
+                                            "and `clients:`, docs/fleet.md)"),
     max_concurrent: int = typer.Option(1, min=1, help="training jobs allowed to run at once (a pack is one)"),
     pack: int = typer.Option(PACK_SIZE, min=1, help="at most this many trainings of one base model in one job"),
     no_pack: bool = typer.Option(False, "--no-pack", help="every training in a job of its own"),
     run_key: str | None = typer.Option(None, help="finish this fleet run (finished work is not done again)"),
     output: str = typer.Option("table", "--format", help="table | json (one JSON object on stdout)"),
 ) -> None:
-    """Run the pipeline for every spec in a folder, at most N training jobs at a time; trainings of one base
-    model that are due together train in one job (a pack), each with its own prefix, data and checkpoints."""
+    """Run the pipeline for every spec in a folder or fleet file, at most N training jobs at a time; trainings of
+    one base model that are due together train in one job (a pack), each with its own prefix, data and
+    checkpoints."""
     if output not in ("table", "json"):
         fail(f"--format must be table or json, got {output!r}")
     specs = folder_specs(folder, here=True)
@@ -143,7 +145,8 @@ def fleet(
 
 
 def deploy(
-    folder: Path = typer.Argument(..., help="folder of pipeline specs (*.yaml); each becomes a deployment"),
+    folder: Path = typer.Argument(..., help="folder of pipeline specs (*.yaml), or a fleet file; each spec becomes a "
+                                            "deployment"),
 ) -> None:
     """Serve one deployment per spec, on its cron schedule, with the spec editable in the Prefect UI."""
     specs = folder_specs(folder)

@@ -12,6 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from prefixflow import settings
 from prefixflow.cli.guard import fail
 from prefixflow.cli.render import console, stderr
 from prefixflow.services import tracking
@@ -38,6 +39,10 @@ def serve(
     max_prefill_rows: int | None = typer.Option(None, min=1, help="new rows prefilled together per step "
                                                                   "(default: all free rows)"),
     threads: int | None = typer.Option(None, min=1, help="torch CPU threads (default: torch's choice)"),
+    usage_dir: Path | None = typer.Option(None, help="folder of the usage log, requests and tokens per client and "
+                                                     "hour (default: $PREFIXFLOW_USAGE_DIR, else the state "
+                                                     "folder's usage/; `prefixflow usage` reads it)"),
+    usage_flush: float = typer.Option(30.0, min=1, help="seconds between appends to the usage log"),
 ) -> None:
     """Serve registered prefixes over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models), one
     base model for every client, with /health and /metrics."""
@@ -53,7 +58,8 @@ def serve(
 
     config = ServeConfig(base=base, keys_file=keys, max_batch=max_batch, max_queued=max_queued,
                          max_tokens=max_tokens, rate_limit=rate_limit, bank_mb=bank_mb, refresh_s=refresh,
-                         precision=precision, device=device, max_prefill_rows=max_prefill_rows, threads=threads)
+                         precision=precision, device=device, max_prefill_rows=max_prefill_rows, threads=threads,
+                         usage_dir=usage_dir or settings.usage_dir(), usage_flush_s=usage_flush)
     try:
         config.torch_device  # noqa: B018 -- refuses a device this machine does not have, before anything starts
     except ValueError as err:

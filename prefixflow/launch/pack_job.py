@@ -10,10 +10,12 @@ member's artifact is written to its own output folder as soon as it ends, while 
 
 Output: the ``PREFIXFLOW_EVENT`` protocol of a training alone, every event with a ``"member"`` field, plus a
 ``failed`` event for a member that fails (``user_error``: its settings, data or a diverged loss; retrying will
-not help); the others go on. The job exits 0 when it ran to its end, failed members included (their events
-say so). A crash exits non-zero: every member without an ``artifact`` or ``failed`` event is unfinished and
-resumes from its own newest checkpoint in the next pack. A problem with the pack itself (no members, members of
-different base models or strategies) is a user error of the whole job (``PREFIXFLOW_ERROR``, exit 3).
+not help); the others go on. Each member trained gets a ``usage`` event (launch.usage) with its share of the
+pack's time, before its ``artifact`` or ``failed`` event. The job exits 0 when it ran to its end, failed members
+included (their events say so). A crash exits non-zero: every member without an ``artifact`` or ``failed`` event
+is unfinished and resumes from its own newest checkpoint in the next pack. A problem with the pack itself (no
+members, members of different base models or strategies) is a user error of the whole job (``PREFIXFLOW_ERROR``,
+exit 3).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prefix_core.files import atomic_write
+from prefix_core.train_pace import clock
 from prefixflow.launch.protocol import USER_ERROR_EXIT
 from prefixflow.launch.train_job import (
     TrainJob,
@@ -38,6 +41,7 @@ from prefixflow.launch.train_job import (
     step_hook,
     write_artifact,
 )
+from prefixflow.launch.usage import peak_host_mb, usage_event
 
 # Deferred imports: prefix_core's torch modules are deferred to run_pack: a bad pack file is reported before
 # torch loads.
@@ -82,9 +86,10 @@ def _failed(name: str, err: BaseException, user_error: bool) -> None:
 def run_pack(pack: PackJob) -> dict[str, Path]:
     """Train every member; returns member -> artifact path for the members that finished."""
     from prefix_core import PrefixError, PrefixModel, load_base_model
-    from prefix_core.packed import PackedTraining
+    from prefix_core.packed import Charge, PackedTraining
     from prefix_core.train import Trainer, make_accelerator
 
+    started_at = clock()
     if not pack.members:
         raise UserError("the pack has no members")
     jobs, inputs = {}, {}
@@ -122,17 +127,25 @@ def run_pack(pack: PackJob) -> dict[str, Path]:
         if hook is not None:
             trainers[name].step_hooks.append(hook)
     paths: dict[str, Path] = {}
+    if not trainers:
+        return paths
+    rows = {} if pack.rows_per_forward is None else {"rows_per_forward": pack.rows_per_forward}
+    packed = PackedTraining(trainers, started_at=started_at, **rows)
+
+    def usage(name: str, charge: Charge) -> None:
+        _member_emitter(name)(usage_event(acc.device, 1, charge.wall_s, charge.cpu_s, charge.tokens,
+                                          clock()[0] - started_at[0], peak_host_mb(), len(trainers)))
 
     def finished(name: str, result) -> None:
         paths[name] = write_artifact(jobs[name], trainers[name].model, result, inputs[name][1], 1)
+        usage(name, packed.usage(name))  # its artifact's writing charged to it
         _member_emitter(name)({"event": "artifact", "path": str(paths[name])})
 
     def failed(name: str, err: Exception) -> None:
+        usage(name, packed.ledger.charges[name])  # what it cost until it failed
         _failed(name, err, user_error=isinstance(err, (UserError, PrefixError)))
 
-    if trainers:
-        rows = {} if pack.rows_per_forward is None else {"rows_per_forward": pack.rows_per_forward}
-        PackedTraining(trainers, **rows).run(on_finish=finished, on_fail=failed)
+    packed.run(on_finish=finished, on_fail=failed)
     return paths
 
 

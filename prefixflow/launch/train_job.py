@@ -4,7 +4,8 @@
 
 ``JOB.json`` is a :class:`TrainJob`. Every rank loads the base model and the prepared data and runs
 the same :class:`prefix_core.train.Trainer`; the main process prints one ``PREFIXFLOW_EVENT {json}``
-line per trainer event (plus ``loaded`` after the model is loaded and ``artifact`` at the end) and
+line per trainer event (plus ``loaded`` after the model is loaded, and ``usage`` (launch.usage) and ``artifact``
+at the end) and
 writes the folded prefix artifact to ``output_dir`` (atomically). A user error prints one line
 ``PREFIXFLOW_ERROR <message>`` and exits with code 3 (retrying will not help); anything else
 propagates (traceback, exit code 1). ``prefixflow/launch/command.py`` builds the command and reads the output.
@@ -26,8 +27,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from prefix_core.files import atomic_write
+from prefix_core.train_pace import clock
 from prefixflow import settings
 from prefixflow.launch.protocol import ERROR_PREFIX, EVENT_PREFIX, PRUNED_EXIT, USER_ERROR_EXIT
+from prefixflow.launch.usage import job_usage
 from prefixflow.services.spec import STRATEGIES
 
 # Deferred imports: prefix_core, torch and transformers are deferred to the job's steps: the job reports a bad job
@@ -252,6 +255,7 @@ def run_job(job: TrainJob) -> Path | None:
     from prefix_core import PrefixModel, load_base_model
     from prefix_core.train import Trainer, make_accelerator
 
+    started_at = clock()
     # Validation first: a user error here is raised on every rank before any collective.
     prefix_cfg, train_cfg, train, validation = job_inputs(job)
     if job.strategy.startswith("deepspeed"):
@@ -276,10 +280,19 @@ def run_job(job: TrainJob) -> Path | None:
     hook = step_hook()
     if hook is not None:
         trainer.step_hooks.append(hook)
-    result = trainer.run()  # ends with the prefix consolidated on every rank
+    from prefixflow.launch.pruning import Pruned
+
+    try:
+        result = trainer.run()  # ends with the prefix consolidated on every rank
+    except Pruned:  # every rank is pruned at the same step: the trial's cost is reported too
+        emit(job_usage(acc, started_at, trainer.pace.tokens))
+        raise
     path = None
     if main:
         path = write_artifact(job, model, result, train_cfg, acc.num_processes)
+    usage = job_usage(acc, started_at, result.train_tokens)  # every rank: a collective
+    if main:
+        emit(usage)
         emit({"event": "artifact", "path": str(path)})
     _shutdown(acc)
     return path

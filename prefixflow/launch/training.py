@@ -34,6 +34,7 @@ from prefixflow.services.preparation import PreparedData
 from prefixflow.services.spec import PipelineSpec
 from prefixflow.services.storage import run_dir
 from prefixflow.services.trained import TrainOutcome
+from prefixflow.services.usage import usage_metrics, usage_tags
 
 log = logging.getLogger(__name__)
 _WATCHERS: ContextVar[tuple[Callable[[PipelineSpec, dict], None], ...]] = ContextVar("prefixflow_training_watchers",
@@ -89,6 +90,7 @@ class Progress:
         self.spec, self.run_id, self.logger = spec, mlflow_run_id, logger
         self.end: dict = {}
         self.pruned: dict | None = None  # the job's "pruned" event (a sweep trial stopped by its pruner)
+        self.usage: dict | None = None  # the job's "usage" event (launch.usage): what this training cost
         self.listeners = listeners  # called with every event (a progress artifact, the checkpoint mirror)
 
     def __call__(self, event: dict) -> None:
@@ -119,6 +121,19 @@ class Progress:
             self.pruned = event
             self.logger.info("trial pruned at step %d: validation loss %.4f is not promising", event["step"],
                              event["eval_loss"])
+        elif kind == "usage":
+            self.usage = {k: v for k, v in event.items() if k not in ("event", "member")}
+            self.logger.info("cost: %.1f s wall%s, %.1f CPU-s, %.1f GPU-s, %d tokens, peak %.0f MiB on %s",
+                             event["wall_s"], f" (share of a pack of {event['pack_members']})"
+                             if event.get("pack_members", 1) > 1 else "", event["cpu_s"], event["gpu_s"],
+                             event["tokens"], event.get("peak_device_mb") or event["peak_host_mb"],
+                             event.get("device_name", event.get("device")))
+            self._metrics(usage_metrics(self.usage), 0)
+            if self.run_id:
+                try:
+                    tracking.set_tags(self.run_id, usage_tags(self.usage))
+                except Exception as err:  # best effort, like the metrics
+                    self.logger.warning("could not tag the MLflow run with its device: %s", _gist(err))
         elif kind == "end":
             self.end = event
             if event.get("stopped_early"):
@@ -239,7 +254,8 @@ def train(spec: PipelineSpec, data: PreparedData, run_key: str, mlflow_run_id: s
         evals = [h["eval_loss"] for h in history if "eval_loss" in h] + [progress.pruned["eval_loss"]]
         return TrainOutcome(artifact_uri="", run_dir=str(folder), steps=progress.pruned["step"], resumed_from=None,
                             best_eval_loss=min(evals), final_train_loss=None, history_uri=str(folder / "history.json"),
-                            seconds=time.time() - started, launched_at=launched, finished_at=landed, pruned=True)
+                            seconds=time.time() - started, launched_at=launched, finished_at=landed, pruned=True,
+                            usage=progress.usage)
     precision = _precision(out)
     if mlflow_run_id and precision:
         tracking.log_params(mlflow_run_id, {"train.precision_used": precision["mode"],
@@ -251,7 +267,7 @@ def train(spec: PipelineSpec, data: PreparedData, run_key: str, mlflow_run_id: s
         artifact_uri=str(out), run_dir=str(folder), steps=end.get("steps", steps[-1]["step"] if steps else 0),
         resumed_from=end.get("resumed_from"), best_eval_loss=min(evals) if evals else None,
         final_train_loss=steps[-1]["loss"] if steps else None, history_uri=str(folder / "history.json"),
-        precision=precision,
+        precision=precision, usage=progress.usage,
         seconds=time.time() - started, launched_at=launched, finished_at=landed)
 
 

@@ -1,6 +1,7 @@
 """evaluate_prefix: generate on the test split with the candidate prefix, the bare base model (the
 baseline: same template, no prefix) and the current champion if there is one, all in one mixed-prefix
-batch per step; score them; decide the gate; log metrics, a sample table and the loss curve to MLflow.
+batch per step (with the rows of the other evaluations running in this process: eval_batching); score them;
+decide the gate; log metrics, a sample table and the loss curve to MLflow.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from prefixflow.services import registry, tracking
+from prefixflow.services.eval_batching import POOL
 from prefixflow.services.metrics import score_all
 from prefixflow.services.preparation import PreparedData, read_split
 from prefixflow.services.spec import GateSpec, PipelineSpec
@@ -116,27 +118,29 @@ def generate_all(base, tokenizer, prefixes: dict, template: str, sources: list[s
                  max_new_tokens: int, single_line: bool, decoding: dict | None = None) -> dict[str, list[str]]:
     """Generations of each system for every source: ``{system: [text, ...]}``, greedy or with the beam search
     of ``decoding`` (HF generate kwargs: ``num_beams``, ``length_penalty``, ``no_repeat_ngram_size``), the same
-    decoding for every system. Systems are mixed in one batch (the baseline is the ``None`` prefix); each row
+    decoding for every system. Systems are mixed in one batch (the baseline is the ``None`` prefix), and with the
+    requests of other evaluations running in this process at the same time (``eval_batching.POOL``); each row
     computes what it would alone. ``single_line``: answers end at the first newline (decoding stops there)."""
-    from prefix_core import MultiPrefixGenerator
-
-    gen = MultiPrefixGenerator(base, tokenizer, prefixes)
     systems = ["candidate", "baseline", *(["champion"] if "champion" in prefixes else [])]
     requests = [(name, s) for s in sources for name in systems]
-    prompts = [(None if n == "baseline" else n,
-                template.format(source=s) if n == "baseline" else gen.render(n, s)) for n, s in requests]
+    prompts = [(None if n == "baseline" else n, _render(prefixes[n] if n != "baseline" else None, template, s))
+               for n, s in requests]
     decoding = dict(decoding or {})
     if single_line:
         decoding.setdefault("eos_token_id", newline_stop_ids(tokenizer))
-    texts: list[str] = []
-    per_batch = max(1, batch_size // len(systems)) * len(systems)
-    for i in range(0, len(prompts), per_batch):
-        texts += gen.generate(prompts[i : i + per_batch], max_new_tokens=max_new_tokens, do_sample=False,
-                              **decoding)
+    texts = POOL.generate(base, tokenizer, prefixes, prompts, batch_size, max_new_tokens, decoding)
     out = {n: [] for n in systems}
     for (name, _), text in zip(requests, texts, strict=True):
         out[name].append(_clean(text, single_line))
     return out
+
+
+def _render(artifact, template: str, source: str) -> str:
+    """A prompt as its system sees it: the baseline (``artifact`` None) through the spec's template, a prefix
+    through its own (the one it was trained with; none: the bare source), as ``MultiPrefixGenerator.render``."""
+    if artifact is None:
+        return template.format(source=source)
+    return artifact.prompt_template.format(source=source) if artifact.prompt_template else source
 
 
 def loss_curve(history: list[dict]):
@@ -158,6 +162,13 @@ def loss_curve(history: list[dict]):
 
 
 def evaluate(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, mlflow_run_id: str | None) -> EvalReport:
+    """Evaluate the run's candidate against the baseline and the champion (see the module docstring); its
+    generations are decoded together with those of the evaluations running beside it (``eval_batching``)."""
+    with POOL.evaluating():
+        return _evaluate(spec, data, trained, mlflow_run_id)
+
+
+def _evaluate(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, mlflow_run_id: str | None) -> EvalReport:
     from transformers.utils import logging as hf_logging
 
     from prefix_core import BaseModelMismatchError, PrefixArtifact

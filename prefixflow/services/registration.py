@@ -23,6 +23,7 @@ from prefixflow.services.mlflow_flavor import write_mlmodel
 from prefixflow.services.preparation import PreparedData
 from prefixflow.services.spec import PipelineSpec
 from prefixflow.services.trained import TrainOutcome
+from prefixflow.services.usage import usage_tags
 
 
 class Registration(BaseModel):
@@ -49,6 +50,8 @@ def version_tags(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, 
     }
     for system, ms in report.metrics.items():
         tags.update({f"{system}.{m}": f"{v:.4f}" for m, v in ms.items()})
+    if trained.usage:
+        tags.update(usage_tags(trained.usage, with_figures=True))
     return tags
 
 

@@ -353,12 +353,17 @@ def load_spec(path: str | Path) -> PipelineSpec:
         raise SpecError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path} must hold a mapping with at least client, task and data")
-    section = data.get("data")
+    return parse_spec(resolve_data_paths(data, path.parent), str(path))
+
+
+def resolve_data_paths(spec: dict, folder: Path) -> dict:
+    """``spec`` (a raw mapping) with its relative local data paths made absolute against ``folder``."""
+    section = spec.get("data")
     for key in ("source", "test_source") if isinstance(section, dict) else ():
         value = section.get(key)
         if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
-            section[key] = str((path.parent / value).resolve())
-    return parse_spec(data, str(path))
+            section[key] = str((folder / value).resolve())
+    return spec
 
 
 def check_fleet(specs: list[PipelineSpec]) -> None:
@@ -366,5 +371,5 @@ def check_fleet(specs: list[PipelineSpec]) -> None:
     names = [f"{s.client}/{s.task}" for s in specs]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise SpecError(f"each (client, task) may have one spec in a folder, but {', '.join(twice)} has more "
+        raise SpecError(f"each (client, task) may have one spec in a fleet, but {', '.join(twice)} has more "
                         "than one: give each spec its own client/task, or keep one of them")

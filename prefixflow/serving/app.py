@@ -146,6 +146,9 @@ def create_app(server: Server) -> FastAPI:
         server.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in rows))
         choices = [Choice(server.tokenizer, body.stops) for _ in rows]
         timing = _Timing(server, started, len(rows))
+        # what the client used, as its responses' usage says (prompt tokens once per prompt, every completion token
+        # returned, also of a request cut short by a disconnect): counted when the request ends
+        counted = _Counted(server, usage_client(caller, prefix), prompt_tokens, choices)
 
         if body.stream:
             async def events():
@@ -163,6 +166,8 @@ def create_app(server: Server) -> FastAPI:
                 except oa.APIError as err:
                     yield oa.sse(err.body())
                     return
+                finally:
+                    counted()
                 if body.include_usage:
                     yield oa.usage_chunk(rid, body.model, _usage(prompt_tokens, choices), chat)
                 yield oa.sse("[DONE]")
@@ -177,14 +182,17 @@ def create_app(server: Server) -> FastAPI:
                     choices[i].add(out.token_id, out.finished, out.finish_reason)
 
         task = asyncio.create_task(collect())
-        while not task.done():
-            await asyncio.wait({task}, timeout=0.25)
-            if not task.done() and await request.is_disconnected():
-                task.cancel()  # server.tokens cancels the unfinished rows: their batch rows are freed
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                return Response(status_code=CLIENT_GONE)
-        task.result()
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.25)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()  # server.tokens cancels the unfinished rows: their batch rows are freed
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    return Response(status_code=CLIENT_GONE)
+            task.result()
+        finally:
+            counted()
         return oa.completion(rid, body.model, [(c.text, c.finish) for c in choices], _usage(prompt_tokens, choices),
                              chat)
 
@@ -235,6 +243,27 @@ class _Timing:
             self.metrics.latency.observe(now - self.started)
             if self.count[i] > 1:
                 self.metrics.tpot.observe((now - self.first[i]) / (self.count[i] - 1))
+
+
+class _Counted:
+    """Counts one admitted request for its client (``Server.count_usage``) once, when called at its end."""
+
+    def __init__(self, server: Server, client: str, prompt_tokens: int, choices: list[Choice]) -> None:
+        self.server, self.client, self.prompt_tokens, self.choices = server, client, prompt_tokens, choices
+        self.done = False
+
+    def __call__(self) -> None:
+        if not self.done:
+            self.done = True
+            self.server.count_usage(self.client, 1, self.prompt_tokens, sum(len(c.ids) for c in self.choices))
+
+
+def usage_client(caller: Caller, prefix: Prefix | None) -> str:
+    """Whose use a request is: the client that owns the prefix it names, else the caller's client, else ``-``
+    (the bare base called with an admin key or on an open server)."""
+    if prefix is not None and prefix.client:
+        return prefix.client
+    return "-" if caller.is_admin else caller.client
 
 
 def _usage(prompt_tokens: int, choices: list[Choice]) -> dict:

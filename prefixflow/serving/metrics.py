@@ -41,6 +41,19 @@ class ServerMetrics:
                             ["event"], registry=r)
         self.rejected = Counter("prefixflow_requests_rejected", "Requests refused before admission, by reason",
                                 ["reason"], registry=r)
+        # per client (one series per client: the owner of the prefix used, else the caller's client, else "-")
+        self.client_requests = Counter("prefixflow_client_requests", "Requests admitted, by client", ["client"],
+                                       registry=r)
+        self.client_prompt_tokens = Counter("prefixflow_client_prompt_tokens", "Prompt tokens prefilled, by client",
+                                            ["client"], registry=r)
+        self.client_completion_tokens = Counter("prefixflow_client_completion_tokens", "Tokens generated, by client",
+                                                ["client"], registry=r)
+
+    def client_usage(self, client: str, requests: int, prompt_tokens: int, completion_tokens: int) -> None:
+        for counter, amount in ((self.client_requests, requests), (self.client_prompt_tokens, prompt_tokens),
+                                (self.client_completion_tokens, completion_tokens)):
+            if amount:
+                counter.labels(client).inc(amount)
 
     def bank_event(self, kind: str, amount: int) -> None:
         self.bank.labels(kind).inc(amount)

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prefixflow.services.usage_log import UsageLog
 from prefixflow.serving.bank import BASE, ModelAccessError, Prefix, PrefixBank, PrefixUnusable, UnknownModel
 from prefixflow.serving.engine_loop import EngineLoop, Overloaded, Row
 from prefixflow.serving.keys import Caller, KeyStore
@@ -51,6 +52,8 @@ class ServeConfig:
     device: str = "auto"
     max_prefill_rows: int | None = None
     threads: int | None = None
+    usage_dir: Path | None = None
+    usage_flush_s: float = 30.0
 
     @property
     def torch_device(self) -> str:
@@ -154,6 +157,7 @@ class Server:
         self.engine_factory = engine_factory or decode_engine
         self.keys = keys if keys is not None else KeyStore.load(config.keys_file)
         self.metrics = ServerMetrics()
+        self.usage_log = UsageLog(config.usage_dir, config.usage_flush_s) if config.usage_dir is not None else None
         self.limiter = _RateLimiter(config.rate_limit)
         self.ready = threading.Event()
         self.load_error: str | None = None
@@ -163,6 +167,8 @@ class Server:
 
     # --- lifecycle --------------------------------------------------------------------------------------------
     def start(self) -> None:
+        if self.usage_log is not None:
+            self.usage_log.start()
         threading.Thread(target=self._load, name="load-base", daemon=True).start()
 
     def _load(self) -> None:
@@ -204,6 +210,14 @@ class Server:
             self.bank.stop()
         if self.loop is not None:
             self.loop.stop()
+        if self.usage_log is not None:
+            self.usage_log.stop()  # its last counts
+
+    def count_usage(self, client: str, requests: int = 0, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        """What ``client`` used: into ``/metrics`` (label ``client``) and the usage log."""
+        self.metrics.client_usage(client, requests, prompt_tokens, completion_tokens)
+        if self.usage_log is not None:
+            self.usage_log.add(client, requests, prompt_tokens, completion_tokens)
 
     def _bank_event(self, kind: str, amount: int) -> None:
         self.metrics.bank_event(kind, amount)

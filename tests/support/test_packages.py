@@ -2,8 +2,9 @@
 
     python tests/support/test_packages.py install [GROUP ...]    # default: every group
 
-Groups: ``slurm`` (a local Slurm cluster for the tests of ``train.launcher: slurm``) and ``browser``
-(Debian's chromium, driven by Playwright in the UI smoke tests). ``make demo`` installs none of them.
+Groups: ``slurm`` (a local Slurm cluster for the tests of ``train.launcher: slurm``), ``browser``
+(Debian's chromium, driven by Playwright in the UI smoke tests) and ``postgres`` (the database of the server stack,
+``prefixflow stack up``). ``make demo`` installs none of them.
 A group whose binaries are already present is skipped; ``apt-get update`` runs only when an install
 fails on a stale package list.
 """
@@ -20,6 +21,7 @@ GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
     "slurm": {"packages": ("slurmctld", "slurmd", "slurm-client", "munge"),
               "binaries": ("munged", "slurmctld", "slurmd", "srun", "scontrol", "squeue", "scancel", "sinfo")},
     "browser": {"packages": ("chromium",), "binaries": ("chromium",)},
+    "postgres": {"packages": ("postgresql",), "binaries": ("initdb", "postgres")},
 }
 
 
@@ -28,9 +30,11 @@ class PackagesMissing(RuntimeError):
 
 
 def binary(name: str) -> str | None:
-    """Path of a system binary (PATH, then /usr/sbin where Debian puts daemons), or None."""
-    found = shutil.which(name) or str(Path("/usr/sbin", name))
-    return found if os.access(found, os.X_OK) else None
+    """Path of a system binary (PATH, then /usr/sbin where Debian puts daemons, then PostgreSQL's versioned
+    /usr/lib/postgresql/*/bin), or None."""
+    candidates = [shutil.which(name), str(Path("/usr/sbin", name)),
+                  *map(str, sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}")))]
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
 def missing(group: str) -> list[str]:
