@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -37,13 +39,16 @@ def stack_config_with_free_ports(state_dir: Path, **overrides) -> StackConfig:
 
 
 def reachable_by_postgres(folder: Path) -> None:
-    """As root, let other users (PostgreSQL runs as ``postgres``) search the test folders above ``folder``
-    (pytest makes its base folder 0700); nothing outside the temp folder is touched."""
-    if os.geteuid() != 0:
+    """As root, PostgreSQL runs as the ``postgres`` user, which cannot search pytest's base folder (pytest keeps
+    ``pytest-of-root`` at mode 0700 and resets it at every session start). ``folder`` then becomes a symlink to a
+    folder of its own directly in the temp folder (removed when the process exits); the stack resolves the link,
+    so PostgreSQL's data lives where that user can reach it."""
+    if os.geteuid() != 0 or folder.is_symlink():
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    top = Path(tempfile.gettempdir()).resolve()
-    for path in [folder.resolve(), *folder.resolve().parents]:
-        if top not in path.parents:
-            break
-        path.chmod(path.stat().st_mode | 0o001)
+    real = Path(tempfile.mkdtemp(prefix="prefixflow-stack-"))
+    real.chmod(0o711)
+    atexit.register(shutil.rmtree, real, True)
+    if folder.exists():
+        folder.rmdir()  # an empty folder made for the stack (tmp_path_factory.mktemp)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.symlink_to(real, target_is_directory=True)
