@@ -144,7 +144,9 @@ def test_train_job_json_round_trip(tmp_path):
 def test_single_run_reports_events_and_writes_the_artifact(work):
     job, events, _ = reference(work, "single")
     kinds = [e["event"] for e in events]
-    assert kinds[0] == "loaded" and kinds[-2:] == ["end", "artifact"]
+    assert kinds[0] == "loaded" and kinds[-3:] == ["end", "usage", "artifact"]
+    usage = events[-2]  # what the job cost (launch.usage)
+    assert usage["processes"] == 1 and usage["tokens"] > 0 and usage["cpu_s"] > 0 and usage["gpu_s"] == 0
     assert [e["step"] for e in events if e["event"] == "checkpoint"] == [4, 8]
     assert [e["step"] for e in events if e["event"] == "eval"] == [4, 8]
     art = PrefixArtifact.load(events[-1]["path"])
@@ -162,7 +164,9 @@ def test_strategies_give_the_same_prefix(work, strategy):
     assert next(e for e in events if e["event"] == "loaded")["processes"] == 2
     diff = (folded - single).abs().max().item()
     assert diff <= 1e-5, f"{strategy} vs single: max abs diff {diff:.3g}"
-    end, single_end = events[-2], single_events[-2]
+    end, single_end = (next(e for e in evs if e["event"] == "end") for evs in (events, single_events))
+    usage = next(e for e in events if e["event"] == "usage")  # summed over both ranks
+    assert usage["processes"] == 2 and usage["cpu_s"] > 0 and usage["tokens"] == events[-3]["train_tokens"]
     assert abs(end["final_train_loss"] - single_end["final_train_loss"]) < 1e-5
     assert abs(end["best_eval_loss"] - single_end["best_eval_loss"]) < 1e-5
     if strategy.startswith("deepspeed"):
