@@ -4,8 +4,10 @@ trials."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -96,6 +98,13 @@ def _trials(study_db: Path, name: str) -> list:
     import optuna
 
     if not study_db.exists():
+        return []
+    try:  # opened read-only until the sweep has finished making the schema: opening the storage earlier would
+        # make it too, and the two would race on alembic_version (the sweep failed so once, under load)
+        with contextlib.closing(sqlite3.connect(f"file:{study_db}?mode=ro", uri=True)) as con:
+            if not con.execute("SELECT count(*) FROM alembic_version").fetchone()[0]:
+                return []
+    except sqlite3.Error:
         return []
     try:
         return optuna.load_study(study_name=name, storage=f"sqlite:///{study_db}").trials
