@@ -65,6 +65,26 @@ def stop_and_check(proc: subprocess.Popen, sig: int, log: Path, mark: str) -> st
     return key
 
 
+def stopped_when_held(args: list[str], env: dict[str, str], step: int, log: Path, mark: str) -> str:
+    """Start ``prefixflow ARGS`` with its training held after ``step`` (tests.support.faults.pause_fault), wait
+    until it is held, then SIGTERM it and check it as :func:`stop_and_check` does; returns the printed run key."""
+    from support.faults import pause_fault
+
+    paused = log.with_name(log.stem + ".paused")
+    proc = start_command(args, {**env, **pause_fault(0, step, paused)}, log)
+
+    def held() -> bool:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        return paused.exists()
+
+    try:
+        wait_until(held, 300, 0.5, message=lambda: log.read_text()[-3000:])
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return stop_and_check(proc, signal.SIGTERM, log, mark)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stopped_run_leaves_nothing_running_and_its_run_key_finishes_it(tmp_path, sig):
@@ -164,7 +184,6 @@ def test_a_stopped_fleet_with_a_pack_running_exits_promptly_and_its_run_key_resu
     member's step 10, past that member's step-10 and the other's step-5 checkpoints): the command, its pack and
     the ephemeral API are gone within STOPPED_WITHIN_S; `prefixflow fleet FILE --run-key K` then resumes each
     client from its own newest checkpoint and registers one version each."""
-    from support.faults import pause_fault
 
     model = save_tiny_model(tmp_path / "model")
     defaults = spec_dict(model, write_task(tmp_path / "ca.jsonl", n=120, seed=120))
@@ -174,20 +193,10 @@ def test_a_stopped_fleet_with_a_pack_running_exits_promptly_and_its_run_key_resu
     specs = tmp_path / "fleet.yaml"  # a fleet file: shared defaults, each client's own data (a relative path)
     specs.write_text(yaml.safe_dump({"defaults": defaults, "clients": [
         {"client": "ca", "data": {"source": "ca.jsonl"}}, {"client": "cb", "data": {"source": "cb.jsonl"}}]}))
-    mark, paused, log = uuid.uuid4().hex, tmp_path / "paused", tmp_path / "fleet.log"
+    mark = uuid.uuid4().hex
     env = command_env(tmp_path, mark)
-    proc = start_command(["fleet", str(specs)], {**env, **pause_fault(0, 10, paused)}, log)
-
-    def at_pause() -> bool:  # the pack's first member finished step 10 and its checkpoint; the pack waits
-        assert proc.poll() is None, log.read_text()[-3000:]
-        return paused.exists()
-
-    try:
-        wait_until(at_pause, 300, 0.5, message=lambda: log.read_text()[-3000:])
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    key = stop_and_check(proc, signal.SIGTERM, log, mark)
+    # held once the pack's first member finished step 10 and its checkpoint
+    key = stopped_when_held(["fleet", str(specs)], env, 10, tmp_path / "fleet.log", mark)
     [pack] = [json.loads(f.read_text()) for f in (tmp_path / "state" / "packs").glob("*/pack.json")]
     first, second = (member.split("/")[0] for member in pack["members"])  # the order each member steps in
 
@@ -218,7 +227,6 @@ def test_a_stopped_sweep_exits_promptly_and_its_run_key_finishes_it(tmp_path):
     """SIGTERM to `prefixflow sweep` while its first trial trains (held after step 5, past its step-5 checkpoint):
     the command, the trial's training and the ephemeral API are gone within STOPPED_WITHIN_S; `prefixflow sweep
     SPEC --run-key K` then finishes the sweep and registers one version."""
-    from support.faults import pause_fault
 
     model, data = save_tiny_model(tmp_path / "model"), write_task(tmp_path / "rev.jsonl", n=120)
     d = spec_dict(model, data)
@@ -227,20 +235,9 @@ def test_a_stopped_sweep_exits_promptly_and_its_run_key_finishes_it(tmp_path):
                   "space": {"train.learning_rate": [2e-2, 1e-2]}}
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(d))
-    mark, paused, log = uuid.uuid4().hex, tmp_path / "paused", tmp_path / "sweep.log"
+    mark = uuid.uuid4().hex
     env = command_env(tmp_path, mark)
-    proc = start_command(["sweep", str(spec)], {**env, **pause_fault(0, 5, paused)}, log)
-
-    def at_pause() -> bool:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        return paused.exists()
-
-    try:
-        wait_until(at_pause, 300, 0.5, message=lambda: log.read_text()[-3000:])
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    key = stop_and_check(proc, signal.SIGTERM, log, mark)
+    key = stopped_when_held(["sweep", str(spec)], env, 5, tmp_path / "sweep.log", mark)
 
     exe = str(Path(sys.executable).with_name("prefixflow"))
     again = subprocess.run([exe, "sweep", str(spec), "--run-key", key], env=env, capture_output=True, text=True,
