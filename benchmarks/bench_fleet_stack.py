@@ -87,10 +87,15 @@ def main() -> None:
         wall = time.time() - t0
         if run.returncode not in (0, 1):
             sys.exit(f"fleet failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
-        result = json.loads(run.stdout)
+        try:
+            result = json.loads(run.stdout)
+        except json.JSONDecodeError:
+            sys.exit(f"fleet printed no JSON ({run.returncode}):\n{run.stdout[:3000]}\n{run.stderr[-3000:]}")
         outcomes = [e["outcome"] for e in result["entries"]]
         usage = prefixflow(["usage", "--format", "json"], env, timeout=600)
         rows = json.loads(usage.stdout) if usage.returncode == 0 else []
+        packs = sorted((root / "state" / "packs").glob("*/pack.json"))
+        pack_sizes = [len(json.loads(p.read_text())["members"]) for p in packs]
         locked = {name: (config.state_dir / "logs" / f"{name}.log").read_text(errors="replace")
                   .count("database is locked") for name in config.services()}
     finally:
@@ -101,7 +106,7 @@ def main() -> None:
               "argv": f"fleet FLEET.yaml --max-concurrent {args.max_concurrent} --format json",
               "wall_s": round(wall, 1), "per_client_s": round(wall / args.clients, 2),
               "outcomes": {o: outcomes.count(o) for o in sorted(set(outcomes))}, "summary": result["summary"],
-              "database_is_locked": locked,
+              "database_is_locked": locked, "packs": len(pack_sizes), "pack_sizes": pack_sizes,
               "usage_versions": sum(r["versions"] for r in rows),
               "usage_train_cpu_hours": round(sum(r["train_hours"].get("cpu", 0.0) for r in rows), 4),
               "usage_tokens_trained": sum(r["tokens_trained"] for r in rows)}

@@ -15,7 +15,8 @@ from pydantic import BaseModel
 from prefixflow.flows.embedded import stopped_by
 from prefixflow.flows.pipeline import prefix_pipeline
 from prefixflow.launch.packing import PACK_SIZE, Packer, active_packer, pack_key, packing
-from prefixflow.services.errors import is_user_error
+from prefixflow.services import boundary
+from prefixflow.services.errors import is_user_error, outage
 from prefixflow.services.spec import PipelineSpec, check_fleet
 from prefixflow.tasks.train_prefix import TRAINING_LIMIT
 
@@ -48,11 +49,11 @@ def run_pipeline(spec: PipelineSpec, run_key: str | None = None) -> FleetEntry:
     (each client's run is CLIENT/TASK/RUN_KEY; none: a new run each)."""
     packer = active_packer()
     try:
-        with packer.expecting(pack_key(spec)) if packer is not None else nullcontext():
+        with packer.expecting(pack_key(spec)) if packer is not None else nullcontext(), boundary.prefect_calls():
             # a fleet retrains what changed (unless the spec says)
             r = prefix_pipeline(spec, run_key=run_key, retrain="on_change")
-    except Exception as exc:
-        error = str(exc) if is_user_error(exc) else f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # the input's fault, or a named service: one line says so
+        error = str(exc) if is_user_error(exc) else outage(exc) or f"{type(exc).__name__}: {exc}"
         return FleetEntry(client=spec.client, task=spec.task, ok=False, error=error.splitlines()[0])
     if r.outcome == "unchanged":
         return FleetEntry(client=spec.client, task=spec.task, ok=True, outcome="unchanged",

@@ -55,7 +55,7 @@ def prefix_pipeline(spec: PipelineSpec, run_key: str | None = None,
             publish_summary(spec, data, None, None, None, "", unchanged)
             return RunResult(client=spec.client, task=spec.task, run_key=key, outcome="unchanged", data=data,
                              unchanged=unchanged, timings={"total": time.time() - t0, "prepare": data.seconds})
-    ctx = RunContext(spec=spec, run_key=key, mlflow_run_id=open_tracking_run(spec, key, data.fingerprint))
+    ctx = RunContext(spec=spec, run_key=key, mlflow_run_id=open_tracking_run(spec, key, data))
     trained = train_prefix(ctx, data)
     report, registration, link = evaluate_and_register(
         ctx, data, trained, lambda report, reg, link: publish_summary(spec, data, trained, report, reg, link))

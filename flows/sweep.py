@@ -38,12 +38,12 @@ def prefix_sweep(spec: PipelineSpec, run_key: str | None = None) -> SweepResult:
     t0 = time.time()
     key = run_key or str(flow_run.id or uuid.uuid4())
     data = prepare_data(spec)
-    parent = open_tracking_run(spec, key, data.fingerprint)
+    parent = open_tracking_run(spec, key, data)
     study = sweeps.open_study(spec, key)
     recovered = sweeps.recover(study)
 
     def start(trial_spec: PipelineSpec, trial_key: str, pruning: dict):
-        child = open_tracking_run(trial_spec, trial_key, data.fingerprint, parent_run_id=parent)
+        child = open_tracking_run(trial_spec, trial_key, data, parent_run_id=parent)
         return train_prefix.submit(RunContext(spec=trial_spec, run_key=trial_key, mlflow_run_id=child), data,
                                    pruning=pruning)
 

@@ -192,6 +192,22 @@ class DecodeEngine:
         """
         if any(r.request_id == request_id for r in (*self._pending, *self._rows)):
             raise ValueError(f"request {request_id!r} is already queued or running")
+        prompt, keys, values, stop = self.validate(request_id, prompt_ids, prefix, max_new_tokens=max_new_tokens,
+                                                   temperature=temperature, top_p=top_p, stop=stop)
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(int(torch.randint(0, 2**62, ()).item()) if seed is None else seed)
+        self._pending.append(_Request(
+            request_id, prompt, keys, values, max_new_tokens, float(temperature), float(top_p),
+            frozenset(int(t) for t in stop_token_ids), tuple(s for s in stop if s), generator, bool(ignore_eos),
+        ))
+
+    def validate(self, request_id: Hashable, prompt_ids: Sequence[int] | torch.Tensor | str, prefix=None, *,
+                 max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 stop: Sequence[str] = ()) -> tuple[list[int], list | None, list | None, tuple[str, ...]]:
+        """The checks of :meth:`add` without queueing (a caller that queues requests itself checks them on
+        arrival): ``(prompt ids, prefix keys, prefix values, stop strings)``; ValueError saying what is wrong."""
         prompt = self._prompt_ids(prompt_ids)
         if not prompt:
             raise ValueError(f"request {request_id!r}: the prompt is empty; give at least one token")
@@ -220,14 +236,7 @@ class DecodeEngine:
                 f"request {request_id!r}: {total} positions exceed the model's sliding window "
                 f"({self.sliding_window}); DecodeEngine does not support sequences longer than the window."
             )
-        generator = None
-        if temperature > 0:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(int(torch.randint(0, 2**62, ()).item()) if seed is None else seed)
-        self._pending.append(_Request(
-            request_id, prompt, keys, values, max_new_tokens, float(temperature), float(top_p),
-            frozenset(int(t) for t in stop_token_ids), tuple(s for s in stop if s), generator, bool(ignore_eos),
-        ))
+        return prompt, keys, values, stop
 
     def cancel(self, request_id: Hashable) -> bool:
         """Drop a queued or running request (its cache row is freed now). Returns False for an unknown id."""

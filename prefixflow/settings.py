@@ -27,6 +27,10 @@ PROCESS_DEFAULTS = {
     # up on one call in about 7 s and the tasks' retries, with their backoff, ride out a restart.
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    # The Prefect server answers 500, not 503, while PostgreSQL refuses connections (a database restart): its
+    # client retries 429/502/503 only, so one refused call failed the whole fleet. 500 is retried too (5 times,
+    # with backoff); what is lost is a quick failure on a real server bug, which still ends in one message.
+    "PREFECT_CLIENT_RETRY_EXTRA_CODES": "500",
 }
 
 

@@ -113,3 +113,22 @@ def test_first_run_note_only_for_a_new_prefect_home(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     monkeypatch.delenv("PREFECT_HOME")
     assert use_embedded_prefect(tmp_path / "t") is None and "PREFECT_HOME" not in os.environ
+
+
+def test_a_json_result_keeps_library_prints_off_stdout(capsys):
+    """``--format json``: what a library prints while the run goes (MLflow's "View run ..." lines, with a tracking
+    server) goes to stderr, so stdout is exactly the JSON printed afterwards."""
+    from prefixflow.cli.pipeline import _keyed_run
+
+    def chatty_run(**_):
+        sys.stdout.write("🏃 View run r at: http://127.0.0.1:5000/#/experiments/1/runs/abc\n")
+        print("more chatter")
+        return "result"
+
+    assert _keyed_run("run key", "prefixflow fleet F --run-key k1", "it stops", "finishes it", chatty_run,
+                      on_stderr=True) == "result"
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "View run r" in err and "more chatter" in err and "k1" in err
+    assert _keyed_run("run key", "prefixflow fleet F --run-key k2", "it stops", "finishes it", chatty_run) == "result"
+    assert "View run r" in capsys.readouterr().out

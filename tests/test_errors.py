@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -18,6 +21,7 @@ from prefixflow.services.errors import (
     ArtifactStoreFailed,
     DataError,
     RegistryError,
+    ServiceFailed,
     ServiceUnreachable,
     Unavailable,
     is_user_error,
@@ -187,6 +191,62 @@ def test_a_prefect_server_not_answering_is_named_only_when_one_is_configured(mon
     with pytest.raises(ServiceUnreachable, match=f"the Prefect server at http://127.0.0.1:{port}/api"), \
             boundary.prefect_calls():
         httpx.get(f"http://127.0.0.1:{port}/api/health")
+
+
+def test_a_prefect_server_answering_5xx_is_a_failed_service_and_4xx_stays_as_it_was(monkeypatch):
+    """A 5xx that outlived the client's retries (the server's database down) names the server, the call and what
+    to check; a 4xx is the caller's and is not mapped."""
+    import httpx
+
+    def answered(code: int):
+        request = httpx.Request("POST", "http://127.0.0.1:4200/api/flow_runs/abc/set_state")
+        response = httpx.Response(code, request=request)
+        return httpx.HTTPStatusError(f"{code}", request=request, response=response)
+
+    with pytest.raises(httpx.HTTPStatusError), boundary.prefect_calls():  # embedded API: nothing to name
+        raise answered(500)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    with pytest.raises(ServiceFailed, match=r"the Prefect server at http://127.0.0.1:4200/api answered 500 to POST "
+                                            r"/api/flow_runs/abc/set_state: .*database") as raised, \
+            boundary.prefect_calls():
+        raise RuntimeError("the task failed") from answered(500)
+    assert outage(raised.value) == str(raised.value) and not is_user_error(raised.value)
+    with pytest.raises(httpx.HTTPStatusError), boundary.prefect_calls():
+        raise answered(404)
+
+
+def test_a_prefect_client_rides_out_500s_with_the_process_defaults(tmp_path):
+    """The Prefect server answers 500 while its PostgreSQL refuses connections (a database restart). A command's
+    Prefect client (a new process with prefixflow's process defaults, as every command has) retries a 500 as it
+    retries 502 and 503, so two of them in a row do not fail the call."""
+    hits: list[str] = []
+
+    class Flaky(BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            failing = self.path.endswith("/hello") and hits.count(self.path) <= 2
+            self.send_response(500 if failing else 200)
+            self.send_header("Retry-After", "0")  # the client's backoff, without the wait
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"exception_message": "Internal Server Error"}' if failing else b'"hello"')
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    code = ("from prefixflow import settings\nsettings.apply_process_defaults()\n"
+            "from prefect.client.orchestration import get_client\n"
+            "with get_client(sync_client=True) as client:\n    print(client.hello().status_code)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_CLIENT_")}
+    env.update(PREFECT_API_URL=f"http://127.0.0.1:{server.server_port}/api", PREFECT_HOME=str(tmp_path / "home"))
+    try:
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+    assert run.returncode == 0 and run.stdout.strip() == "200", run.stderr[-2000:]
+    assert [h for h in hits if h.endswith("/hello")] == ["/api/hello"] * 3
 
 
 def test_a_full_disk_is_named_with_the_file_and_the_state_folder(tmp_path):

@@ -41,7 +41,7 @@ def first_run(env):
 def test_pipeline_registers_a_champion_that_generates_as_evaluated(env, first_run):
     from prefix_core import MultiPrefixGenerator, PrefixArtifact, load_base_model
     from prefix_core.precision import decide
-    from prefixflow.services import registry, tracking
+    from prefixflow.services import lineage, registry, tracking
 
     spec = parse_spec(spec_dict(env["model"], env["data"]))
     result = first_run
@@ -61,6 +61,12 @@ def test_pipeline_registers_a_champion_that_generates_as_evaluated(env, first_ru
     assert params["evaluate.precision_used"] == auto.mode and params["evaluate.precision_reason"] == auto.reason
     assert result.trained.precision["mode"] == "fp32" and result.report.precision["mode"] == auto.mode
     assert run.info.artifact_uri.startswith((env["root"] / "state" / "mlflow" / "artifacts").as_uri())
+    counts, digest = result.data.counts, result.data.fingerprint[:12]  # the run's data, as MLflow shows it
+    assert lineage.logged_data(result.mlflow_run_id) == {
+        context: {"name": f"acme/rev:{split}", "digest": digest, "source": str(env["data"]), "rows": counts[split]}
+        for split, context in (("train", "training"), ("validation", "validation"), ("test", "testing"))}
+    lineage.log_data(result.mlflow_run_id, spec, result.data)  # a retried opening adds no second input
+    assert len(tracking.client().get_run(result.mlflow_run_id).inputs.dataset_inputs) == 3
     artifacts = {a.path for a in tracking.client().list_artifacts(result.mlflow_run_id, "eval")}
     assert {"eval/samples.json", "eval/loss_curve.png", "eval/report.json"} <= artifacts
     # pulled @champion generates exactly what the evaluation generated before registration

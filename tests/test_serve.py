@@ -9,6 +9,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -282,6 +283,46 @@ def test_overload_gets_429_and_every_admitted_request_is_answered(registry_home,
                 assert "rate limit of 1 requests per second" in err.body["message"]
         assert codes[0] == 200 and 429 in codes
         assert client(url, keys["globex"]).completions.create(model="base", prompt="red", max_tokens=1).choices
+
+
+def test_a_flooding_client_does_not_hold_up_another_and_its_own_limit_answers_429(registry_home, keys):
+    """Fair shares (serving.fair_queue) through the real server: with 2 batch rows, acme keeps 10 requests in
+    flight and globex sends one request at a time. Each of globex's requests starts at the next free row: at most
+    the 2 acme requests running when it arrived (and one finishing meanwhile) end before its first token, where
+    first come, first served would put it behind all of acme's. Past ``--client-max-queued``, acme's requests get
+    429 naming acme's limit, while globex is still served."""
+    finished: list[float] = []
+    with serve_process(registry_home["model"], registry_home["env"], "--keys", str(keys["file"]), "--max-batch", "2",
+                       "--client-max-queued", "8", "--refresh", "0") as url:
+        acme, globex = client(url, keys["acme"]), client(url, keys["globex"])
+
+        def flood(_):
+            try:
+                acme.completions.create(model="base", prompt="red cat", max_tokens=200, temperature=0,
+                                        extra_body={"ignore_eos": True})
+            except openai.RateLimitError as err:
+                return err.body["message"]
+            finished.append(time.monotonic())
+            return "ok"
+
+        with ThreadPoolExecutor(12) as pool:
+            flooding = [pool.submit(flood, i) for i in range(12)]  # 2 running + 8 waiting; 2 over acme's limit
+            wait_until(lambda: _counter(httpx.get(f"{url}/metrics").text, "prefixflow_queued_requests") >= 6, 60,
+                       0.1, message="acme's requests are not queued")
+            for _ in range(2):
+                sent = time.monotonic()
+                stream = globex.completions.create(model="base", prompt="blue", max_tokens=4, temperature=0,
+                                                   stream=True)
+                next(iter(stream))
+                first = time.monotonic()
+                for _chunk in stream:
+                    pass
+                overtaken = sum(sent < t < first for t in finished)
+                assert overtaken <= 3, f"{overtaken} of acme's requests ended before globex's first token"
+            outcomes = [f.result() for f in flooding]
+    refused = [o for o in outcomes if o != "ok"]
+    assert refused and all("client 'acme' has" in o and "at most 8 per client" in o for o in refused), outcomes
+    assert outcomes.count("ok") >= 8
 
 
 def test_a_registered_version_loads_with_mlflow_pyfunc(server, keys, registry_home):

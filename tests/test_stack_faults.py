@@ -5,7 +5,9 @@ that the registry ends with exactly one version of the run, complete, with its a
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -25,7 +27,8 @@ from support.harness import World, registry_snapshot, wait_until
 from support.pipeline import patched_environ, save_tiny_model, spec_dict, write_task
 
 pytestmark = pytest.mark.slow
-RETRIED = b"Encountered retryable exception during request"  # prefect.client's debug line for a retried call
+# prefect.client's debug lines for a retried call: no answer (a server down), or a retried status (its database down)
+RETRIED = (b"Encountered retryable exception during request", b"Received response with retryable status code")
 
 
 @pytest.fixture(scope="module")
@@ -145,47 +148,92 @@ def test_s3_down_during_a_run_fails_in_one_message_and_the_rerun_registers_once(
         assert_loads("faults/s3-down@champion", tmp_path)
 
 
-def test_prefect_server_restarted_mid_flow_the_run_finishes_and_registers_once(stack, tmp_path):
-    """The Prefect server goes down while the flow trains and comes back (its database kept): the flow's calls to
-    it are retried, the run finishes, registers one version, and the server shows the flow run Completed. The
-    outage lasts until the run's output shows a call to the stopped server being retried."""
-    spec = spec_dict(stack.model, stack.data, client="faults", task="prefect-restart")
-    path, marker, log = tmp_path / "spec.yaml", tmp_path / "paused", tmp_path / "run.log"
-    path.write_text(yaml.safe_dump(spec))
+def restarted_while_held(stack: World, service: str, argv: list[str], tmp_path: Path) -> tuple[int, str, str]:
+    """Run ``prefixflow ARGV`` (its training held after step 3 of its first member), stop ``service`` while the
+    training is held, let the training go on until the command's output shows a call to the stack being retried
+    (the outage lasts until the product has met it, not a fixed time), then start the service again and wait for
+    the command: its exit code, stdout and stderr."""
+    marker, log, out_file = tmp_path / "paused", tmp_path / "run.log", tmp_path / "stdout"
     exe = Path(sys.executable).with_name("prefixflow")
     env = {**os.environ, "COLUMNS": "200", **stack.env, **pause_fault(0, 3, marker),
            "PREFECT_LOGGING_LOGGERS_PREFECT_CLIENT_LEVEL": "DEBUG"}  # each retried API call shows in the output
-    with open(log, "w") as out:
-        run = subprocess.Popen([str(exe), "run", str(path), "--run-key", "prefect-restart"], env=env, stdout=out,
-                               stderr=subprocess.STDOUT)
+    with open(log, "w") as err, open(out_file, "w") as out:
+        run = subprocess.Popen([str(exe), *argv], env=env, stdout=out, stderr=err)
 
     def running(condition):
         def check():
-            assert run.poll() is None, f"the run exited with {run.returncode}:\n{log.read_text()[-3000:]}"
+            assert run.poll() is None, f"the command exited with {run.returncode}:\n{log.read_text()[-3000:]}"
             return condition()
         return check
 
     try:  # training pauses at step 3, its flow and task runs open on the server
         wait_until(running(marker.exists), 300, 0.5, message="the training did not reach step 3")
-        stop(stack.config, "prefect")
+        stop(stack.config, service)
         since = log.stat().st_size
-        marker.unlink()  # training goes on: its progress updates and log lines meet a closed port
-        wait_until(running(lambda: RETRIED in log.read_bytes()[since:]), 120, 0.5,
-                   message="the run made no call to the stopped server")
+        marker.unlink()  # training goes on: its progress updates and log lines meet the outage
+        wait_until(running(lambda: any(r in log.read_bytes()[since:] for r in RETRIED)), 120, 0.5,
+                   message=f"the command made no call that met the {service} outage")
         stack_up(stack.config)
-        run.wait(timeout=600)
+
+        def ended() -> bool:  # each member of a pack pauses at its step 3: let every later pause go at once
+            marker.unlink(missing_ok=True)
+            return run.poll() is not None
+
+        wait_until(ended, 600, 0.5, message="the command did not end after the outage")
     finally:
         if run.poll() is None:
             run.kill()
         marker.unlink(missing_ok=True)
-    out = log.read_text(errors="replace")
-    flat = " ".join(out.split())
-    assert run.returncode == 0, flat[-3000:]
+    return run.returncode, out_file.read_text(), log.read_text(errors="replace")
+
+
+def test_prefect_server_restarted_mid_flow_the_run_finishes_and_registers_once(stack, tmp_path):
+    """The Prefect server goes down while the flow trains and comes back (its database kept): the flow's calls to
+    it are retried, the run finishes, registers one version, and the server shows the flow run Completed."""
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec_dict(stack.model, stack.data, client="faults", task="prefect-restart")))
+    code, out, err = restarted_while_held(stack, "prefect", ["run", str(path), "--run-key", "prefect-restart"],
+                                          tmp_path)
+    flat = " ".join((out + err).split())
+    assert code == 0, flat[-3000:]
     assert "registered faults-prefect-restart v1" in flat, flat[-3000:]
     with pointed_at(stack):
         assert registry_state("faults-prefect-restart") == {"versions": [("1", "READY", "prefect-restart")],
                                                             "aliases": {"candidate": "1", "champion": "1"}}
         assert _flow_run_states("faults-prefect-restart") == ["COMPLETED"]
+
+
+def test_postgres_restarted_mid_fleet_each_client_ends_registered_once(stack, tmp_path):
+    """PostgreSQL, the database of the Prefect and the MLflow servers, stops while a fleet's pack of two clients
+    trains and starts again once the fleet has met the outage. Each client's run finishes, or fails with one line
+    saying why (then the fleet's run key finishes it); in the end each client has exactly one complete version,
+    nothing half-registered, and stdout holds only the fleet's JSON result."""
+    defaults = spec_dict(stack.model, stack.data, task="pg-restart", train__max_steps=12, train__eval_every=6,
+                         train__checkpoint_every=6)
+    defaults.pop("client")
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(yaml.safe_dump({"defaults": defaults, "clients": [{"client": "pga"}, {"client": "pgb"}]}))
+    argv = ["fleet", str(fleet), "--run-key", "pg-restart", "--format", "json"]
+    code, out, err = restarted_while_held(stack, "postgres", argv, tmp_path)
+    flat = " ".join(err.split())
+    assert code in (0, 1), flat[-3000:]
+    result = json.loads(out)  # stdout holds the JSON result only
+    failed = [e for e in result["entries"] if not e["ok"]]
+    assert (code == 0) == (not failed), result
+    for entry in failed:  # one line, naming the service that failed
+        assert re.match(r"the (Prefect|MLflow|S3) server", entry["error"]) and "\n" not in entry["error"], entry
+    print("fleet after the outage:", result["summary"], [e["error"] for e in failed])  # pytest -rP
+    if failed:
+        again = cli(argv, stack.env)
+        assert again.returncode == 0, " ".join((again.stdout + again.stderr).split())[-3000:]
+        result = json.loads(again.stdout)
+    assert sorted((e["client"], e["ok"]) for e in result["entries"]) == [("pga", True), ("pgb", True)]
+    with pointed_at(stack):
+        for client in ("pga", "pgb"):
+            assert registry_state(f"{client}-pg-restart") == {"versions": [("1", "READY", "pg-restart")],
+                                                              "aliases": {"candidate": "1", "champion": "1"}}
+            assert_loads(f"{client}/pg-restart@champion", tmp_path)
+        assert "COMPLETED" in _flow_run_states("pga-pg-restart")
 
 
 def _flow_run_states(name: str) -> list[str]:

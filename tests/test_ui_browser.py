@@ -186,7 +186,7 @@ def _settled(page, request) -> None:
 def test_a_custom_run_from_the_ui_trains_the_edited_spec_and_registers_it(page, deployment, stack):
     """Retraining as a person does it: Run > Custom run, edit train.max_steps (7 -> 4) in the form, Submit. The
     served deployment runs it; the run must use 4 steps, register a version, and the MLflow UI show its
-    aliases."""
+    aliases and, on the version's run, the data it was trained on (lineage)."""
     from mlflow import MlflowClient
     from playwright.sync_api import expect
 
@@ -225,6 +225,11 @@ def test_a_custom_run_from_the_ui_trains_the_edited_spec_and_registers_it(page, 
         page.get_by_role("link", name=DEPLOYMENT, exact=True).click()
         for alias in ("champion", "candidate"):
             _see(page.get_by_text(re.compile(rf"^@?\s*{alias}$")).first)
+    spec = run["parameters"]["spec"]
+    with _screenshot_after(page, "mlflow-run-datasets"):  # the version's run shows the data it was trained on
+        page.goto(f"{stack.config.ui_urls()['mlflow']}/#/experiments/{tracked.info.experiment_id}/runs/"
+                  f"{tracked.info.run_id}")
+        _see(page.get_by_text(f"{spec['client']}/{spec['task']}:train").first)
 
 
 def _api(api_url: str, path: str, body: dict | None = None):

@@ -11,6 +11,8 @@ checked, so a refused command stays fast).
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 from pathlib import Path
 
@@ -47,10 +49,12 @@ def _embedded_prefect(state: Path | None = None, summary: bool = False, on_stder
 def _keyed_run(label: str, resume: str, stops: str, then: str, fn, *args, on_stderr: bool = False, **kwargs):
     """Say the run key and the command that finishes the run if it ``stops`` (``then``: what that command does),
     then run ``fn`` guarded, with the progress bar, saying so if a signal stops it. ``on_stderr``: all of this on
-    stderr (stdout carries a machine-readable result)."""
+    stderr, and so is whatever a library writes to stdout meanwhile (MLflow's "View run" lines with a tracking
+    server): stdout carries only the machine-readable result printed afterwards."""
     key = resume.rsplit(" ", 1)[-1]
     (stderr if on_stderr else console).print(f"{label} [bold]{key}[/]: if {stops}, `{escape(resume)}` {then}")
-    with progress_bar(on_stderr), explain_termination(resume):
+    quiet_stdout = contextlib.redirect_stdout(sys.stderr) if on_stderr else contextlib.nullcontext()
+    with progress_bar(on_stderr), explain_termination(resume), quiet_stdout:
         return run_guarded(fn, *args, resume=resume, **kwargs)
 
 

@@ -30,6 +30,10 @@ def serve(
     base: str = typer.Option("smollm2-135m", help="the frozen base model: embedded name, local folder or HF id"),
     max_batch: int = typer.Option(16, min=1, help="rows decoding together"),
     max_queued: int = typer.Option(256, min=1, help="rows waiting for a batch row before requests get 429"),
+    client_max_running: int | None = typer.Option(None, min=1, help="most batch rows one client holds at once "
+                                                                    "(default: no limit beyond its fair share)"),
+    client_max_queued: int | None = typer.Option(None, min=1, help="rows of one client waiting before its "
+                                                                   "requests get 429 (default: --max-queued)"),
     max_tokens: int = typer.Option(512, min=1, help="most tokens one request may generate"),
     rate_limit: float = typer.Option(0.0, min=0, help="requests per second per key (0: no limit)"),
     bank_mb: float = typer.Option(1024, min=1, help="memory for loaded prefixes (least recently used leave first)"),
@@ -57,6 +61,7 @@ def serve(
     from prefixflow.serving.server import ServeConfig
 
     config = ServeConfig(base=base, keys_file=keys, max_batch=max_batch, max_queued=max_queued,
+                         client_max_running=client_max_running, client_max_queued=client_max_queued,
                          max_tokens=max_tokens, rate_limit=rate_limit, bank_mb=bank_mb, refresh_s=refresh,
                          precision=precision, device=device, max_prefill_rows=max_prefill_rows, threads=threads,
                          usage_dir=usage_dir or settings.usage_dir(), usage_flush_s=usage_flush)

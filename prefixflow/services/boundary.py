@@ -20,6 +20,7 @@ from prefixflow.services.errors import (
     AccessDenied,
     ArtifactStoreFailed,
     DataError,
+    ServiceFailed,
     ServiceUnreachable,
     Unavailable,
     chain,
@@ -168,16 +169,24 @@ def s3_calls(uri: str) -> Iterator[None]:
 # --- Prefect (httpx) -------------------------------------------------------------------------------------------
 @contextmanager
 def prefect_calls() -> Iterator[None]:
-    """Run code that talks to a Prefect server: a server that does not accept connections is ServiceUnreachable.
-    Without a server (the embedded API) nothing is mapped: that API lives and dies with this process."""
+    """Run code that talks to a Prefect server: a server that does not accept connections is ServiceUnreachable,
+    one that still answers 5xx after the client's retries (its database down) is ServiceFailed. Without a server
+    (the embedded API) nothing is mapped: that API lives and dies with this process."""
     import httpx
 
     try:
         yield
     except Exception as exc:
         url = settings.prefect_api_url()
-        cause = next((e for e in chain(exc) if isinstance(e, httpx.ConnectError | httpx.ConnectTimeout)), None)
-        if url is None or cause is None:
+        if url is None:
             raise
-        raise ServiceUnreachable(f"the Prefect server at {url} did not answer: start it (`prefixflow stack up`) or "
-                                 "check PREFECT_API_URL and `prefixflow stack status`") from exc
+        if any(isinstance(e, httpx.ConnectError | httpx.ConnectTimeout) for e in chain(exc)):
+            raise ServiceUnreachable(f"the Prefect server at {url} did not answer: start it (`prefixflow stack up`) "
+                                     "or check PREFECT_API_URL and `prefixflow stack status`") from exc
+        failed = next((e for e in chain(exc) if isinstance(e, httpx.HTTPStatusError)
+                       and e.response.status_code >= 500), None)
+        if failed is None:
+            raise
+        raise ServiceFailed(f"the Prefect server at {url} answered {failed.response.status_code} to "
+                            f"{failed.request.method} {failed.request.url.path}: it is up but cannot serve (is its "
+                            "database up? `prefixflow stack status`, and its log in the stack's logs folder)") from exc

@@ -49,6 +49,11 @@ class ServiceUnreachable(Unavailable, ConnectionError):
     """A server (S3, MLflow, Prefect) did not accept a connection or did not answer in time."""
 
 
+class ServiceFailed(Unavailable):
+    """A server (Prefect) accepted the connection but answered 5xx, after its client's retries: it is up but cannot
+    serve, most often because its database is down."""
+
+
 class ArtifactStoreFailed(Unavailable):
     """The MLflow server answered 5xx to an artifact upload or download: it proxies them to its artifact store
     (S3 on the stack), which is the usual cause. :func:`prefixflow.services.health.artifact_store_cause` says

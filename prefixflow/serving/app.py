@@ -139,7 +139,7 @@ def create_app(server: Server) -> FastAPI:
             raise oa.APIError(400, "the prompt is empty", param="prompt")
         rid = server.request_id(chat)
         rows = server.rows(prompts, body.n, prefix, max_tokens, body.temperature, body.top_p, body.stops,
-                           body.seed, rid, ignore_eos=body.ignore_eos)
+                           body.seed, rid, ignore_eos=body.ignore_eos, client=share_of(caller))
         started = time.monotonic()
         await server.admit(rows)
         prompt_tokens = sum(len(p) for p in prompts)
@@ -256,6 +256,11 @@ class _Counted:
         if not self.done:
             self.done = True
             self.server.count_usage(self.client, 1, self.prompt_tokens, sum(len(c.ids) for c in self.choices))
+
+
+def share_of(caller: Caller) -> str:
+    """Whose fair share of the server a request uses: the caller's client (each admin key its own)."""
+    return f"admin:{caller.key_id}" if caller.is_admin else caller.client
 
 
 def usage_client(caller: Caller, prefix: Prefix | None) -> str:

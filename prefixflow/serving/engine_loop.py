@@ -1,15 +1,19 @@
 """EngineLoop: one thread owns the decode engine; request handlers (asyncio) submit rows and receive tokens.
 
-A row is one generated sequence (a request with ``n`` choices or several prompts submits several rows). The
-thread adds submitted rows to the engine between steps, applies cancellations (a client that went away frees its
-row at once), runs ``engine.step()`` while there is work and sends each row's events to its asyncio queue:
+A row is one generated sequence (a request with ``n`` choices or several prompts submits several rows). Between
+steps the thread checks submitted rows, queues them per client (:class:`~prefixflow.serving.fair_queue.FairQueue`:
+when a batch row is free, the next row comes from the client that got the least service so far, so one client's
+flood does not hold up the others), hands the engine as many as it has free rows, applies cancellations (a client
+that went away frees its row at once), runs ``engine.step()`` while there is work and sends each row's events to
+its asyncio queue:
 
 - ``("accepted", None)``: the engine took the row (its length and parameters are valid);
 - ``("error", message)``: it refused it (the message says why; HTTP 400), or the step failed (HTTP 500);
 - ``("token", StepOutput)``: one new token; the last one has ``finished`` set.
 
 Admission is bounded: ``submit`` raises ``Overloaded`` (HTTP 429) when more than ``max_queued`` rows would wait
-for a batch row, so every admitted row is answered and the server never grows without bound.
+for a batch row, or more than ``client_max_queued`` rows of one client, so every admitted row is answered and the
+server never grows without bound.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from prefixflow.serving.bank import Prefix
+from prefixflow.serving.fair_queue import FairQueue
 from prefixflow.serving.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -38,7 +43,8 @@ class Overloaded(Exception):
 
 @dataclass(eq=False)
 class Row:
-    """One sequence to generate. ``prefix``: the bank entry it started with (kept until it ends)."""
+    """One sequence to generate. ``prefix``: the bank entry it started with (kept until it ends); ``client``: whose
+    share of the server it uses (the caller's client)."""
 
     id: str
     prompt_ids: list[int]
@@ -52,19 +58,23 @@ class Row:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     submitted: float = field(default_factory=time.monotonic)
     ignore_eos: bool = False
+    client: str = "-"
 
 
 class EngineLoop:
     """Drives ``engine`` (a ``prefix_core.DecodeEngine`` or anything with its ``add/cancel/step`` interface)."""
 
-    def __init__(self, engine, metrics: ServerMetrics, max_queued: int) -> None:
+    def __init__(self, engine, metrics: ServerMetrics, max_queued: int, client_max_running: int | None = None,
+                 client_max_queued: int | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
         self.max_queued = max_queued
+        self.batch = max(1, getattr(getattr(engine, "config", None), "max_batch", 1))
         self._cond = threading.Condition()
-        self._inbox: list[Row] = []
+        self._inbox: list[Row] = []  # submitted, not yet checked
+        self._fair = FairQueue(client_max_running, client_max_queued)  # checked, waiting for a batch row
         self._cancels: set[str] = set()
-        self._rows: dict[str, Row] = {}  # rows the engine holds (queued in it or running)
+        self._rows: dict[str, Row] = {}  # rows the engine holds (handed to it or running)
         self._stopping = False
         self._mean_latency = 1.0  # seconds per finished row, smoothed: for Retry-After
         self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
@@ -81,19 +91,25 @@ class EngineLoop:
     @property
     def waiting(self) -> int:
         """Rows admitted but not yet in the running batch."""
-        return len(self._inbox) + self.engine.num_pending
+        return len(self._inbox) + len(self._fair) + self.engine.num_pending
 
     def submit(self, rows: list[Row]) -> None:
-        """Hand rows to the engine thread (all or none). Raises Overloaded when the queue is full."""
+        """Hand rows (of one client) to the engine thread, all or none. Raises Overloaded when the queue, or the
+        client's part of it, is full."""
         with self._cond:
             if self._stopping:
                 raise Overloaded("the server is shutting down; retry on another replica", 5)
             waiting = self.waiting
+            retry = max(1, min(60, math.ceil(self._mean_latency * (waiting + len(rows)) / self.batch)))
             if waiting + len(rows) > self.max_queued:
-                batch = max(1, getattr(getattr(self.engine, "config", None), "max_batch", 1))
-                retry = max(1, min(60, math.ceil(self._mean_latency * (waiting + len(rows)) / batch)))
                 raise Overloaded(f"the server is at capacity ({waiting} requests waiting, at most "
                                  f"{self.max_queued}); retry after {retry} s", retry)
+            limit, client = self._fair.max_queued, rows[0].client if rows else "-"
+            if limit is not None:
+                mine = self._fair.queued_of(client) + sum(r.client == client for r in self._inbox)
+                if mine + len(rows) > limit:
+                    raise Overloaded(f"client {client!r} has {mine} requests waiting, at most {limit} per client "
+                                     f"on this server; retry after {retry} s", retry)
             self._inbox.extend(rows)
             self._cond.notify()
 
@@ -108,33 +124,60 @@ class EngineLoop:
         engine = self.engine
         while True:
             with self._cond:
-                while not (self._inbox or self._cancels or engine.has_work or self._stopping):
+                while not (self._inbox or self._cancels or engine.has_work or len(self._fair) or self._stopping):
                     self._cond.wait()
                 if self._stopping:
                     break
                 inbox, self._inbox = self._inbox, []
                 cancels, self._cancels = self._cancels, set()
-            for row in inbox:
-                if row.id in cancels:
-                    continue
+            checked = [row for row in inbox if row.id not in cancels and self._checked(row)]
+            with self._cond:
+                for row in checked:
+                    self._fair.push(row)
+                cancels -= {row_id for row_id in cancels if self._fair.remove(row_id)}
+            for row in checked:
+                self._send(row, "accepted", None)
+            for row_id in cancels:
+                if engine.cancel(row_id):
+                    self._ended(self._rows.pop(row_id))  # the engine held it, so the loop did
+            free, admitted = self.batch - engine.num_active - engine.num_pending, []
+            with self._cond:  # the fairest rows first, as many as the batch has room for
+                while len(admitted) < free and (row := self._fair.take()) is not None:
+                    admitted.append(row)
+            for row in admitted:
                 try:
                     engine.add(row.id, row.prompt_ids, row.prefix.kv if row.prefix else None,
                                max_new_tokens=row.max_tokens, temperature=row.temperature, top_p=row.top_p,
                                stop=row.stop, seed=row.seed, ignore_eos=row.ignore_eos)
-                except ValueError as err:
+                except ValueError as err:  # checked on arrival; kept for an engine that checks more
                     self._send(row, "error", str(err))
+                    self._ended(row)
                     continue
                 self._rows[row.id] = row
-                self._send(row, "accepted", None)
-            for row_id in cancels:
-                if engine.cancel(row_id):
-                    self._rows.pop(row_id, None)
             if engine.has_work:
                 self._step()
             self.metrics.running.set(engine.num_active)
             self.metrics.queued.set(self.waiting)
-        for row in [*self._inbox, *self._rows.values()]:
+        for row in [*self._inbox, *self._fair.drain(), *self._rows.values()]:
             self._send(row, "error", "the server is shutting down")
+
+    def _checked(self, row: Row) -> bool:
+        """Whether the engine can take ``row`` (its length and parameters); if not, the row gets the reason. An
+        engine without ``validate`` checks at ``add``."""
+        if not hasattr(self.engine, "validate"):
+            return True
+        try:
+            self.engine.validate(row.id, row.prompt_ids, row.prefix.kv if row.prefix else None,
+                                 max_new_tokens=row.max_tokens, temperature=row.temperature, top_p=row.top_p,
+                                 stop=row.stop)
+        except ValueError as err:
+            self._send(row, "error", str(err))
+            return False
+        return True
+
+    def _ended(self, row: Row) -> None:
+        with self._cond:
+            self._fair.ended(row.client)
 
     def _step(self) -> None:
         engine = self.engine
@@ -148,9 +191,10 @@ class EngineLoop:
             for row_id, row in list(self._rows.items()):
                 engine.cancel(row_id)
                 self._send(row, "error", f"generation failed: {type(err).__name__}: {err}")
+                self._ended(row)
             self._rows.clear()
             return
-        now = time.monotonic()
+        now, served = time.monotonic(), []
         for out in outputs:
             row = self._rows.get(out.request_id)
             if row is None:
@@ -158,9 +202,15 @@ class EngineLoop:
             if out.index == 0:
                 self.metrics.queue_wait.observe(max(0.0, started - row.submitted))
             self._send(row, "token", out)
+            served.append(row)
             if out.finished:
                 del self._rows[out.request_id]
                 self._mean_latency = 0.9 * self._mean_latency + 0.1 * (now - row.submitted)
+        with self._cond:  # each client's service, for the fair order of the rows waiting
+            for row in served:
+                self._fair.served(row.client)
+                if row.id not in self._rows:
+                    self._fair.ended(row.client)
 
     @staticmethod
     def _send(row: Row, kind: str, payload) -> None:

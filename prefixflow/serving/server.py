@@ -32,18 +32,21 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ServeConfig:
     """Settings of one server. ``max_batch``: rows decoding together; ``max_queued``: rows waiting for a batch row
-    before new requests get 429; ``max_tokens``: the most tokens one request may ask for (and the chat default);
-    ``rate_limit``: requests per second per key (0: none; bursts up to max(1, rate)); ``bank_mb``: memory for
-    prefix keys/values; ``refresh_s``: how often used aliases are re-read from the registry (0: never);
-    ``precision``: the base's dtype (``auto``: bf16 only where it is native); ``device``: ``auto``, ``cpu``,
-    ``cuda``, ``cuda:N``; ``max_prefill_rows``: new rows prefilled together per step (None: all free rows; a
-    bound keeps one big admission wave from stalling the running rows); ``threads``: torch CPU threads (None:
-    torch's default)."""
+    before new requests get 429; ``client_max_running`` / ``client_max_queued``: the same per client (None: no
+    limit; rows are taken in fair order between clients either way, ``serving.fair_queue``); ``max_tokens``: the
+    most tokens one request may ask for (and the chat default); ``rate_limit``: requests per second per key (0:
+    none; bursts up to max(1, rate)); ``bank_mb``: memory for prefix keys/values; ``refresh_s``: how often used
+    aliases are re-read from the registry (0: never); ``precision``: the base's dtype (``auto``: bf16 only where
+    it is native); ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N``; ``max_prefill_rows``: new rows prefilled
+    together per step (None: all free rows; a bound keeps one big admission wave from stalling the running rows);
+    ``threads``: torch CPU threads (None: torch's default)."""
 
     base: str = "smollm2-135m"
     keys_file: Path | None = None
     max_batch: int = 16
     max_queued: int = 256
+    client_max_running: int | None = None
+    client_max_queued: int | None = None
     max_tokens: int = 512
     rate_limit: float = 0.0
     bank_mb: float = 1024
@@ -198,7 +201,8 @@ class Server:
         self.base, self.tokenizer = base, tokenizer
         self.bank = PrefixBank(base, max_bytes=int(self.config.bank_mb * 2**20), refresh_s=self.config.refresh_s,
                                on_event=self._bank_event)
-        self.loop = EngineLoop(engine, self.metrics, self.config.max_queued)
+        self.loop = EngineLoop(engine, self.metrics, self.config.max_queued, self.config.client_max_running,
+                               self.config.client_max_queued)
         self.loop.start()
         self.bank.start()
         self.ready.set()
@@ -264,15 +268,17 @@ class Server:
 
     # --- generation -------------------------------------------------------------------------------------------
     def rows(self, prompts: list[list[int]], n: int, prefix: Prefix | None, max_tokens: int, temperature: float,
-             top_p: float, stops: tuple[str, ...], seed: int | None, rid: str, ignore_eos: bool = False) -> list[Row]:
-        """``n`` rows per prompt, in choice-index order (prompt i, choice j -> index i * n + j)."""
+             top_p: float, stops: tuple[str, ...], seed: int | None, rid: str, ignore_eos: bool = False,
+             client: str = "-") -> list[Row]:
+        """``n`` rows per prompt, in choice-index order (prompt i, choice j -> index i * n + j); ``client``: whose
+        share of the server they use."""
         loop = asyncio.get_running_loop()
         out = []
         for i, ids in enumerate(prompts):
             for j in range(n):
                 index = i * n + j
                 out.append(Row(f"{rid}-{index}", ids, prefix, max_tokens, temperature, top_p, stops,
-                               None if seed is None else seed + index, loop, ignore_eos=ignore_eos))
+                               None if seed is None else seed + index, loop, ignore_eos=ignore_eos, client=client))
         return out
 
     async def admit(self, rows: list[Row]) -> None:
