@@ -67,6 +67,11 @@ def write_specs(folder: Path, model: Path, clients: int) -> None:
         (folder / f"client{i:03d}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
+def pack_sizes(state: Path) -> list[int]:
+    """Members of each pack the fleet ran under the state folder ``state`` (none: every training alone)."""
+    return [len(json.loads(p.read_text())["members"]) for p in sorted((state / "packs").glob("*/pack.json"))]
+
+
 def run_fleet(specs: Path, state: Path, extra: list[str], max_concurrent: int, prefect_home: Path) -> dict:
     env = {**os.environ, "PREFIXFLOW_HOME": str(state), "PREFECT_HOME": str(prefect_home),
            "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
@@ -79,9 +84,8 @@ def run_fleet(specs: Path, state: Path, extra: list[str], max_concurrent: int, p
     wall = time.time() - t0
     if proc.returncode != 0:
         sys.exit(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    packs = sorted((state / "packs").glob("*/pack.json")) if (state / "packs").exists() else []
-    return {"argv": " ".join(argv[1:]), "wall_s": round(wall, 1), "packs": len(packs),
-            "pack_sizes": [len(json.loads(p.read_text())["members"]) for p in packs]}
+    sizes = pack_sizes(state)
+    return {"argv": " ".join(argv[1:]), "wall_s": round(wall, 1), "packs": len(sizes), "pack_sizes": sizes}
 
 
 def main() -> None:

@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_fleet import pack_sizes  # noqa: E402
 
 
 def client_specs(folder: Path, clients: int, steps: int, model: str) -> list:
@@ -132,7 +135,7 @@ def main() -> None:
     for mode in ("one_at_a_time", "packed"):
         wall, outcomes = train_all(specs, data, mode, packed=mode == "packed")
         tokens = sum(o.usage["tokens"] for o in outcomes)
-        packs = sorted((root / "state" / "packs").glob("*/pack.json"))
+        packs = pack_sizes(root / "state")
         if (mode == "packed") != bool(packs):
             sys.exit(f"{mode}: {len(packs)} pack(s) ran")
         record[mode] = {"packs": len(packs), "wall_s": round(wall, 1), "tokens": tokens,

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_fleet import tiny_model  # noqa: E402
+from bench_fleet import pack_sizes, tiny_model  # noqa: E402
 
 
 def write_fleet_file(folder: Path, model: Path, clients: int) -> Path:
@@ -94,8 +94,7 @@ def main() -> None:
         outcomes = [e["outcome"] for e in result["entries"]]
         usage = prefixflow(["usage", "--format", "json"], env, timeout=600)
         rows = json.loads(usage.stdout) if usage.returncode == 0 else []
-        packs = sorted((root / "state" / "packs").glob("*/pack.json"))
-        pack_sizes = [len(json.loads(p.read_text())["members"]) for p in packs]
+        sizes = pack_sizes(root / "state")
         locked = {name: (config.state_dir / "logs" / f"{name}.log").read_text(errors="replace")
                   .count("database is locked") for name in config.services()}
     finally:
@@ -106,7 +105,7 @@ def main() -> None:
               "argv": f"fleet FLEET.yaml --max-concurrent {args.max_concurrent} --format json",
               "wall_s": round(wall, 1), "per_client_s": round(wall / args.clients, 2),
               "outcomes": {o: outcomes.count(o) for o in sorted(set(outcomes))}, "summary": result["summary"],
-              "database_is_locked": locked, "packs": len(pack_sizes), "pack_sizes": pack_sizes,
+              "database_is_locked": locked, "packs": len(sizes), "pack_sizes": sizes,
               "usage_versions": sum(r["versions"] for r in rows),
               "usage_train_cpu_hours": round(sum(r["train_hours"].get("cpu", 0.0) for r in rows), 4),
               "usage_tokens_trained": sum(r["tokens_trained"] for r in rows)}
