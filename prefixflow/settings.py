@@ -27,11 +27,13 @@ PROCESS_DEFAULTS = {
     # up on one call in about 7 s and the tasks' retries, with their backoff, ride out a restart.
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    # The Prefect server answers 500, not 503, while PostgreSQL refuses connections (a database restart): its
-    # client retries 429/502/503 only, so one refused call failed the whole fleet. 500 is retried too (5 times,
-    # with backoff); what is lost is a quick failure on a real server bug, which still ends in one message.
-    "PREFECT_CLIENT_RETRY_EXTRA_CODES": "500",
 }
+# Only with a Prefect server (``$PREFECT_API_URL``): it answers 500, not 503, while PostgreSQL refuses connections
+# (a database restart), and its client retries 429/502/503 only, so one refused call failed the whole fleet. 500 is
+# retried too (5 times, with backoff); what is lost is a quick failure on a real server bug, which still ends in one
+# message. Not for the embedded API: its 500s come from this machine's SQLite file (a full disk), which no retry
+# mends, and retrying every call made a full-disk run take ten minutes to report.
+SERVER_DEFAULTS = {"PREFECT_CLIENT_RETRY_EXTRA_CODES": "500"}
 
 
 def state_folder() -> Path:
@@ -100,6 +102,7 @@ def usage_dir() -> Path:
 
 
 def apply_process_defaults() -> None:
-    """Set :data:`PROCESS_DEFAULTS` where the user has not (call at the start of a command)."""
-    for key, value in PROCESS_DEFAULTS.items():
+    """Set :data:`PROCESS_DEFAULTS`, and :data:`SERVER_DEFAULTS` when a Prefect server is configured, where the
+    user has not (call at the start of a command)."""
+    for key, value in {**PROCESS_DEFAULTS, **(SERVER_DEFAULTS if prefect_api_url() else {})}.items():
         os.environ.setdefault(key, value)

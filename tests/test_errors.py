@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from prefixflow import settings
 from prefixflow.services import boundary, health
 from prefixflow.services.errors import (
     AccessDenied,
@@ -247,6 +248,23 @@ def test_a_prefect_client_rides_out_500s_with_the_process_defaults(tmp_path):
         server.shutdown()
     assert run.returncode == 0 and run.stdout.strip() == "200", run.stderr[-2000:]
     assert [h for h in hits if h.endswith("/hello")] == ["/api/hello"] * 3
+
+
+def test_500s_are_retried_only_with_a_prefect_server(monkeypatch):
+    """The embedded API's 500s come from this machine's SQLite file (a full disk): retrying each call only made a
+    full-disk run take ten minutes to say so. A Prefect server's 500s (its database restarting) are retried."""
+    monkeypatch.setattr(settings, "PROCESS_DEFAULTS", {})  # only the setting under test touches this process
+    for url, retried in ((None, False), ("http://127.0.0.1:4200/api", True)):
+        monkeypatch.delenv("PREFECT_CLIENT_RETRY_EXTRA_CODES", raising=False)
+        if url:
+            monkeypatch.setenv("PREFECT_API_URL", url)
+        else:
+            monkeypatch.delenv("PREFECT_API_URL", raising=False)
+        settings.apply_process_defaults()
+        assert (os.environ.get("PREFECT_CLIENT_RETRY_EXTRA_CODES") == "500") is retried
+    monkeypatch.setenv("PREFECT_CLIENT_RETRY_EXTRA_CODES", "418")  # the user's own setting is kept
+    settings.apply_process_defaults()
+    assert os.environ["PREFECT_CLIENT_RETRY_EXTRA_CODES"] == "418"
 
 
 def test_a_full_disk_is_named_with_the_file_and_the_state_folder(tmp_path):

@@ -277,3 +277,28 @@ def test_text_init_defaults_to_the_tasks_own_targets(tmp_path):
     assert PrefixSpec(init="text").init_text is None
     with pytest.raises(ValueError, match=r"init_text is set but prefix\.init is 'random'"):
         PrefixSpec(init_text="hello")
+
+
+def test_a_task_retried_after_its_training_landed_returns_what_that_training_did(tmp_path, monkeypatch):
+    """The train task can fail after its job landed (the orchestrator's API times out on the way back) and be
+    retried: the retry reuses the finished prefix and returns the outcome of the training that made it (resumed
+    from step 3 after a killed rank, its usage), not an outcome with no resume and no cost."""
+    from prefixflow.launch.training import train
+    from prefixflow.services.preparation import prepare
+    from prefixflow.services.spec import parse_spec
+    from support.faults import kill_fault
+    from support.pipeline import save_tiny_model, spec_dict, write_task
+
+    monkeypatch.setenv("PREFIXFLOW_HOME", str(tmp_path / "state"))
+    spec = parse_spec(spec_dict(save_tiny_model(tmp_path / "model"), write_task(tmp_path / "d.jsonl"), client="re"))
+    data = prepare(spec)
+    for key, value in kill_fault(0, 4, tmp_path / "killed").items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(RuntimeError, match="rank 0 died"):
+        train(spec, data, "r")
+    landed = train(spec, data, "r")
+    assert landed.resumed_from == 3 and landed.steps == 6 and landed.usage and landed.usage["tokens"] > 0
+    again = train(spec, data, "r")  # the task retried once more, after the prefix was written
+    assert again.artifact_uri == landed.artifact_uri
+    keep = ("steps", "resumed_from", "usage", "launched_at", "finished_at", "final_train_loss", "precision")
+    assert again.model_dump(include=set(keep)) == landed.model_dump(include=set(keep))

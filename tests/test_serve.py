@@ -232,19 +232,24 @@ def test_a_client_that_disconnects_frees_its_row(server, keys):
     headers = {"Authorization": f"Bearer {keys['*']}"}
     # the most tokens the server allows, past EOS: it cannot end before the client has gone
     body = {"model": "base", "prompt": "red", "max_tokens": 400, "stream": True, "temperature": 0, "ignore_eos": True}
-    before = _counter(httpx.get(f"{server}/metrics").text, "prefixflow_requests_cancelled_total")
+    metrics = httpx.get(f"{server}/metrics").text
+    before, work = _counter(metrics, "prefixflow_requests_cancelled_total"), _row_steps(metrics)
     with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=headers, timeout=30) as r:
         next(r.iter_lines())  # the first event: generation has started
-    metrics = _metrics_once(server, "prefixflow_requests_cancelled_total", above=before)
+    # the engine thread frees the rows before its next step: wait for that, then check it stopped them early
+    metrics = _metrics_when(server, lambda m: _counter(m, "prefixflow_requests_cancelled_total") > before
+                            and _idle(m), "the cancelled stream still holds a row")
     assert _counter(metrics, "prefixflow_requests_cancelled_total") == before + 1
-    assert _counter(metrics, "prefixflow_running_requests") == 0
+    assert _row_steps(metrics) - work < 400 / 2  # left long before its 400 tokens
     # a plain (non-streaming) request whose client gives up frees its rows too (16 choices of 400 tokens: more work
     # than the tiny model can do before the server sees the client gone)
+    work = _row_steps(metrics)
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{server}/v1/completions", json={**body, "stream": False, "n": 16}, headers=headers, timeout=0.2)
-    metrics = _metrics_once(server, "prefixflow_requests_cancelled_total", above=before + 1)
+    metrics = _metrics_when(server, lambda m: _counter(m, "prefixflow_requests_cancelled_total") > before + 1
+                            and _idle(m), "the cancelled request still holds rows")
     assert _counter(metrics, "prefixflow_requests_cancelled_total") == before + 2
-    assert _counter(metrics, "prefixflow_running_requests") == 0
+    assert _row_steps(metrics) - work < 16 * 400 / 2  # stopped well before its 16 x 400 tokens
     assert client(server, keys["*"]).completions.create(model="base", prompt="red", max_tokens=3).choices
 
 
@@ -370,13 +375,23 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
 
 
-def _metrics_once(server: str, name: str, above: float) -> str:
-    """The server's metrics once the series ``name`` is above ``above`` (20 s at most)."""
+def _metrics_when(server: str, holds, message: str) -> str:
+    """The server's metrics once ``holds(metrics text)`` (20 s at most)."""
     def check() -> str | None:
         metrics = httpx.get(f"{server}/metrics").text
-        return metrics if _counter(metrics, name) > above else None
+        return metrics if holds(metrics) else None
 
-    return wait_until(check, 20, 0.2, message=f"{name} is not above {above}")
+    return wait_until(check, 20, 0.1, message=message)
+
+
+def _idle(metrics: str) -> bool:
+    """No row decoding and none waiting."""
+    return all(_counter(metrics, name) == 0 for name in ("prefixflow_running_requests", "prefixflow_queued_requests"))
+
+
+def _row_steps(metrics: str) -> float:
+    """Rows x decode steps the engine has run (the batch-size histogram's sum): its work, in tokens."""
+    return _counter(metrics, "prefixflow_batch_size_sum")
 
 
 def _counter(metrics: str, name: str) -> float:

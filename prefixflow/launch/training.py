@@ -5,8 +5,9 @@ progress artifact), and return the folded prefix artifact's URI. No Prefect here
 adds retries, the global training limit and the progress artifact.
 
 The run's folder ``$PREFIXFLOW_HOME/runs/CLIENT/TASK/RUN_KEY/`` holds ``job.json``, ``train.log``,
-``checkpoints/`` and ``prefix/``. A retried task relaunches every rank and the job resumes from the
-newest complete checkpoint; a finished prefix is reused as it is.
+``checkpoints/``, ``prefix/`` and ``outcome.json`` (the landed job's end and usage events). A retried task
+relaunches every rank and the job resumes from the newest complete checkpoint; a finished prefix is reused as it
+is, and a task retried after it landed returns the outcome recorded then (steps, resumed_from, usage).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from prefix_core import ArtifactError, PrefixArtifact
 from prefix_core.checkpoint import complete_checkpoints
+from prefix_core.files import atomic_write
 from prefixflow.launch import slurm
 from prefixflow.launch.checkpoint_mirror import CheckpointMirror, remote_checkpoints_uri
 from prefixflow.launch.command import build_launch
@@ -69,6 +71,26 @@ def _finished(out: Path) -> bool:
         return True
     except ArtifactError:
         return False
+
+
+OUTCOME_FILE = "outcome.json"
+
+
+def _record(path: Path, progress: Progress, launched: float, landed: float) -> None:
+    """Keep what the landed job said about itself, for a task retried after it landed."""
+    atomic_write(path, json.dumps({"end": progress.end, "usage": progress.usage, "launched_at": launched,
+                                   "finished_at": landed}))
+
+
+def _recalled(path: Path, progress: Progress, default: tuple[float, float]) -> tuple[float, float]:
+    """Restore the recorded end and usage events into ``progress``; returns (launched_at, finished_at) of the
+    training that landed (``default`` for a prefix trained before outcomes were recorded)."""
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+    progress.end, progress.usage = recorded.get("end") or {}, recorded.get("usage")
+    return recorded.get("launched_at", default[0]), recorded.get("finished_at", default[1])
 
 
 def _precision(out: Path) -> dict | None:
@@ -246,8 +268,11 @@ def train(spec: PipelineSpec, data: PreparedData, run_key: str, mlflow_run_id: s
     progress = Progress(spec, mlflow_run_id, logger, listeners)
     if _finished(out):
         logger.info("prefix of run %s already trained: %s", run_key, out)
+        launched, landed = _recalled(folder / OUTCOME_FILE, progress, (launched, landed))
     else:
         launched, landed = _launch(spec, data, run_key, folder, progress, logger, slot, pruning)
+        if progress.pruned is None:
+            _record(folder / OUTCOME_FILE, progress, launched, landed)
     history = _history(folder / "checkpoints")
     (folder / "history.json").write_text(json.dumps(history))
     if progress.pruned is not None:

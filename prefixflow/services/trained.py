@@ -18,4 +18,4 @@ class TrainOutcome(BaseModel):
     launched_at: float  # when the launch began (after waiting for a training slot and GPUs)
     finished_at: float  # when the launch ended
     pruned: bool = False  # a sweep trial stopped early by its pruner (no artifact)
-    usage: dict | None = None  # the job's usage event (launch.usage): None when the prefix was trained earlier
+    usage: dict | None = None  # the job's usage event (launch.usage), kept with the prefix (outcome.json)
