@@ -19,7 +19,7 @@ from .artifact import PrefixArtifact
 from .attention import PREFIX_IMPL, SITE_ATTR, PrefixKV
 from .config import PrefixConfig
 from .encoder import PrefixEncoder, kv_to_table, table_to_kv
-from .errors import UnsupportedModelError
+from .errors import ArtifactError, UnsupportedModelError
 from .geometry import Geometry, find_attention_modules, geometry_from_config
 
 
@@ -197,6 +197,27 @@ class PrefixModel(nn.Module):
         """Fold the prefix into a PrefixArtifact (per-site K/V + trainable state + manifest)."""
         return PrefixArtifact.from_model(self, **manifest_fields)
 
+    @torch.no_grad()
+    def warm_start(self, artifact) -> None:
+        """Continue from ``artifact``'s prefix: its full trainable state (embedding and MLP) when this model's
+        prefix has an MLP, else its folded table. Call before training starts; the parameters are overwritten in
+        place. Raises BaseModelMismatchError for another base and ArtifactError when the prefixes do not match
+        (:func:`warm_start_mismatch`)."""
+        artifact.check_base(self.base)
+        problem = warm_start_mismatch(artifact, self.config)
+        if problem is None and self.config.projection_hidden is not None:
+            own, state = self.prefix.state_dict(), artifact.trainable_state
+            if {k: tuple(v.shape) for k, v in state.items()} != {k: tuple(v.shape) for k, v in own.items()}:
+                problem = (f"its trainable state has other parameter shapes ({sorted(state)}) than this training's "
+                           f"prefix ({sorted(own)})")
+        if problem is not None:
+            raise ArtifactError(f"cannot start from this prefix: {problem}")
+        if self.config.projection_hidden is None:
+            self.prefix.set_table(artifact.table())
+            return
+        for key, value in self.prefix.state_dict().items():
+            value.copy_(artifact.trainable_state[key].to(value.dtype))
+
     @classmethod
     def from_artifact(cls, base: nn.Module, artifact, trainable: bool = False) -> PrefixModel:
         """Rebuild a PrefixModel from an artifact. The base model is checked against the one the
@@ -212,6 +233,23 @@ class PrefixModel(nn.Module):
         else:
             model.prefix.load_state_dict(artifact.trainable_state)
         return model.to(next(base.parameters()).device)
+
+
+def warm_start_mismatch(artifact, config: PrefixConfig) -> str | None:
+    """Why a training with prefix ``config`` cannot start from ``artifact`` (None when it can): the number of
+    virtual tokens must match, and an MLP prefix continues only an MLP of the same width (a direct prefix starts
+    from any artifact's folded table). The base model is checked apart (``PrefixArtifact.check_base``)."""
+    theirs = artifact.manifest.get("prefix_config", {}).get("projection_hidden")
+    if artifact.num_virtual_tokens != config.num_virtual_tokens:
+        return (f"it has {artifact.num_virtual_tokens} virtual tokens and this training {config.num_virtual_tokens}; "
+                "use the same prefix.num_virtual_tokens, or start cold (another prefix.init)")
+    if config.projection_hidden is None:
+        return None
+    if theirs != config.projection_hidden or not artifact.trainable_state:
+        kept = f"an MLP of width {theirs}" if theirs and artifact.trainable_state else "no MLP (only its table)"
+        return (f"it keeps {kept} and this training has prefix.projection_hidden {config.projection_hidden}; use "
+                f"the same width, set prefix.projection_hidden: null to start from its table, or start cold")
+    return None
 
 
 @torch.no_grad()

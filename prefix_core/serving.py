@@ -414,10 +414,14 @@ class DecodeEngine:
 
     @staticmethod
     def _sample(r: _Request, logits: torch.Tensor) -> int:
-        probs = torch.softmax(logits / r.temperature, dim=-1)
+        probs = torch.softmax(logits.float() / r.temperature, dim=-1)
+        if not torch.isfinite(probs).all():  # a temperature so small that it divides to infinity: greedy
+            return int(logits.argmax().item())
         probs, order = probs.sort(descending=True)
-        if r.top_p < 1:
-            probs = probs * ((probs.cumsum(-1) - probs) < r.top_p)  # smallest set reaching top_p; keeps the top-1
+        if r.top_p < 1:  # the smallest set reaching top_p, never empty (a top_p that rounds to 0 keeps the top-1)
+            keep = (probs.cumsum(-1) - probs) < r.top_p
+            keep[..., 0] = True
+            probs = probs * keep
         return int(order[torch.multinomial(probs, 1, generator=r.generator)].item())
 
     def _finish_reason(self, r: _Request, token: int) -> str | None:

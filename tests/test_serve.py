@@ -211,6 +211,8 @@ def test_an_alias_moved_by_promote_is_served_without_a_restart(server, keys, reg
     ({"model": "base", "prompt": "x", "max_tokens": 401}, 400, "limit of 400"),
     ({"model": "base", "prompt": "x" * 600, "max_tokens": 5}, 400, "too long"),
     ({"model": "base"}, 400, "missing required argument 'prompt'"),
+    ({}, 400, "missing required arguments 'model' and 'prompt'"),
+    (None, 400, "the request has no body"),
     ({"model": "acme/rev@nope", "prompt": "x"}, 404, "no alias @nope"),
     ({"model": "acme/zzz@champion", "prompt": "x"}, 404, "no registered model"),
     ({"model": "not a model!", "prompt": "x"}, 400, "not a registry reference"),
@@ -251,6 +253,26 @@ def test_a_client_that_disconnects_frees_its_row(server, keys):
     assert _counter(metrics, "prefixflow_requests_cancelled_total") == before + 2
     assert _row_steps(metrics) - work < 16 * 400 / 2  # stopped well before its 16 x 400 tokens
     assert client(server, keys["*"]).completions.create(model="base", prompt="red", max_tokens=3).choices
+
+
+@pytest.mark.slow
+def test_the_openapi_document_tells_the_truth(server, keys):
+    """Schemathesis (its CLI, as a user runs it) sends requests generated from /openapi.json, valid and invalid,
+    with a client's key: no server error, and no status, content type or header the document does not list."""
+    doc = httpx.get(f"{server}/openapi.json").json()
+    statuses = {status for item in doc["paths"].values() for op in item.values() for status in op["responses"]}
+    assert "422" not in statuses and "HTTPValidationError" not in doc["components"]["schemas"]
+    answers = set(doc["paths"]["/v1/completions"]["post"]["responses"])
+    assert answers == {"200", "400", "401", "403", "404", "429", "500", "503"}
+    run = subprocess.run(
+        [str(Path(sys.executable).with_name("schemathesis")), "run", f"{server}/openapi.json",
+         "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
+                     "response_headers_conformance",
+         "--max-examples", "100", "--seed", "1", "--workers", "1", "--request-timeout", "120", "--no-color",
+         "--phases", "examples,coverage,fuzzing", "-H", f"Authorization: Bearer {keys['acme']}"],
+        capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    print(run.stdout[-1500:])  # its summary: operations, test cases, checks (pytest -rP)
 
 
 def test_overload_gets_429_and_every_admitted_request_is_answered(registry_home, keys):

@@ -230,6 +230,19 @@ def test_ignore_eos_runs_past_eos_to_max_new_tokens(tok):
     assert tokens["runs"] == want and reasons["runs"] == "length"
 
 
+def test_a_vanishing_temperature_or_top_p_samples_as_greedy(tok):
+    """A temperature or top_p so small it rounds to 0 in float32 (Schemathesis sent top_p 5e-324, and the engine
+    answered 500: every probability masked) keeps only the top token: the greedy output."""
+    base, arts = make_bank("llama")
+    prompt = [5, 9, 13]
+    engine = DecodeEngine(base, tok)
+    engine.add("greedy", prompt, arts["a"], max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    engine.add("top_p", prompt, arts["a"], max_new_tokens=6, temperature=1.0, top_p=5e-324, seed=1, ignore_eos=True)
+    engine.add("cold", prompt, arts["a"], max_new_tokens=6, temperature=5e-324, seed=1, ignore_eos=True)
+    tokens, _, _ = drive(engine)
+    assert tokens["top_p"] == tokens["greedy"] and tokens["cold"] == tokens["greedy"]
+
+
 def test_bad_requests_get_clear_errors(tok):
     base, arts = make_bank("llama")
     engine = DecodeEngine(base, tok)

@@ -39,6 +39,8 @@ from prefixflow.launch.train_job import (
     print_error,
     print_event,
     step_hook,
+    warm_start_event,
+    warm_started,
     write_artifact,
 )
 from prefixflow.launch.usage import peak_host_mb, usage_event
@@ -116,11 +118,14 @@ def run_pack(pack: PackJob) -> dict[str, Path]:
         emit = _member_emitter(name)
         try:
             model = PrefixModel(base, prefix_cfg, tokenizer=tokenizer)
+            warm_started(job, model)
             train_enc, val_enc = encode_inputs(job, tokenizer, bool(base.config.is_encoder_decoder), train_cfg,
                                                train, validation)
             emit(loaded_event(job, acc, model, train_enc, val_enc))
             trainers[name] = Trainer(model, tokenizer, train_enc, train_cfg, val_enc, job.checkpoint_dir or None,
                                      [emit], acc)
+            if (event := warm_start_event(job, trainers[name])) is not None:
+                emit(event)
         except (ValueError, PrefixError) as err:  # its settings (batch sizes, template, init text ...)
             _failed(name, err, user_error=True)
             continue

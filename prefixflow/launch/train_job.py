@@ -57,6 +57,7 @@ class TrainJob:
     output_dir: str = ""
     manifest_fields: dict = field(default_factory=dict)
     pruning: dict | None = None  # a sweep trial: {"storage", "study", "trial_id", "pruner"} (launch.pruning)
+    warm_start: str | None = None  # a prefix artifact folder to start from (services.warm_start), else a new prefix
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -230,6 +231,27 @@ def encode_inputs(job: TrainJob, tokenizer, encoder_decoder: bool, train_cfg, tr
     return train_enc, val_enc
 
 
+def warm_started(job: TrainJob, model) -> None:
+    """Load the prefix the job starts from into ``model`` (before the trainer is built); raises PrefixError when
+    it cannot continue it (another base model, another prefix shape)."""
+    if job.warm_start:
+        from prefix_core import PrefixArtifact
+
+        model.warm_start(PrefixArtifact.load(job.warm_start))
+
+
+def warm_start_event(job: TrainJob, trainer) -> dict | None:
+    """The validation loss of a warm-started prefix before any update (every rank evaluates; None when the job
+    is not warm-started, has no validation set or resumes from a checkpoint)."""
+    from prefix_core.checkpoint import complete_checkpoints
+
+    checkpoints = Path(job.checkpoint_dir) if job.checkpoint_dir else None
+    if not job.warm_start or not trainer.eval_set or (
+            checkpoints is not None and checkpoints.exists() and complete_checkpoints(checkpoints)):
+        return None
+    return {"event": "warm_start", "eval_loss": trainer.evaluate(), "from": job.manifest_fields.get("warm_start")}
+
+
 def loaded_event(job: TrainJob, acc, model, train_enc: list, val_enc: list) -> dict:
     return {"event": "loaded", "base_model": job.base_model, "strategy": job.strategy,
             "processes": acc.num_processes, "device": str(acc.device),
@@ -267,12 +289,15 @@ def run_job(job: TrainJob) -> Path | None:
         with _whole_model_loading(acc):
             base, tokenizer = load_base_model(job.base_model, device=acc.device)
         model = PrefixModel(base, prefix_cfg, tokenizer=tokenizer)
+        warm_started(job, model)
         train_enc, val_enc = encode_inputs(job, tokenizer, bool(base.config.is_encoder_decoder), train_cfg, train,
                                            validation)
         emit(loaded_event(job, acc, model, train_enc, val_enc))
         trainer = Trainer(model, tokenizer, train_enc, train_cfg, val_enc, job.checkpoint_dir or None, [emit], acc)
     except ValueError as err:  # config validation (batch sizes, template, init text ...)
         raise UserError(str(err)) from err
+    if (event := warm_start_event(job, trainer)) is not None:
+        emit(event)
     if job.pruning:
         from prefixflow.launch.pruning import pruning_hook
 

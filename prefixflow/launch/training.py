@@ -37,6 +37,7 @@ from prefixflow.services.spec import PipelineSpec
 from prefixflow.services.storage import run_dir
 from prefixflow.services.trained import TrainOutcome
 from prefixflow.services.usage import usage_metrics, usage_tags
+from prefixflow.services.warm_start import WarmStart, log_chain, plan
 
 log = logging.getLogger(__name__)
 _WATCHERS: ContextVar[tuple[Callable[[PipelineSpec, dict], None], ...]] = ContextVar("prefixflow_training_watchers",
@@ -54,15 +55,24 @@ def watching(watcher: Callable[[PipelineSpec, dict], None]) -> Iterator[None]:
         _WATCHERS.reset(token)
 
 
-def make_job(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, pruning: dict | None = None):
+def make_job(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, pruning: dict | None = None,
+             warm: WarmStart | None = None):
+    """The job file of this training; ``warm``: what ``prefix.init: champion`` became (warm_start.plan): the job
+    starts from its prefix when it is a warm start, from a random one when it is not."""
     t = spec.train
     config = t.train_config(spec.data.max_length)
-    prefix = {**spec.prefix.model_dump(), "seed": t.seed}
+    prefix = {**spec.prefix.model_dump(exclude={"init_from"}), "seed": t.seed}
+    if prefix["init"] == "champion":
+        prefix["init"] = "random"  # overwritten by the version's prefix on a warm start
     pipeline = {"client": spec.client, "task": spec.task, "run_key": run_key, "spec_hash": spec.spec_hash(),
                 "data_fingerprint": data.fingerprint}
+    fields = {"pipeline": pipeline}
+    if warm is not None:
+        fields["warm_start"] = warm.model_dump(exclude={"artifact_dir"})
     return TrainJob(base_model=spec.base_model, data_dir=data.uri, template=spec.data.template, prefix=prefix,
                     train=config.to_dict(), strategy=t.strategy, checkpoint_dir=str(folder / "checkpoints"),
-                    output_dir=str(folder / "prefix"), manifest_fields={"pipeline": pipeline}, pruning=pruning)
+                    output_dir=str(folder / "prefix"), manifest_fields=fields, pruning=pruning,
+                    warm_start=warm.artifact_dir if warm is not None else None)
 
 
 def _finished(out: Path) -> bool:
@@ -78,8 +88,8 @@ OUTCOME_FILE = "outcome.json"
 
 def _record(path: Path, progress: Progress, launched: float, landed: float) -> None:
     """Keep what the landed job said about itself, for a task retried after it landed."""
-    atomic_write(path, json.dumps({"end": progress.end, "usage": progress.usage, "launched_at": launched,
-                                   "finished_at": landed}))
+    atomic_write(path, json.dumps({"end": progress.end, "usage": progress.usage, "warm_start": progress.warm,
+                                   "launched_at": launched, "finished_at": landed}))
 
 
 def _recalled(path: Path, progress: Progress, default: tuple[float, float]) -> tuple[float, float]:
@@ -89,7 +99,8 @@ def _recalled(path: Path, progress: Progress, default: tuple[float, float]) -> t
         recorded = json.loads(path.read_text())
     except (OSError, ValueError):
         return default
-    progress.end, progress.usage = recorded.get("end") or {}, recorded.get("usage")
+    progress.end, progress.usage, progress.warm = recorded.get("end") or {}, recorded.get("usage"), \
+        recorded.get("warm_start")
     return recorded.get("launched_at", default[0]), recorded.get("finished_at", default[1])
 
 
@@ -113,6 +124,7 @@ class Progress:
         self.end: dict = {}
         self.pruned: dict | None = None  # the job's "pruned" event (a sweep trial stopped by its pruner)
         self.usage: dict | None = None  # the job's "usage" event (launch.usage): what this training cost
+        self.warm: dict | None = None  # what prefix.init: champion became, and the step-0 validation loss
         self.listeners = listeners  # called with every event (a progress artifact, the checkpoint mirror)
 
     def __call__(self, event: dict) -> None:
@@ -135,6 +147,10 @@ class Progress:
             if event.get("warning"):
                 self.logger.warning(event["warning"])
             self.logger.info("precision: %s", event["reason"])
+        elif kind == "warm_start":
+            self.warm = {**(self.warm or {}), "step0_eval_loss": event["eval_loss"]}
+            self.logger.info("warm start: validation loss %.4f at step 0, before any update", event["eval_loss"])
+            self._metrics({"eval_loss": event["eval_loss"]}, 0)
         elif kind == "resume":
             self.logger.warning("resumed from checkpoint %s (step %d)", event["path"], event["step"])
         elif kind == "loaded":
@@ -212,7 +228,12 @@ def _launch(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, 
 def _launch_locked(spec: PipelineSpec, data: PreparedData, run_key: str, folder: Path, progress: Progress,
                    logger, slot: Callable[[], AbstractContextManager], pruning: dict | None,
                    lock) -> tuple[float, float]:
-    job = make_job(spec, data, run_key, folder, pruning)
+    warm = plan(spec, data, folder, logger)
+    if warm is not None:
+        progress.warm = warm.model_dump(exclude={"artifact_dir"})
+        if warm.artifact_dir and progress.run_id:
+            log_chain(progress.run_id, warm)
+    job = make_job(spec, data, run_key, folder, pruning, warm)
     job.to_json(folder / "job.json")
     remote = remote_checkpoints_uri(spec.client, spec.task, run_key)
     mirror = CheckpointMirror(folder / "checkpoints", remote, job.train["keep_checkpoints"]) if remote else None
@@ -292,7 +313,7 @@ def train(spec: PipelineSpec, data: PreparedData, run_key: str, mlflow_run_id: s
         artifact_uri=str(out), run_dir=str(folder), steps=end.get("steps", steps[-1]["step"] if steps else 0),
         resumed_from=end.get("resumed_from"), best_eval_loss=min(evals) if evals else None,
         final_train_loss=steps[-1]["loss"] if steps else None, history_uri=str(folder / "history.json"),
-        precision=precision, usage=progress.usage,
+        precision=precision, usage=progress.usage, warm_start=progress.warm,
         seconds=time.time() - started, launched_at=launched, finished_at=landed)
 
 

@@ -7,13 +7,21 @@ One input per split, each with MLflow's context tag (``training``, ``validation`
 digest (the first 12 hex digits of the prepared data's fingerprint, as the logs print it; the whole fingerprint is
 in the profile), the schema (the two text columns read) and a profile with the split's rows and what preparation
 dropped.
+
+The rows themselves: a 16-hex-digit digest of each prepared row (all splits) in the run artifact
+``lineage/rows.txt.gz``, so a later run can tell which rows were removed since (a warm start needs to).
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
+import tempfile
+from pathlib import Path
 
-from prefixflow.services.preparation import SPLITS, PreparedData
+from prefixflow.services import boundary
+from prefixflow.services.preparation import SPLITS, PreparedData, read_split
 from prefixflow.services.spec import PipelineSpec
 
 # Deferred imports: mlflow is deferred to the calls: the CLI imports the services.
@@ -21,6 +29,7 @@ from prefixflow.services.spec import PipelineSpec
 CONTEXTS = {"train": "training", "validation": "validation", "test": "testing"}  # MLflow's context tag values
 CONTEXT_TAG = "mlflow.data.context"
 DIGEST_CHARS = 12
+ROWS_ARTIFACT = "lineage/rows.txt.gz"
 
 
 def source_of(spec: PipelineSpec, split: str) -> str:
@@ -52,6 +61,7 @@ def log_data(run_id: str, spec: PipelineSpec, data: PreparedData) -> None:
     from prefixflow.services import tracking
 
     tracking.client().log_inputs(run_id, datasets=dataset_inputs(spec, data))
+    log_rows(run_id, data)
 
 
 def logged_data(run_id: str) -> dict[str, dict]:
@@ -63,6 +73,42 @@ def logged_data(run_id: str) -> dict[str, dict]:
     for item in run.inputs.dataset_inputs:
         context = next((t.value for t in item.tags if t.key == CONTEXT_TAG), None)
         d = item.dataset
+        if context not in CONTEXTS.values():
+            continue
         found[context] = {"name": d.name, "digest": d.digest, "source": json.loads(d.source)["uri"],
                           "rows": json.loads(d.profile or "{}").get("num_rows")}
     return found
+
+
+def row_digests(data: PreparedData) -> set[str]:
+    """A 16-hex-digit digest of every prepared row (all splits)."""
+    return {hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()[:16]
+            for split in SPLITS if (Path(data.uri) / f"{split}.jsonl").exists() for row in read_split(data.uri, split)}
+
+
+def log_rows(run_id: str, data: PreparedData) -> None:
+    """Log the row digests of the run's data as ``lineage/rows.txt.gz``."""
+    from prefixflow.services import tracking
+
+    with tempfile.TemporaryDirectory(prefix="prefixflow-rows-") as tmp:
+        path = Path(tmp) / Path(ROWS_ARTIFACT).name
+        path.write_bytes(gzip.compress("\n".join(sorted(row_digests(data))).encode(), mtime=0))
+        with boundary.mlflow_calls("log_artifact", artifacts=True):
+            tracking.client().log_artifact(run_id, str(path), str(Path(ROWS_ARTIFACT).parent))
+
+
+def logged_rows(run_id: str) -> set[str] | None:
+    """The row digests a run logged, or None when it logged none (it predates the record)."""
+    import mlflow.artifacts
+
+    from prefixflow.services import tracking
+
+    with boundary.mlflow_calls("list_artifacts", artifacts=True):
+        listed = {f.path for f in tracking.client().list_artifacts(run_id, str(Path(ROWS_ARTIFACT).parent))}
+    if ROWS_ARTIFACT not in listed:
+        return None
+    with tempfile.TemporaryDirectory(prefix="prefixflow-rows-") as tmp:
+        with boundary.mlflow_calls("download_artifacts", artifacts=True):
+            got = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ROWS_ARTIFACT, dst_path=tmp,
+                                                      tracking_uri=tracking.tracking_uri())
+        return set(filter(None, gzip.decompress(Path(got).read_bytes()).decode().split("\n")))

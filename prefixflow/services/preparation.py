@@ -201,7 +201,8 @@ def _local_path_missing(uri: str) -> bool:
 
 def preflight(spec: PipelineSpec) -> None:
     """Refuse, before anything starts, inputs missing on this machine: a base model written as a local path
-    that is not a model folder, a local data file that does not exist (ModelNotFoundError / DataError).
+    that is not a model folder, a local data file that does not exist, a warm start's ``prefix.init_from`` that
+    does not resolve (ModelNotFoundError / DataError / RegistryError).
     Cheap: reads no data and loads no model; the rest is checked when the data is prepared. With one client's
     credentials in the environment (``PREFIXFLOW_CLIENT``), a spec of another client is refused (AccessDenied):
     the servers would refuse it halfway."""
@@ -213,6 +214,10 @@ def preflight(spec: PipelineSpec) -> None:
                            f"spec is client {spec.client}'s: run it with eval \"$(prefixflow stack env --client "
                            f"{spec.client})\", or as the admin with eval \"$(prefixflow stack env)\"")
     check_model_folder(spec.base_model)
+    if spec.prefix.init_from:  # a version named for a warm start must exist (its default, @champion, may not yet)
+        from prefixflow.services import registry
+
+        registry.resolve(spec.prefix.init_from)
     for uri in filter(None, (spec.data.source, spec.data.test_source)):
         if _local_path_missing(uri):
             raise DataError(f"data file {uri} does not exist: point data.source (or data.test_source) at a "

@@ -52,6 +52,13 @@ def version_tags(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, 
         tags.update({f"{system}.{m}": f"{v:.4f}" for m, v in ms.items()})
     if trained.usage:
         tags.update(usage_tags(trained.usage, with_figures=True))
+    warm = trained.warm_start or {}
+    if warm.get("cold"):
+        tags["warm_start.cold"] = warm["cold"]
+    elif warm.get("version"):
+        tags["warm_start.from"] = f"{warm['name']} v{warm['version']}"
+        if warm.get("step0_eval_loss") is not None:
+            tags["warm_start.step0_eval_loss"] = f"{warm['step0_eval_loss']:.6f}"
     return tags
 
 

@@ -19,6 +19,8 @@ from prefix_core.config import TrainConfig
 from prefix_core.template import check_template
 from prefixflow.services.errors import InputError
 
+# Deferred imports: prefixflow.services.registry (prefix_core, torch) is deferred to a spec with prefix.init_from.
+
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, description="lowercase letters, digits and inner hyphens; 1-40")]
 Metric = Literal["bleu", "chrf", "rougeL", "exact_match", "accuracy"]
@@ -67,16 +69,31 @@ class DataSpec(_Strict):
 class PrefixSpec(_Strict):
     num_virtual_tokens: int = Field(10, ge=1, le=512)
     projection_hidden: int | None = Field(512, ge=1)
-    init: Literal["random", "zero", "text"] = Field("random", description=(
-        "random; zero; text: the prefix starts as the keys/values of init_text run through the frozen base"))
+    init: Literal["random", "zero", "text", "champion"] = Field("random", description=(
+        "random; zero; text: the prefix starts as the keys/values of init_text run through the frozen base; "
+        "champion: a warm start from a registered version's trainable state (init_from; random when there is none "
+        "yet, or when rows it was trained on were removed from the data)"))
     init_text: str | None = Field(None, description=(
         "for init: text; default: the task's first training targets (enough for num_virtual_tokens tokens)"))
+    init_from: str | None = Field(None, description=(
+        "for init: champion: the version to start from, a registry reference (CLIENT/TASK@ALIAS, "
+        "CLIENT/TASK/VERSION, models:/NAME@ALIAS); default: this client/task's @champion"))
 
     @model_validator(mode="after")
-    def _init_text_only_for_text(self) -> PrefixSpec:
+    def _init_options_match_init(self) -> PrefixSpec:
         if self.init_text and self.init != "text":
             raise ValueError(f"prefix.init_text is set but prefix.init is {self.init!r}, so it would be ignored; "
                              "set prefix.init: text or remove init_text")
+        if self.init_from and self.init != "champion":
+            raise ValueError(f"prefix.init_from is set but prefix.init is {self.init!r}, so it would be ignored; "
+                             "set prefix.init: champion or remove init_from")
+        if self.init_from:
+            from prefixflow.services.registry import parse_ref  # loads prefix_core: only when a reference is given
+
+            try:
+                parse_ref(self.init_from)
+            except InputError as err:
+                raise ValueError(f"prefix.init_from: {err}") from None
         return self
 
 

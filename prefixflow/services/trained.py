@@ -18,4 +18,5 @@ class TrainOutcome(BaseModel):
     launched_at: float  # when the launch began (after waiting for a training slot and GPUs)
     finished_at: float  # when the launch ended
     pruned: bool = False  # a sweep trial stopped early by its pruner (no artifact)
+    warm_start: dict | None = None  # what prefix.init: champion became (services.warm_start.WarmStart) + step-0 loss
     usage: dict | None = None  # the job's usage event (launch.usage), kept with the prefix (outcome.json)

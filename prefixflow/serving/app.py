@@ -17,13 +17,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from prefix_core.template import render
 from prefixflow.services import registry
 from prefixflow.serving import openai_api as oa
+from prefixflow.serving import openapi_doc
 from prefixflow.serving.bank import BASE, Prefix
 from prefixflow.serving.keys import Caller
 from prefixflow.serving.server import Choice, ServeConfig, Server
@@ -44,6 +45,7 @@ def create_app(server: Server) -> FastAPI:
 
     app = FastAPI(title="prefixflow serve", version="1", lifespan=lifespan)
     app.state.server = server
+    openapi_doc.install(app)
 
     @app.exception_handler(oa.APIError)
     async def api_error(request: Request, err: oa.APIError):
@@ -68,16 +70,16 @@ def create_app(server: Server) -> FastAPI:
         return JSONResponse({"status": status, "base": server.base_name, "error": server.load_error},
                             status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=openapi_doc.responses("/metrics"), response_class=PlainTextResponse)
     async def metrics():
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=openapi_doc.responses("/v1/models"))
     async def list_models(authorization: str | None = Header(None)):
         caller = authorize(authorization)
         return {"object": "list", "data": await run_in_threadpool(_models, caller)}
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", responses=openapi_doc.responses("/v1/models/{model}"))
     async def get_model(model: str, authorization: str | None = Header(None)):
         caller = authorize(authorization)
         if model != BASE:
@@ -96,7 +98,7 @@ def create_app(server: Server) -> FastAPI:
                              "owned_by": client or "prefixflow"})
         return data
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=openapi_doc.responses("/v1/completions"))
     async def completions(body: oa.CompletionRequest, request: Request, authorization: str | None = Header(None)):
         caller = authorize(authorization)
         prefix = await server.prefix_for(body.model, caller)
@@ -113,7 +115,7 @@ def create_app(server: Server) -> FastAPI:
         limit = body.max_tokens or 16
         return await _generate(request, body, caller, prefix, ids, limit, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=openapi_doc.responses("/v1/chat/completions"))
     async def chat(body: oa.ChatRequest, request: Request, authorization: str | None = Header(None)):
         caller = authorize(authorization)
         prefix = await server.prefix_for(body.model, caller)

@@ -45,7 +45,9 @@ class _Sampling(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, description=(
+        "base (the base model, no prefix), or a registered prefix: CLIENT/TASK@ALIAS, CLIENT/TASK/VERSION, "
+        "models:/NAME@ALIAS or models:/NAME/VERSION"), examples=["acme/e2e@champion", "acme/e2e/3", "base"])
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=16)
@@ -170,8 +172,12 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
         msg = f"unrecognized request argument {param!r}; prefixflow serve follows the OpenAI API"
     elif first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
+    elif first.get("type") == "missing" and param is None:
+        return "the request has no body: send a JSON object with model and prompt (or messages)", None
     elif first.get("type") == "missing":
-        msg = f"missing required argument {param!r}"
+        missing = [".".join(str(p) for p in e["loc"] if p != "body") for e in errors if e.get("type") == "missing"]
+        names = " and ".join(repr(m) for m in missing)
+        return f"missing required argument{'s' if len(missing) > 1 else ''} {names}", param
     elif param:
         msg = f"{param}: {msg}"
     return msg + (f" ({len(errors) - 1} more problem(s))" if len(errors) > 1 else ""), param
