@@ -25,11 +25,18 @@ def champion(env):
     """warm/rev v1, trained cold: the version the tests start from."""
     from prefixflow.flows.pipeline import prefix_pipeline
 
-    return prefix_pipeline(parse_spec(spec_dict(env["model"], env["data"], client="warm")), run_key="cold")
+    return prefix_pipeline(parse_spec(_spec(env, env["data"])), run_key="cold")
+
+
+def _spec(env, data) -> dict:
+    """warm/rev's spec, scored with chrF too (never 0 for a tiny model's output, unlike its BLEU)."""
+    d = spec_dict(env["model"], data, client="warm")
+    d["evaluate"]["metrics"] = ["bleu", "chrf", "exact_match"]
+    return d
 
 
 def _warm(env, data=None, **prefix) -> dict:
-    d = spec_dict(env["model"], data or env["data"], client="warm")
+    d = _spec(env, data or env["data"])
     d["prefix"] = {**d["prefix"], "init": "champion", **prefix}
     return d
 
@@ -63,6 +70,10 @@ def test_a_warm_start_begins_where_the_champion_ended(env, champion):
     splits = ("test", "train", "validation")
     assert sorted(inherited) == sorted((f"warm/rev:{s} via warm-rev v1", digest) for s in splits)
     assert set(lineage.logged_data(result.mlflow_run_id)) == {"training", "validation", "testing"}
+    # the same test set and v1 is the champion compared: its scores on v1's test set are the main comparison's
+    assert result.report.warm_start_test == {"version": "warm-rev v1", "test_sources": result.report.test_sources,
+                                             "metrics": {"candidate": result.report.metrics["candidate"],
+                                                         "started_from": result.report.metrics["champion"]}}
 
 
 def test_rows_added_start_warm_and_rows_removed_start_cold(env, champion, tmp_path):
@@ -73,6 +84,19 @@ def test_rows_added_start_warm_and_rows_removed_start_cold(env, champion, tmp_pa
     fewer = write_task(tmp_path / "fewer.jsonl", n=100)  # 20 of the rows v1 learned from are gone
     added = prefix_pipeline(parse_spec(_warm(env, more, init_from="warm/rev/1")), run_key="added")
     assert added.trained.warm_start["version"] == "1" and added.trained.warm_start["step0_eval_loss"] > 0
+    # scored on v1's own test set too (another split of the new data here), beside v1: v1 scores there exactly as
+    # it did in its own evaluation
+    on_v1 = added.report.warm_start_test
+    assert on_v1["version"] == "warm-rev v1" and on_v1["test_sources"] == champion.report.test_sources
+    sources = [{row["source"] for row in run.report.samples} for run in (added, champion)]
+    assert sources[0] != sources[1]  # this run's test set is another one than v1's
+    assert on_v1["metrics"]["started_from"] == champion.report.metrics["candidate"]
+    assert champion.report.metrics["candidate"]["chrf"] > 0 and set(on_v1["metrics"]["candidate"]) == {
+        "bleu", "chrf", "exact_match"}
+    assert "on warm-rev v1's own test set: bleu" in added.report.gate.reason
+    tags = tracking.client().get_model_version("warm-rev", added.registration.version).tags
+    assert float(tags["warm_start.test.started_from.chrf"]) == pytest.approx(
+        champion.report.metrics["candidate"]["chrf"], abs=1e-4)
     removed = prefix_pipeline(parse_spec(_warm(env, fewer, init_from="warm/rev/1")), run_key="removed")
     cold = removed.trained.warm_start
     assert cold["version"] == "1" and "no longer in the data" in cold["cold"]
@@ -101,7 +125,7 @@ def test_a_version_that_cannot_be_continued_is_refused_and_nothing_changes(env, 
     from prefixflow.flows.pipeline import prefix_pipeline
     from support.tiny_models import char_tokenizer, make_base
 
-    d = _warm(env)
+    d = _warm(env, init_from="warm/rev/1")  # v1: trained on this data (the champion may have been trained on more)
     if change.get("base_model"):  # the same shapes, other weights
         other = env["root"] / "other-llama"
         if not other.exists():

@@ -1,7 +1,9 @@
 """evaluate_prefix: generate on the test split with the candidate prefix, the bare base model (the
 baseline: same template, no prefix) and the current champion if there is one, all in one mixed-prefix
 batch per step (with the rows of the other evaluations running in this process: eval_batching); score them;
-decide the gate; log metrics, a sample table and the loss curve to MLflow.
+decide the gate; log metrics, a sample table and the loss curve to MLflow. A warm-started candidate is also
+scored, beside the version it started from, on that version's own test set (logged with its run), so forgetting
+shows (``warm_start_test`` in the report, the gate's reason, metrics and version tags).
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from prefixflow.services import registry, tracking
+from prefixflow.services import lineage, registry, tracking
 from prefixflow.services.eval_batching import POOL
 from prefixflow.services.metrics import score_all
 from prefixflow.services.preparation import PreparedData, read_split
 from prefixflow.services.spec import GateSpec, PipelineSpec
 from prefixflow.services.trained import TrainOutcome
 
-# Deferred imports: prefix_core (torch), transformers and matplotlib are deferred to the functions that use them.
+# Deferred imports: prefix_core (torch), transformers, matplotlib and services.warm_start (prefix_core) are deferred
+# to the functions that use them.
 
 SYSTEMS = ("candidate", "baseline", "champion")
 SHARED_BASES = 2  # base models kept loaded for the evaluations of one process (the most recently used)
@@ -73,6 +76,9 @@ class EvalReport(BaseModel):
     test_sources: int
     seconds: float
     precision: dict | None = None  # prefix_core.precision.Precision.to_dict(): the base's dtype for generation
+    # a warm-started candidate on the test set of the version it started from: {"version": "NAME vN",
+    # "test_sources": N, "metrics": {"candidate": {...}, "started_from": {...}}}
+    warm_start_test: dict | None = None
 
 
 def decide_gate(gate: GateSpec, metrics: dict[str, dict[str, float]]) -> GateDecision:
@@ -90,10 +96,11 @@ def decide_gate(gate: GateSpec, metrics: dict[str, dict[str, float]]) -> GateDec
     return GateDecision(metric=m, passed=passed, reason=", ".join(reasons))
 
 
-def test_set(data_uri: str, limit: int | None) -> tuple[list[str], list[list[str]]]:
-    """Distinct test sources (in order) and all references of each."""
+def test_set(data_uri: str, limit: int | None, rows: list[dict] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Distinct test sources (in order) and all references of each (of ``rows`` when given, else of the prepared
+    data's test split)."""
     refs: dict[str, list[str]] = {}
-    for row in read_split(data_uri, "test"):
+    for row in rows if rows is not None else read_split(data_uri, "test"):
         refs.setdefault(row["source"], []).append(row["target"])
     sources = list(refs)[:limit] if limit else list(refs)
     return sources, [refs[s] for s in sources]
@@ -115,13 +122,14 @@ def newline_stop_ids(tokenizer) -> list[int]:
 
 
 def generate_all(base, tokenizer, prefixes: dict, template: str, sources: list[str], batch_size: int,
-                 max_new_tokens: int, single_line: bool, decoding: dict | None = None) -> dict[str, list[str]]:
+                 max_new_tokens: int, single_line: bool, decoding: dict | None = None,
+                 systems: tuple[str, ...] = SYSTEMS) -> dict[str, list[str]]:
     """Generations of each system for every source: ``{system: [text, ...]}``, greedy or with the beam search
     of ``decoding`` (HF generate kwargs: ``num_beams``, ``length_penalty``, ``no_repeat_ngram_size``), the same
     decoding for every system. Systems are mixed in one batch (the baseline is the ``None`` prefix), and with the
     requests of other evaluations running in this process at the same time (``eval_batching.POOL``); each row
     computes what it would alone. ``single_line``: answers end at the first newline (decoding stops there)."""
-    systems = ["candidate", "baseline", *(["champion"] if "champion" in prefixes else [])]
+    systems = [n for n in systems if n == "baseline" or n in prefixes]
     requests = [(name, s) for s in sources for name in systems]
     prompts = [(None if n == "baseline" else n, _render(prefixes[n] if n != "baseline" else None, template, s))
                for n, s in requests]
@@ -200,12 +208,50 @@ def _evaluate(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, mlf
     gate = decide_gate(spec.evaluate.gate, metrics)
     samples = [{"source": s, "reference": r[0], **{n: outputs[n][i] for n in outputs}}
                for i, (s, r) in enumerate(zip(sources, refs, strict=True))]
-    report = EvalReport(metrics=metrics, champion_version=champion_version if "champion" in prefixes else None,
-                        champion_note=note, gate=gate, samples=samples[:20], test_sources=len(sources),
-                        seconds=time.time() - t0, precision=precision.to_dict())
+    compared = champion_version if "champion" in prefixes else None
+    old_test = _on_started_from_test(spec, trained, base, tokenizer, prefixes["candidate"],
+                                     (sources, metrics, compared))
+    if old_test is not None:
+        m, ms = spec.evaluate.gate.metric, old_test["metrics"]
+        gate.reason += (f"; on {old_test['version']}'s own test set: {m} {ms['candidate'][m]:.2f} vs "
+                        f"{ms['started_from'][m]:.2f} for {old_test['version']}")
+    report = EvalReport(metrics=metrics, champion_version=compared, champion_note=note, gate=gate,
+                        samples=samples[:20], test_sources=len(sources), seconds=time.time() - t0,
+                        precision=precision.to_dict(), warm_start_test=old_test)
     if mlflow_run_id:
         _log(mlflow_run_id, report, samples, trained)
     return report
+
+
+def _on_started_from_test(spec: PipelineSpec, trained: TrainOutcome, base, tokenizer, candidate, main: tuple
+                          ) -> dict | None:
+    """A warm-started candidate and the version it started from, scored on that version's own test set (None for
+    a cold start, or a version that logged no test set). ``main``: (sources, metrics, champion version compared)
+    of the main evaluation, reused when it already was this comparison."""
+    from prefix_core import PrefixArtifact
+    from prefixflow.services.warm_start import FOLDER
+
+    warm = trained.warm_start or {}
+    folder = Path(trained.run_dir) / FOLDER
+    if not warm.get("version") or warm.get("cold") or not warm.get("run_id") or not (folder / "manifest.json").exists():
+        return None
+    rows = lineage.logged_test_split(warm["run_id"])
+    if not rows:
+        log.warning("%s v%s logged no test set: the candidate is not scored on it", warm["name"], warm["version"])
+        return None
+    label = f"{warm['name']} v{warm['version']}"
+    sources, refs = test_set("", spec.evaluate.max_examples, rows)
+    main_sources, main_metrics, compared = main
+    if sources == main_sources and compared == warm["version"]:  # the main comparison already is this one
+        metrics = {"candidate": main_metrics["candidate"], "started_from": main_metrics["champion"]}
+    else:
+        single_line = not any("\n" in r for rs in refs for r in rs)
+        outputs = generate_all(base, tokenizer, {"candidate": candidate, "champion": PrefixArtifact.load(folder)},
+                               spec.data.template, sources, spec.evaluate.batch_size, spec.evaluate.max_new_tokens,
+                               single_line, spec.evaluate.decoding(), systems=("candidate", "champion"))
+        metrics = {"candidate": score_all(spec.evaluate.metrics, outputs["candidate"], refs),
+                   "started_from": score_all(spec.evaluate.metrics, outputs["champion"], refs)}
+    return {"version": label, "test_sources": len(sources), "metrics": metrics}
 
 
 def _log(run_id: str, report: EvalReport, samples: list[dict], trained: TrainOutcome) -> None:
@@ -217,6 +263,9 @@ def _log(run_id: str, report: EvalReport, samples: list[dict], trained: TrainOut
                                      "evaluate.precision_reason": report.precision["reason"]})
     tracking.log_metrics(run_id, {f"{'test' if n == 'candidate' else n}_{m}": v
                                   for n, ms in report.metrics.items() for m, v in ms.items()})
+    if report.warm_start_test:
+        tracking.log_metrics(run_id, {f"warm_start_test_{n}_{m}": v
+                                      for n, ms in report.warm_start_test["metrics"].items() for m, v in ms.items()})
     c.log_table(run_id, data={k: [s[k] for s in samples] for k in samples[0]}, artifact_file="eval/samples.json")
     c.log_dict(run_id, report.model_dump(mode="json", exclude={"samples"}), "eval/report.json")
     history = json.loads(Path(trained.history_uri).read_text()) if trained.history_uri else []

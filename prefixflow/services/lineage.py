@@ -9,7 +9,8 @@ in the profile), the schema (the two text columns read) and a profile with the s
 dropped.
 
 The rows themselves: a 16-hex-digit digest of each prepared row (all splits) in the run artifact
-``lineage/rows.txt.gz``, so a later run can tell which rows were removed since (a warm start needs to).
+``lineage/rows.txt.gz``, so a later run can tell which rows were removed since (a warm start needs to), and the
+test split itself (``lineage/test.jsonl.gz``), on which a run warm-started from this one is also scored.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ CONTEXTS = {"train": "training", "validation": "validation", "test": "testing"} 
 CONTEXT_TAG = "mlflow.data.context"
 DIGEST_CHARS = 12
 ROWS_ARTIFACT = "lineage/rows.txt.gz"
+TEST_ARTIFACT = "lineage/test.jsonl.gz"
 
 
 def source_of(spec: PipelineSpec, split: str) -> str:
@@ -87,28 +89,46 @@ def row_digests(data: PreparedData) -> set[str]:
 
 
 def log_rows(run_id: str, data: PreparedData) -> None:
-    """Log the row digests of the run's data as ``lineage/rows.txt.gz``."""
-    from prefixflow.services import tracking
-
-    with tempfile.TemporaryDirectory(prefix="prefixflow-rows-") as tmp:
-        path = Path(tmp) / Path(ROWS_ARTIFACT).name
-        path.write_bytes(gzip.compress("\n".join(sorted(row_digests(data))).encode(), mtime=0))
-        with boundary.mlflow_calls("log_artifact", artifacts=True):
-            tracking.client().log_artifact(run_id, str(path), str(Path(ROWS_ARTIFACT).parent))
+    """Log the row digests of the run's data (``lineage/rows.txt.gz``) and its test split
+    (``lineage/test.jsonl.gz``)."""
+    _log_gz(run_id, ROWS_ARTIFACT, "\n".join(sorted(row_digests(data))))
+    test = read_split(data.uri, "test") if (Path(data.uri) / "test.jsonl").exists() else []
+    _log_gz(run_id, TEST_ARTIFACT, "".join(json.dumps(row, sort_keys=True) + "\n" for row in test))
 
 
 def logged_rows(run_id: str) -> set[str] | None:
     """The row digests a run logged, or None when it logged none (it predates the record)."""
+    text = _logged_gz(run_id, ROWS_ARTIFACT)
+    return None if text is None else set(filter(None, text.split("\n")))
+
+
+def logged_test_split(run_id: str) -> list[dict] | None:
+    """The test rows (``source``, ``target``) a run logged, or None when it logged none."""
+    text = _logged_gz(run_id, TEST_ARTIFACT)
+    return None if text is None else [json.loads(line) for line in text.splitlines() if line]
+
+
+def _log_gz(run_id: str, artifact: str, text: str) -> None:
+    from prefixflow.services import tracking
+
+    with tempfile.TemporaryDirectory(prefix="prefixflow-lineage-") as tmp:
+        path = Path(tmp) / Path(artifact).name
+        path.write_bytes(gzip.compress(text.encode(), mtime=0))
+        with boundary.mlflow_calls("log_artifact", artifacts=True):
+            tracking.client().log_artifact(run_id, str(path), str(Path(artifact).parent))
+
+
+def _logged_gz(run_id: str, artifact: str) -> str | None:
     import mlflow.artifacts
 
     from prefixflow.services import tracking
 
     with boundary.mlflow_calls("list_artifacts", artifacts=True):
-        listed = {f.path for f in tracking.client().list_artifacts(run_id, str(Path(ROWS_ARTIFACT).parent))}
-    if ROWS_ARTIFACT not in listed:
+        listed = {f.path for f in tracking.client().list_artifacts(run_id, str(Path(artifact).parent))}
+    if artifact not in listed:
         return None
-    with tempfile.TemporaryDirectory(prefix="prefixflow-rows-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="prefixflow-lineage-") as tmp:
         with boundary.mlflow_calls("download_artifacts", artifacts=True):
-            got = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ROWS_ARTIFACT, dst_path=tmp,
+            got = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=tmp,
                                                       tracking_uri=tracking.tracking_uri())
-        return set(filter(None, gzip.decompress(Path(got).read_bytes()).decode().split("\n")))
+        return gzip.decompress(Path(got).read_bytes()).decode()

@@ -50,6 +50,8 @@ def version_tags(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, 
     }
     for system, ms in report.metrics.items():
         tags.update({f"{system}.{m}": f"{v:.4f}" for m, v in ms.items()})
+    for system, ms in (report.warm_start_test or {}).get("metrics", {}).items():  # on the started-from test set
+        tags.update({f"warm_start.test.{system}.{m}": f"{v:.4f}" for m, v in ms.items()})
     if trained.usage:
         tags.update(usage_tags(trained.usage, with_figures=True))
     warm = trained.warm_start or {}
