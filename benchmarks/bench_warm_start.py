@@ -15,8 +15,8 @@ What it does, all in one process on SmolLM2-135M-Instruct (fp32, the prefix_core
 4. warm: ``PrefixModel.warm_start(champion's artifact)`` (embedding and MLP), then ``--steps`` steps on all train
    rows, the same schedule as cold (warmup, linear decay, learning rate).
 5. validation loss every ``--eval-every`` steps for both (the same validation rows); the warm run's loss at
-   step 0 is the champion's best (the state it starts from); "steps to match" is the first validation step at
-   which warm is at or below cold's final validation loss (target: at most 30% of the steps).
+   step 0 is the champion's best (the state it starts from); "steps to match" is the first validation step after
+   training began at which warm is at or below cold's final validation loss (target: at most 30% of the steps).
 6. BLEU (sacrebleu, all references of each test MR) of champion, cold and warm at the end, greedy, on the first
    ``--limit-test`` test MRs (target: warm not lower than cold).
 """
@@ -81,6 +81,12 @@ def trained(name: str, model: PrefixModel, tok, rows, val, cfg: TrainConfig) -> 
             "best_eval_loss": res.best_eval_loss}
 
 
+def steps_to_match(curve: list[tuple[int, float]], target: float) -> int | None:
+    """The first validation step after training began (step > 0) at which the loss is at or below ``target``:
+    the first update restarts the learning-rate schedule, which can lift a warm start above where it began."""
+    return next((step for step, loss in curve if step > 0 and loss <= target), None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=500)
@@ -142,7 +148,7 @@ def main() -> None:
     artifacts["warm"] = warm.export(prompt_template=TEMPLATE)
 
     target = systems["cold"]["curve"][-1][1]
-    match = next((step for step, loss in systems["warm"]["curve"] if loss <= target), None)
+    match = steps_to_match(systems["warm"]["curve"], target)
     gen = MultiPrefixGenerator(base, tok, artifacts)
     order = length_order(tok, prompts)
     for name in artifacts:
@@ -159,6 +165,7 @@ def main() -> None:
         "code": git_state(), "machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
         "rows": {"champion": len(half), "all": len(train_ex), "validation": len(val_ex), "test_mrs": len(test_mrs)},
         "cold_final_eval_loss": target, "warm_step0_eval_loss": step0,
+        "warm_below_cold_final_at_step0": step0 <= target,
         "warm_steps_to_match_cold": match,
         "warm_steps_to_match_fraction": None if match is None else match / args.steps,
         "targets": {"steps_fraction_at_most": 0.30, "warm_bleu_not_lower": True},
