@@ -256,7 +256,7 @@ def test_a_client_that_disconnects_frees_its_row(server, keys):
 
 
 @pytest.mark.slow
-def test_the_openapi_document_tells_the_truth(server, keys):
+def test_the_openapi_document_tells_the_truth(server, keys, tmp_path):
     """Schemathesis (its CLI, as a user runs it) sends requests generated from /openapi.json, valid and invalid,
     with a client's key: no server error, and no status, content type or header the document does not list."""
     doc = httpx.get(f"{server}/openapi.json").json()
@@ -270,7 +270,7 @@ def test_the_openapi_document_tells_the_truth(server, keys):
                      "response_headers_conformance",
          "--max-examples", "100", "--seed", "1", "--workers", "1", "--request-timeout", "120", "--no-color",
          "--phases", "examples,coverage,fuzzing", "-H", f"Authorization: Bearer {keys['acme']}"],
-        capture_output=True, text=True, timeout=900)
+        capture_output=True, text=True, timeout=900, cwd=tmp_path)  # its .schemathesis/ cache lands there
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     print(run.stdout[-1500:])  # its summary: operations, test cases, checks (pytest -rP)
 
