@@ -51,7 +51,9 @@ def test_a_full_disk_mid_training_ends_in_one_message_and_the_rerun_registers_on
     spec.write_text(yaml.safe_dump(spec_dict(save_tiny_model(tmp_path / "model"), write_task(tmp_path / "d.jsonl"),
                                              client="full", task="disk")))
     env = {**os.environ, "PREFIXFLOW_HOME": str(state), "PREFECT_HOME": str(state / "prefect"), "COLUMNS": "200"}
-    for k in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
+    # the embedded API; and no retry of its 500s, which an earlier test of this worker that ran against a Prefect
+    # server may have left in the environment (settings.SERVER_DEFAULTS): each call would back off for minutes
+    for k in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_CLIENT_RETRY_EXTRA_CODES"):
         env.pop(k, None)
     command = [str(Path(sys.executable).with_name("prefixflow")), "run", str(spec), "--run-key", "full"]
 
