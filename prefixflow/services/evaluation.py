@@ -96,11 +96,15 @@ def decide_gate(gate: GateSpec, metrics: dict[str, dict[str, float]]) -> GateDec
     return GateDecision(metric=m, passed=passed, reason=", ".join(reasons))
 
 
-def test_set(data_uri: str, limit: int | None, rows: list[dict] | None = None) -> tuple[list[str], list[list[str]]]:
-    """Distinct test sources (in order) and all references of each (of ``rows`` when given, else of the prepared
-    data's test split)."""
+def test_set(data_uri: str, limit: int | None) -> tuple[list[str], list[list[str]]]:
+    """Distinct test sources (in order) and all references of each, of the prepared data's test split."""
+    return references(read_split(data_uri, "test"), limit)
+
+
+def references(rows: list[dict], limit: int | None) -> tuple[list[str], list[list[str]]]:
+    """Distinct sources of ``rows`` (in order, the first ``limit``) and all references of each."""
     refs: dict[str, list[str]] = {}
-    for row in rows if rows is not None else read_split(data_uri, "test"):
+    for row in rows:
         refs.setdefault(row["source"], []).append(row["target"])
     sources = list(refs)[:limit] if limit else list(refs)
     return sources, [refs[s] for s in sources]
@@ -240,7 +244,7 @@ def _on_started_from_test(spec: PipelineSpec, trained: TrainOutcome, base, token
         log.warning("%s v%s logged no test set: the candidate is not scored on it", warm["name"], warm["version"])
         return None
     label = f"{warm['name']} v{warm['version']}"
-    sources, refs = test_set("", spec.evaluate.max_examples, rows)
+    sources, refs = references(rows, spec.evaluate.max_examples)
     main_sources, main_metrics, compared = main
     if sources == main_sources and compared == warm["version"]:  # the main comparison already is this one
         metrics = {"candidate": main_metrics["candidate"], "started_from": main_metrics["champion"]}
