@@ -144,12 +144,12 @@ def test_train_job_json_round_trip(tmp_path):
 def test_single_run_reports_events_and_writes_the_artifact(work):
     job, events, _ = reference(work, "single")
     kinds = [e["event"] for e in events]
-    assert kinds[0] == "loaded" and kinds[-3:] == ["end", "usage", "artifact"]
-    usage = events[-2]  # what the job cost (launch.usage)
+    assert kinds[0] == "loaded" and kinds[-3:] == ["end", "artifact", "usage"]  # the work first, then its cost
+    usage = events[-1]  # what the job cost (launch.usage)
     assert usage["processes"] == 1 and usage["tokens"] > 0 and usage["cpu_s"] > 0 and usage["gpu_s"] == 0
     assert [e["step"] for e in events if e["event"] == "checkpoint"] == [4, 8]
     assert [e["step"] for e in events if e["event"] == "eval"] == [4, 8]
-    art = PrefixArtifact.load(events[-1]["path"])
+    art = PrefixArtifact.load(events[-2]["path"])
     assert art.manifest["client"] == "acme" and art.manifest["data_fingerprint"] == "abc123"
     assert art.manifest["training"]["strategy"] == "single" and art.manifest["training"]["steps"] == 8
     assert art.prompt_template == TEMPLATE

@@ -170,6 +170,23 @@ def test_hang_kills_the_whole_group(monkeypatch, tmp_path):
     assert took < 15
 
 
+def test_a_job_that_lingers_after_its_artifact_is_stopped_soon_and_says_it_was_done(monkeypatch, tmp_path):
+    """Once the job's artifact event came, its processes get TEARDOWN_GRACE_S (not the hang timeout) to exit,
+    and the result says the work was done; without the event, the same silence waits for the hang timeout."""
+    monkeypatch.setattr(gang_mod, "TEARDOWN_GRACE_S", 1.0)
+    done = ("import json, time; print('PREFIXFLOW_EVENT ' + json.dumps({'event': 'artifact', 'path': 'p'}), "
+            "flush=True); time.sleep(600)")
+    t = time.monotonic()
+    res = run_launch(Launch([sys.executable, "-c", done], {}), lambda e: None, log_file=tmp_path / "log",
+                     hang_timeout_s=120)
+    assert res.reason == "hung" and res.done and "artifact was written" in res.error
+    assert time.monotonic() - t < 30
+    member = done.replace("'path': 'p'", "'path': 'p', 'member': 'm'")  # a pack member's: the pack goes on
+    res = run_launch(Launch([sys.executable, "-c", member], {}), lambda e: None, log_file=tmp_path / "log2",
+                     hang_timeout_s=3)
+    assert res.reason == "hung" and not res.done and "no output for 3 s" in res.error
+
+
 def test_a_queued_launch_is_not_hung_before_its_first_output(tmp_path):
     """A scheduler's launch (srun) prints nothing while it waits for nodes: that is not a hang."""
     code = "import time; time.sleep(3); print('started', flush=True); time.sleep(0.5); print('done', flush=True)"
@@ -302,3 +319,28 @@ def test_a_task_retried_after_its_training_landed_returns_what_that_training_did
     assert again.artifact_uri == landed.artifact_uri
     keep = ("steps", "resumed_from", "usage", "launched_at", "finished_at", "final_train_loss", "precision")
     assert again.model_dump(include=set(keep)) == landed.model_dump(include=set(keep))
+
+
+def test_a_training_whose_processes_hang_after_writing_the_prefix_lands(tmp_path, monkeypatch, caplog):
+    """A rank that hangs in the job's teardown, after the prefix is written (CI saw a ddp launch do this under
+    load): the group is stopped TEARDOWN_GRACE_S later and the training lands with its outcome, usage included,
+    instead of failing and retrying a finished job."""
+    from prefixflow.launch.training import train
+    from prefixflow.services.preparation import prepare
+    from prefixflow.services.spec import parse_spec
+    from support.faults import linger_fault
+    from support.pipeline import save_tiny_model, spec_dict, write_task
+
+    monkeypatch.setattr(gang_mod, "TEARDOWN_GRACE_S", 2.0)
+    monkeypatch.setenv("PREFIXFLOW_HOME", str(tmp_path / "state"))
+    spec = parse_spec(spec_dict(save_tiny_model(tmp_path / "model"), write_task(tmp_path / "d.jsonl"), client="lg"))
+    for key, value in linger_fault(0, 6).items():
+        monkeypatch.setenv(key, value)
+    t = time.monotonic()
+    with caplog.at_level("WARNING"):
+        landed = train(spec, prepare(spec), "r")
+    assert landed.steps == 6 and landed.usage and landed.usage["tokens"] > 0
+    assert "the prefix is complete and kept" in caplog.text
+    assert time.monotonic() - t < spec.train.hang_timeout_s
+    recalled = json.loads((Path(landed.run_dir) / "outcome.json").read_text())
+    assert recalled["usage"] == landed.usage

@@ -106,7 +106,7 @@ def test_launch_two_machines_on_cpu(tmp_path):
     assert "--machine_rank 0" in outs[0] and "--machine_rank 1" in outs[1]
     events = [json.loads(line.split(" ", 1)[1]) for line in outs[0].splitlines() if line.startswith("PREFIXFLOW_EVENT")]
     assert next(e for e in events if e["event"] == "loaded")["processes"] == 2
-    assert events[-1]["event"] == "artifact"
+    assert [e["event"] for e in events[-2:]] == ["artifact", "usage"] and events[-1]["processes"] == 2
     assert PrefixArtifact.load(run / "prefix").manifest["training"]["steps"] == 4
     assert (run / "train-machine0.log").exists() and (run / "train-machine1.log").exists()
 

@@ -9,6 +9,9 @@
   process is gone and the group is still alive ``GANG_GRACE_S`` later, the whole group is killed;
 * a hang (no output line for ``hang_timeout_s``) kills the group: SIGTERM, then SIGKILL after
   ``TERM_GRACE_S``; reason ``hung``;
+* once the job says its work is written (an ``artifact`` event of a single job), its processes get
+  ``TEARDOWN_GRACE_S`` to exit; ``done`` tells the caller the artifact event came, whatever happened after
+  (a process-group teardown can hang: pytorch/pytorch#75097);
 * whatever way the launcher ends, every process left in its group is killed, so no rank outlives
   the call;
 * one launch of a run at a time (:class:`RunLock`, by default on ``.LOG.lock``): the group inherits the lock,
@@ -44,6 +47,7 @@ TAIL_LINES = 40
 TERM_GRACE_S = processes.TERM_GRACE_S  # SIGTERM -> SIGKILL
 GANG_GRACE_S = 60.0  # a rank is gone: the rest of the group must be gone this much later
 POLL_S = 0.25
+TEARDOWN_GRACE_S = 60.0  # after a job's artifact event: how long its processes may take to exit
 
 
 @dataclass
@@ -52,6 +56,7 @@ class LaunchResult:
     reason: str  # "ok" | "failed" | "hung" | "user_error"
     error: str | None  # the PREFIXFLOW_ERROR message, or a one-line summary of the failure
     tail: list[str]  # last ~40 output lines
+    done: bool = False  # the job's artifact event came (its work was written), whatever the reason
 
 
 
@@ -201,6 +206,7 @@ def run_launch(launch: Launch, on_event: Callable[[dict], None], *, log_file: Pa
     summary_lines: deque[str] = deque(maxlen=400)  # enough for torchrun's failure report
     user_error: str | None = None
     forced: tuple[str, str] | None = None  # (reason, error) when we tore the group down
+    done = False  # a single job's artifact event was seen
     lines: queue.Queue = queue.Queue()
 
     with open(log_file, "a", encoding="utf-8") as log:
@@ -215,7 +221,7 @@ def run_launch(launch: Launch, on_event: Callable[[dict], None], *, log_file: Pa
         reader.start()
 
         def handle(line: str) -> None:
-            nonlocal user_error
+            nonlocal user_error, done
             log.write(line + "\n")
             log.flush()
             tail.append(line)
@@ -226,6 +232,7 @@ def run_launch(launch: Launch, on_event: Callable[[dict], None], *, log_file: Pa
                 except json.JSONDecodeError:
                     return
                 on_event(event)
+                done = done or (event.get("event") == "artifact" and "member" not in event)
             elif line.startswith(ERROR_PREFIX) and user_error is None:
                 user_error = line[len(ERROR_PREFIX) :].strip()
 
@@ -255,8 +262,11 @@ def run_launch(launch: Launch, on_event: Callable[[dict], None], *, log_file: Pa
                     forced = ("stopped", "the command was stopped")
                     processes.stop_group(pgid, TERM_GRACE_S, proc)
                     break
-                if last_output is not None and now - last_output > hang_timeout_s:
-                    forced = ("hung", f"no output for {hang_timeout_s:g} s; the process group was killed")
+                limit = min(hang_timeout_s, TEARDOWN_GRACE_S) if done else hang_timeout_s
+                if last_output is not None and now - last_output > limit:
+                    forced = ("hung", f"its artifact was written but its processes had not exited {limit:g} s later; "
+                                      "the process group was killed" if done else
+                                      f"no output for {limit:g} s; the process group was killed")
                     processes.stop_group(pgid, TERM_GRACE_S, proc)
                     break
                 if marker and now >= next_scan:
@@ -305,4 +315,4 @@ def run_launch(launch: Launch, on_event: Callable[[dict], None], *, log_file: Pa
         reason, error = "ok", None
     else:
         reason, error = "failed", _summarize(list(summary_lines), returncode)
-    return LaunchResult(returncode, reason, error, list(tail))
+    return LaunchResult(returncode, reason, error, list(tail), done)

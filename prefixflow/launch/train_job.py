@@ -191,15 +191,6 @@ def _whole_model_loading(acc):
         plugin.set_deepspeed_weakref()
 
 
-def _shutdown(acc) -> None:
-    import torch.distributed as dist
-
-    acc.wait_for_everyone()
-    acc.end_training()
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def job_inputs(job: TrainJob) -> tuple:
     """The job's checked settings and data: ``(PrefixConfig, TrainConfig, train examples, validation examples)``.
     Raises :class:`UserError` for bad settings or data (before any model is loaded)."""
@@ -313,14 +304,12 @@ def run_job(job: TrainJob) -> Path | None:
         emit(job_usage(acc, started_at, trainer.pace.tokens))
         raise
     path = None
-    if main:
+    if main:  # the launcher counts the work done from here, whatever happens in the teardown
         path = write_artifact(job, model, result, train_cfg, acc.num_processes)
-    usage = job_usage(acc, started_at, result.train_tokens)  # every rank: a collective
-    if main:
-        emit(usage)
         emit({"event": "artifact", "path": str(path)})
-    _shutdown(acc)
-    return path
+    usage = job_usage(acc, started_at, result.train_tokens)  # every rank: the job's last collective
+    emit(usage)
+    return path  # no acc.end_training(): it destroys the process group (see main)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,7 +325,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print_error(str(err))
         return USER_ERROR_EXIT
-    deepspeed = job.strategy.startswith("deepspeed")
     from prefixflow.launch.pruning import Pruned
 
     try:
@@ -354,9 +342,11 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(USER_ERROR_EXIT)  # no collective shutdown: the other ranks may be elsewhere
     sys.stdout.flush()
     sys.stderr.flush()
-    if deepspeed:
-        os._exit(0)  # DeepSpeed (ZeRO-3) can abort in interpreter teardown after a clean run
-    return 0
+    # No collective teardown: destroy_process_group (also called by Accelerator.end_training) can hang: with
+    # gloo, a rank destroying after its peer exited waits for ever (seen on CI under load; pytorch/pytorch#75097),
+    # and DeepSpeed (ZeRO-3) can abort in interpreter teardown. The usage gather was the last collective, so
+    # every rank is past it and the sockets close with the process.
+    os._exit(0)
 
 
 if __name__ == "__main__":

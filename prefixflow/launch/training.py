@@ -260,6 +260,9 @@ def _launch_locked(spec: PipelineSpec, data: PreparedData, run_key: str, folder:
             result = run_launch(launch, on_event, log_file=folder / "train.log", hang_timeout_s=hang_s, lock=lock)
             landed = time.time()
         reason, refused = result.reason, result.error
+        if reason not in ("ok", "user_error") and result.done and _finished(folder / "prefix"):
+            logger.warning("training wrote its prefix, then %s: the prefix is complete and kept", result.error)
+            reason = "ok"
         tail = "\n".join(result.tail[-15:])
         failure = (f"training {result.reason} (exit code {result.returncode}): {result.error}; "
                    f"full log: {folder / 'train.log'}\n{tail}")

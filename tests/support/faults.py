@@ -6,6 +6,8 @@ calls the factory named by ``PREFIXFLOW_STEP_HOOK`` (``protocol.STEP_HOOK_ENV``;
                                  is due then); with ONCE_FILE only the first time (the file records it), so a
                                  retried launch that passes STEP again survives
     hang:RANK:STEP               that rank sleeps forever after STEP
+    linger:RANK:STEP             that rank never exits once its job is done (after its artifact and usage events):
+                                 a teardown that hangs once the work is written
     fill:RANK:STEP:FILE          that rank writes FILE until its disk is full after STEP (once: an existing FILE
                                  is left alone), then goes on; deleting FILE frees the disk
     pause:RANK:STEP:FILE         that rank creates FILE after STEP and waits until the test deletes it (a window
@@ -38,7 +40,7 @@ def step_hook():
     if not spec:
         return None
     kind, rank, step, *once = spec.split(":", 3)
-    if kind not in ("kill", "hang", "fill", "pause", "poison"):
+    if kind not in ("kill", "hang", "linger", "fill", "pause", "poison"):
         raise ValueError(f"{FAULT_ENV}: unknown fault {kind!r}")
 
     def hook(trainer) -> None:
@@ -51,6 +53,9 @@ def step_hook():
                         param.fill_(float("nan"))
             return
         if trainer.step == int(step) and trainer.acc.process_index == int(rank):
+            if kind == "linger":  # the job's very last call, after its artifact and usage events
+                os._exit = lambda code: _sleep_forever()
+                return
             if kind == "fill":
                 fill_disk(Path(once[0]))
                 return
@@ -67,11 +72,15 @@ def step_hook():
             sys.stdout.flush()
             sys.stderr.flush()
             if kind == "hang":
-                while True:
-                    time.sleep(3600)
+                _sleep_forever()
             os.kill(os.getpid(), signal.SIGKILL)
 
     return hook
+
+
+def _sleep_forever() -> None:
+    while True:
+        time.sleep(3600)
 
 
 def fill_disk(ballast: Path) -> None:
@@ -111,6 +120,11 @@ def seeded_rng(request) -> random.Random:
 def kill_fault(rank: int, step: int, once_file: Path | None = None) -> dict[str, str]:
     """The environment that makes rank ``rank`` SIGKILL itself after step ``step`` (once, with ``once_file``)."""
     return {FAULT_ENV: f"kill:{rank}:{step}" + (f":{once_file}" if once_file else "")}
+
+
+def linger_fault(rank: int, step: int) -> dict[str, str]:
+    """The environment that makes rank ``rank`` (having run past step ``step``) hang at the job's very end."""
+    return {FAULT_ENV: f"linger:{rank}:{step}"}
 
 
 def hang_fault(rank: int, step: int) -> dict[str, str]:
