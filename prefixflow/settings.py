@@ -18,6 +18,7 @@ STEP_HOOK_ENV = "PREFIXFLOW_STEP_HOOK"
 STACK_DIR_ENV = "PREFIXFLOW_STACK_DIR"
 WEED_ENV = "PREFIXFLOW_WEED"
 USAGE_DIR_ENV = "PREFIXFLOW_USAGE_DIR"
+WATCH_INTERVAL_ENV = "PREFIXFLOW_WATCH_INTERVAL_S"
 PROCESS_DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",  # tokenizers' thread pool and forked ranks do not mix
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -81,6 +82,16 @@ def base_model_override() -> str | None:
 def step_hook() -> str | None:
     """``module:factory`` of the training step hook (``$PREFIXFLOW_STEP_HOOK``: the tests' one seam), or None."""
     return os.environ.get(STEP_HOOK_ENV) or None
+
+
+def watch_interval_s() -> float:
+    """How often ``prefixflow deploy`` polls the data sources of ``trigger: on_new_data`` specs
+    (``$PREFIXFLOW_WATCH_INTERVAL_S``, default 15 s; at least 1)."""
+    raw = os.environ.get(WATCH_INTERVAL_ENV) or "15"
+    try:
+        return max(1.0, float(raw))
+    except ValueError:
+        raise ValueError(f"{WATCH_INTERVAL_ENV}={raw!r} is not a number of seconds; unset it or set e.g. 15") from None
 
 
 def stack_dir() -> Path:

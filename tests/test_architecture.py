@@ -137,8 +137,11 @@ def test_every_module_and_path_a_doc_names_exists(doc):
         target = m.group(1).rstrip(".")
         if "." in target.rsplit("/", 1)[-1] and not (ROOT / target).exists():  # a file: folders may be examples
             missing.append(target)
+    sources = "\n".join(f.read_text() for f in known.values())
     for m in _MODULE.finditer(text):
         dotted = m.group(1)
+        if f'"{dotted}' in sources:  # a name the code spells as a string (a Prefect event or resource id)
+            continue
         module = dotted
         while module and module not in known:
             module = module.rpartition(".")[0]

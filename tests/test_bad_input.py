@@ -250,6 +250,7 @@ CASES = [
     Case("gate metric not computed", _run(_set("evaluate.gate", {"metric": "chrf"})), "computed metrics"),
     Case("unknown metric", _run(_set("evaluate.metrics", ["bleu", "perplexity"])), "evaluate.metrics"),
     Case("schedule not cron", _run(_set("schedule", "every monday")), "cron"),
+    Case("unknown trigger", _run(_set("trigger", "on_upload")), "on_new_data"),
     Case("validation fraction 1.5", _run(_set("data.validation_fraction", 1.5)), "validation_fraction"),
     Case("several processes for single", _run(_set("train.machines", 2)), "strategy single runs one process"),
     Case("base model folder missing", _run(_set("base_model", "/nonexistent/model")), "/nonexistent/model"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -118,6 +119,85 @@ def test_served_deployment_runs_when_triggered(stack_env, tmp_path):
         assert registry.alias_version("served-rev", "champion") == "1"
     finally:
         processes.stop_group(server.pid, 30, server)  # stop serving before the stack goes down
+
+
+def _deployment_runs(name: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])))
+
+
+def _automation_for(name: str) -> bool:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(f"prefix-pipeline/{name}")
+        except Exception:  # not registered yet
+            return False
+        return bool(client.read_resource_related_automations(f"prefect.deployment.{deployment.id}"))
+
+
+def test_new_data_in_s3_starts_one_run_of_its_deployment(stack_env, tmp_path):
+    """trigger: on_new_data. A new upload of the data object starts exactly one run of the deployment within
+    60 s, which registers a version; three uploads in quick succession start one more; nothing else starts."""
+    import random
+
+    from prefect.client.schemas.objects import StateType
+
+    from prefixflow.services import registry
+
+    env = {**os.environ, **stack_env["env"], "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+           "PREFIXFLOW_WATCH_INTERVAL_S": "3"}
+    bucket, key = env["PREFIXFLOW_S3_BUCKET"], "datasets/trig/rev.jsonl"
+    s3 = _s3(env)
+
+    def upload(seed: int) -> float:
+        write_task(tmp_path / "up.jsonl", n=100 + random.Random(seed).randrange(40), seed=seed)
+        s3.upload_file(str(tmp_path / "up.jsonl"), bucket, key)
+        return time.monotonic()
+
+    upload(0)  # what is there before the deployment is served starts nothing
+    d = spec_dict(stack_env["model"], f"s3://{bucket}/{key}", client="trig", task="rev")
+    d["trigger"] = "on_new_data"
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "specs" / "rev.yaml").write_text(yaml.safe_dump(d))
+    server = processes.start([sys.executable, "-m", "prefixflow.cli", "deploy", str(tmp_path / "specs")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def settled_run(count: int, since: float) -> object:
+        wait_until(lambda: len(_deployment_runs("trig-rev")) >= count or server.poll() is not None, 60, 1,
+                   message=lambda: f"{len(_deployment_runs('trig-rev'))} runs {time.monotonic() - since:.0f} s after "
+                                   "the upload")
+        assert server.poll() is None, server.stdout.read()
+        assert time.monotonic() - since < 60
+        runs = sorted(_deployment_runs("trig-rev"), key=lambda r: r.created)
+        assert len(runs) == count
+        wait_until(lambda: _deployment_runs("trig-rev") and all(r.state.is_final() for r in _deployment_runs(
+            "trig-rev")), 400, 2, message=lambda: str([r.state_name for r in _deployment_runs("trig-rev")]))
+        return sorted(_deployment_runs("trig-rev"), key=lambda r: r.created)[-1]
+
+    try:
+        wait_until(lambda: _automation_for("trig-rev") or server.poll() is not None, 120, 2,
+                   message="no automation for the deployment's trigger")
+        assert server.poll() is None, server.stdout.read()
+        time.sleep(8)  # two polls: nothing new, nothing starts
+        assert _deployment_runs("trig-rev") == []
+        first = settled_run(1, upload(1))
+        assert first.state.type == StateType.COMPLETED, first.state
+        assert registry.version_exists("trig-rev", "1")
+        for seed in (2, 3, 4):  # a burst
+            last = upload(seed)
+            time.sleep(1)
+        second = settled_run(2, last)
+        assert second.state.type == StateType.COMPLETED, second.state
+        assert registry.version_exists("trig-rev", "2")
+        time.sleep(10)  # the burst made one run, not three
+        assert len(_deployment_runs("trig-rev")) == 2
+    finally:
+        processes.stop_group(server.pid, 30, server)
 
 
 def test_checkpoints_in_s3_let_a_retry_on_another_machine_resume(stack_env, monkeypatch, tmp_path):

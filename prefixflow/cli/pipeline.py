@@ -152,13 +152,21 @@ def deploy(
     folder: Path = typer.Argument(..., help="folder of pipeline specs (*.yaml), or a fleet file; each spec becomes a "
                                             "deployment"),
 ) -> None:
-    """Serve one deployment per spec, on its cron schedule, with the spec editable in the Prefect UI."""
+    """Serve one deployment per spec, on its cron schedule (and on new data with ``trigger: on_new_data``), with
+    the spec editable in the Prefect UI."""
     specs = folder_specs(folder)
     if settings.prefect_api_url() is None:
         fail('deploy needs a Prefect server: run `prefixflow stack up` and `eval "$(prefixflow stack env)"` '
              "(or set PREFECT_API_URL)")
-    from prefixflow.flows.deploy import deployment_name, serve_specs
+    try:
+        poll_s = settings.watch_interval_s()
+    except ValueError as err:
+        fail(str(err))
+    from prefixflow.flows.deploy import deployment_name, serve_specs, watched_sources
 
     for s in specs:
-        console.print(f"deployment prefix-pipeline/{deployment_name(s)}: schedule {s.schedule or 'none (manual)'}")
+        trigger = (f"; runs when new data settles in {', '.join(watched_sources(s))} (polled every {poll_s:g} s)"
+                   if s.trigger == "on_new_data" else "")
+        console.print(f"deployment prefix-pipeline/{deployment_name(s)}: schedule {s.schedule or 'none (manual)'}"
+                      f"{escape(trigger)}")
     serve_specs(specs)

@@ -293,6 +293,9 @@ class PipelineSpec(_Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     schedule: str | None = Field(None, description="cron schedule used by `prefixflow deploy`")
+    trigger: Literal["on_new_data"] | None = Field(None, description=(
+        "on_new_data: `prefixflow deploy` watches data.source (and data.test_source) and runs this deployment once "
+        "new data has settled there (S3 ETags under the URI, a local file's size and time)"))
     sweep: SweepSpec | None = Field(None, description="search hyperparameters (`prefixflow sweep`)")
     retrain: Literal["always", "on_change"] | None = Field(None, description=(
         "on_change: end early (no training, no new version) when the data, the base model and the training "
