@@ -205,6 +205,42 @@ def test_an_alias_moved_by_promote_is_served_without_a_restart(server, keys, reg
                        capture_output=True)
 
 
+def test_a_canary_takes_its_share_of_champion_requests_until_it_is_rolled_back(server, keys, registry_home,
+                                                                              reference):
+    """promote --canary 25: every replica sends about a quarter of the requests naming @champion to v2 (sticky per
+    OpenAI user; 400 distinct users here); rollback ends the canary and every request is v1's again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = client(server, keys["acme"])
+    answers = {reference(f"acme/rev/{v}", "dog sun", 6): v for v in ("1", "2")}
+    assert len(answers) == 2
+
+    def versions(users: list[str]) -> list[str]:
+        def ask(user: str) -> str:
+            text = c.completions.create(model="acme/rev@champion", prompt="dog sun", max_tokens=6, temperature=0,
+                                        user=user).choices[0].text
+            return answers[text]
+        with ThreadPoolExecutor(8) as pool:
+            return list(pool.map(ask, users))
+
+    env = {**registry_home["env"]}
+    with patched_environ(env, unset=("MLFLOW_TRACKING_URI",)):
+        subprocess.run([sys.executable, "-m", "prefixflow.cli", "promote", "acme/rev/2", "--canary", "25"],
+                       check=True, capture_output=True)
+    try:
+        probe = [f"probe-{i}" for i in range(40)]
+        wait_until(lambda: "2" in versions(probe), 30, 0.5, message="no request went to the canary")
+        served = versions([f"user-{i}" for i in range(400)])
+        assert abs(served.count("2") / 4 - 25) <= 5, served.count("2")
+        assert versions(["user-1"] * 5) == [served[1]] * 5  # sticky
+    finally:
+        with patched_environ(env, unset=("MLFLOW_TRACKING_URI",)):
+            res = subprocess.run([sys.executable, "-m", "prefixflow.cli", "rollback", "acme/rev"],
+                                 capture_output=True, text=True)
+    assert res.returncode == 0 and "canary v2 ended; @champion stays v1" in res.stdout, res.stderr
+    wait_until(lambda: set(versions(probe)) == {"1"}, 30, 0.5, message="the canary still gets requests")
+
+
 @pytest.mark.parametrize("body, status, words", [
     ({"model": "base", "prompt": "x", "max_tokens": 5, "temprature": 0}, 400, "unrecognized request argument"),
     ({"model": "base", "prompt": "x", "temperature": 7}, 400, "temperature"),

@@ -101,7 +101,7 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/completions", responses=openapi_doc.responses("/v1/completions"))
     async def completions(body: oa.CompletionRequest, request: Request, authorization: str | None = Header(None)):
         caller = authorize(authorization)
-        prefix = await server.prefix_for(body.model, caller)
+        prefix = await server.prefix_for(body.model, caller, body.user)
         prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
         if all(isinstance(p, int) for p in prompts):
             prompts = [prompts]
@@ -118,7 +118,7 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/chat/completions", responses=openapi_doc.responses("/v1/chat/completions"))
     async def chat(body: oa.ChatRequest, request: Request, authorization: str | None = Header(None)):
         caller = authorize(authorization)
-        prefix = await server.prefix_for(body.model, caller)
+        prefix = await server.prefix_for(body.model, caller, body.user)
         tok = server.tokenizer
         if not getattr(tok, "chat_template", None):
             raise oa.APIError(400, f"the base model {server.base_name!r} has no chat template; use /v1/completions",

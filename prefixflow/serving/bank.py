@@ -11,13 +11,20 @@ loaded first and the alias switched after, so requests never wait on a load beca
 the ``Prefix`` it started with (its tensors stay alive while it runs), so it finishes on that version even if
 the alias moves or the entry is evicted meanwhile. Eviction is least-recently-used over ``max_bytes``.
 
+Canaries (``services.canary``): a request naming ``@champion`` of a model with an active canary is served by the
+canary version with the canary's share (sticky per OpenAI ``user``: one user sees one version; without ``user``,
+drawn per request). The canary is read when its model's champion is first used and polled with the aliases; a
+new canary version is loaded before requests are sent to it, and a canary that cannot be loaded gets none.
+
 Thread-safe: request handlers call ``get`` from worker threads; one poller thread refreshes aliases. ``on_event``
 is never called with the bank's lock held (it may read ``loaded`` and ``nbytes``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import random
 import threading
 import time
 from collections import OrderedDict
@@ -29,7 +36,7 @@ from torch import nn
 
 from prefix_core import PrefixArtifact
 from prefix_core.errors import PrefixError
-from prefixflow.services import registry, tracking
+from prefixflow.services import canary, registry, tracking
 from prefixflow.services.errors import RegistryError
 
 log = logging.getLogger(__name__)
@@ -90,6 +97,20 @@ class RegistrySource:
     def load(self, name: str, version: str) -> PrefixArtifact:
         return registry.load_version(tracking.client().get_model_version(name, version))
 
+    def canary(self, name: str) -> tuple[str, float] | None:
+        """The active canary of ``name``: (version, share in percent), or None."""
+        active = canary.current(name)
+        return None if active is None else (active.version, active.share)
+
+
+def in_canary(name: str, user: str | None, share: float, rng: random.Random) -> bool:
+    """Whether a request for ``name@champion`` goes to its canary (``share`` percent): sticky per ``user`` (a hash
+    of name and user picks one of 10,000 buckets), else drawn from ``rng``."""
+    if user:
+        bucket = int.from_bytes(hashlib.sha256(f"{name}\0{user}".encode()).digest()[:8], "big") % 10_000
+        return bucket < share * 100
+    return rng.random() * 100 < share
+
 
 class PrefixBank:
     """Registered prefixes in memory for one ``base``. ``on_event(kind, amount)`` feeds the server's metrics:
@@ -108,15 +129,17 @@ class PrefixBank:
         self._entries: OrderedDict[tuple[str, str], Prefix] = OrderedDict()  # LRU order: oldest first
         self._aliases: dict[tuple[str, str], str] = {}  # (name, alias) -> version, for the aliases in use
         self._owners: dict[str, str | None] = {}
+        self._canaries: dict[str, tuple[str, float] | None] = {}  # name -> (version, share) for champions in use
+        self._rng = random.Random()
         self._loading: dict[tuple[str, str], threading.Lock] = {}
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
 
     # --- lookups ----------------------------------------------------------------------------------------------
-    def resolve(self, model: str, client: str | None) -> Prefix | None:
+    def resolve(self, model: str, client: str | None, user: str | None = None) -> Prefix | None:
         """The prefix a request's ``model`` names, for a caller of ``client`` (``None``: admin): ``None`` for the
-        bare base. Raises ModelAccessError (another client's), UnknownModel, PrefixUnusable, or RegistryError
-        (not a model name)."""
+        bare base; ``user`` (the request's OpenAI ``user``) keeps a user on one side of a canary. Raises
+        ModelAccessError (another client's), UnknownModel, PrefixUnusable, or RegistryError (not a model name)."""
         if model == BASE:
             return None
         name, alias, version = self.source.parse(model)
@@ -129,6 +152,12 @@ class PrefixBank:
                                    f"{model!r} belongs to another client")
         if alias is not None:
             version = self._alias(name, alias, model)
+            if alias == "champion" and (pick := self._canary_pick(name, version, user)) is not None:
+                try:
+                    return self.get(name, pick, owner)
+                except PrefixError as err:  # the canary cannot be served here: the champion serves its share
+                    log.warning("canary %s v%s cannot be served, its requests go to the champion: %s", name, pick,
+                                err)
         elif not self._has(name, version) and not self.source.exists(name, version):
             raise UnknownModel(f"{model}: {name!r} has no version {version}")
         return self.get(name, version, owner)
@@ -198,6 +227,18 @@ class PrefixBank:
                 self._aliases[(name, alias)] = version
         return version
 
+    def _canary_pick(self, name: str, champion: str, user: str | None) -> str | None:
+        """The canary version when this request goes to ``name``'s canary, else None."""
+        with self._lock:
+            known, active = name in self._canaries, self._canaries.get(name)
+        if not known:
+            active = self.source.canary(name)
+            with self._lock:
+                self._canaries[name] = active
+        if active is None or active[0] == champion or not in_canary(name, user, active[1], self._rng):
+            return None
+        return active[0]
+
     def _load(self, name: str, version: str, owner: str | None) -> Prefix:
         started = time.monotonic()
         try:
@@ -248,6 +289,29 @@ class PrefixBank:
             moves.append((name, alias, old, new))
             self.on_event("alias_move", 1)
             log.info("alias %s@%s moved: v%s -> v%s", name, alias, old, new)
+        return moves + self._refresh_canaries()
+
+    def _refresh_canaries(self) -> list[tuple[str, str, str | None, str | None]]:
+        """Check the canary of every champion in use; a new canary version is loaded before it gets requests."""
+        with self._lock:
+            known = dict(self._canaries)
+        moves = []
+        for name, old in known.items():
+            new = self.source.canary(name)
+            if new == old:
+                continue
+            if new is not None and (old is None or new[0] != old[0]):
+                try:
+                    self.get(name, new[0])
+                except PrefixError as err:
+                    log.warning("canary %s v%s cannot be served (retried at the next refresh): %s", name, new[0], err)
+                    continue
+            with self._lock:
+                self._canaries[name] = new
+            moves.append((name, "canary", old and old[0], new and new[0]))
+            self.on_event("alias_move", 1)
+            log.info("canary of %s: %s -> %s", name, f"v{old[0]} at {old[1]:g}%" if old else "none",
+                     f"v{new[0]} at {new[1]:g}%" if new else "none")
         return moves
 
     def start(self) -> None:

@@ -248,14 +248,15 @@ class Server:
         self.limiter.check(caller.key_id)
         return caller
 
-    async def prefix_for(self, model: str, caller: Caller) -> Prefix | None:
-        """The bank entry a request uses (None: the bare base); errors as OpenAI-shaped HTTP errors."""
+    async def prefix_for(self, model: str, caller: Caller, user: str | None = None) -> Prefix | None:
+        """The bank entry a request uses (None: the bare base; ``user``: the request's OpenAI ``user``, which keeps
+        a user on one side of a canary); errors as OpenAI-shaped HTTP errors."""
         from starlette.concurrency import run_in_threadpool
 
         from prefix_core.errors import PrefixError
 
         try:
-            return await run_in_threadpool(self.bank.resolve, model, None if caller.is_admin else caller.client)
+            return await run_in_threadpool(self.bank.resolve, model, None if caller.is_admin else caller.client, user)
         except ModelAccessError as err:
             raise APIError(403, str(err), param="model", code="model_not_permitted") from None
         except UnknownModel as err:
