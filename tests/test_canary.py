@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from prefixflow.services.canary import Canary
 from prefixflow.serving.bank import PrefixBank, RegistrySource, in_canary
 from support.pipeline import patched_environ
 from support.serving import register_random_prefix, served_model_dir
@@ -76,7 +77,7 @@ def bank_parts():
 def test_the_bank_sends_the_share_to_the_canary_and_follows_it_ending(bank_parts):
     base, arts = bank_parts
     source = _Registry(arts)
-    source.active = ("2", 10.0)
+    source.active = Canary("acme-rev", "2", 10.0, "1")
     bank = PrefixBank(base, source, refresh_s=0)
     bank._rng = random.Random(0)
     served = [bank.resolve("acme-rev@champion", "acme", f"user-{i}").version for i in range(400)]
@@ -90,7 +91,7 @@ def test_the_bank_sends_the_share_to_the_canary_and_follows_it_ending(bank_parts
     started = bank.resolve("acme-rev@champion", "acme", canary_user)
     assert started.version == "2"
     # the canary is replaced by v3 at 50%: v3 is loaded before any request goes to it
-    source.active = ("3", 50.0)
+    source.active = Canary("acme-rev", "3", 50.0, "1")
     assert ("acme-rev", "canary", "2", "3") in bank.refresh()
     assert ("acme-rev", "3") in {(p.name, p.version) for p in bank.loaded}
     served = [bank.resolve("acme-rev@champion", "acme", f"user-{i}").version for i in range(400)]
@@ -114,10 +115,117 @@ def test_a_canary_that_cannot_be_loaded_gets_no_requests(bank_parts, caplog):
     source = _Registry({**arts, "9": PrefixArtifact.from_table(table, other, {"num_virtual_tokens": 2})})
     bank = PrefixBank(base, source, refresh_s=0)
     assert bank.resolve("acme-rev@champion", "acme", "u").version == "1"
-    source.active = ("9", 50.0)
+    source.active = Canary("acme-rev", "9", 50.0, "1")
     assert bank.refresh() == []  # not switched: retried at the next refresh
     assert {bank.resolve("acme-rev@champion", "acme", f"user-{i}").version for i in range(100)} == {"1"}
     assert "canary acme-rev v9 cannot be served" in caplog.text
+
+
+# --- the server's watch: counts per version and the automatic rollback -----------------------------------------
+class _Bank:
+    """What CanaryWatch reads of the bank: acme-rev has canary v2 of champion v1."""
+
+    def __init__(self, finish_after: int | None = None) -> None:
+        self.active = Canary("acme-rev", "2", 10.0, "1", finish_after)
+
+    def canary_of(self, name):
+        return self.active if name == "acme-rev" else None
+
+    def canary_role(self, name, version):
+        if self.canary_of(name) is None:
+            return None
+        return {"2": "canary", "1": "champion"}.get(version)
+
+
+def _watch(margin=5.0, min_requests=50, finish_after=None, finished=None):
+    from prefixflow.serving.canary_watch import CanaryPolicy, CanaryWatch
+    from prefixflow.serving.metrics import ServerMetrics
+
+    ended = []
+
+    def abort(name, version):
+        ended.append((name, version))
+        return True
+
+    def finish(name, version):
+        finished.append((name, version))
+        return True
+
+    bank = _Bank(finish_after)
+    return CanaryWatch(ServerMetrics(), bank, CanaryPolicy(margin, min_requests), abort, finish), bank, ended
+
+
+def test_a_canary_failing_more_than_its_champion_is_rolled_back_once():
+    from support.harness import wait_until
+
+    watch, _, ended = _watch()
+    for i in range(100):
+        watch.record(("acme-rev", "1", "champion"), 500 if i % 50 == 0 else 200, 0.1)  # 2% errors
+    for i in range(49):
+        watch.record(("acme-rev", "2", "canary"), 500 if i % 5 == 0 else 200, 0.1)  # 20% errors, too few yet
+    assert ended == []
+    watch.record(("acme-rev", "2", "canary"), 200, 0.1)  # the 50th
+    wait_until(lambda: ended, 10, 0.05, message="no rollback")
+    for _ in range(20):
+        watch.record(("acme-rev", "2", "canary"), 500, 0.1)
+    assert ended == [("acme-rev", "2")]  # once
+    assert watch.metrics.canary_rollbacks.labels("acme-rev", "2")._value.get() == 1
+
+
+@pytest.mark.parametrize("canary_errors, margin, rolled_back", [(3, 5.0, False), (4, 5.0, True), (50, None, False)])
+def test_the_rollback_rule_uses_the_margin_over_the_champion(canary_errors, margin, rolled_back):
+    """Champion 2% errors; the canary's 50 requests with 3 errors (6%: 4 points above) stay, 4 (8%) end it; with
+    no margin nothing ends it, and 4xx and 499 answers are not errors."""
+    import time
+
+    watch, _, ended = _watch(margin)
+    for i in range(100):
+        watch.record(("acme-rev", "1", "champion"), 500 if i < 2 else 404 if i < 30 else 200, 0.1)
+    for i in range(50):
+        watch.record(("acme-rev", "2", "canary"), 500 if i < canary_errors else 499 if i < 40 else 200, 0.1)
+    time.sleep(0.5)
+    assert bool(ended) == rolled_back
+
+
+@pytest.mark.parametrize("canary_errors, margin, finishes", [(0, 5.0, True), (6, 5.0, True), (8, 5.0, False),
+                                                              (3, None, False), (2, None, True)])
+def test_a_canary_of_the_gate_is_finished_after_its_requests_when_no_worse(canary_errors, margin, finishes):
+    """finish_after 100: at the 100th canary request, a canary within the margin of the champion's 2% error rate
+    becomes the champion (8%: rolled back at 50 already); with the rollback off it must not be worse at all."""
+    import time
+
+    finished = []
+    watch, _, ended = _watch(margin, finish_after=100, finished=finished)
+    for i in range(100):
+        watch.record(("acme-rev", "1", "champion"), 500 if i < 2 else 200, 0.1)
+    for i in range(99):  # the errors last, so the rollback rule sees the whole rate before the finish
+        watch.record(("acme-rev", "2", "canary"), 500 if i >= 99 - canary_errors else 200, 0.1)
+    time.sleep(0.3)
+    assert finished == [] and bool(ended) == (canary_errors == 8)
+    watch.record(("acme-rev", "2", "canary"), 200, 0.1)
+    time.sleep(0.5)
+    assert (finished == [("acme-rev", "2")]) == finishes
+
+
+def test_per_version_series_exist_only_while_the_canary_runs():
+    from prometheus_client import generate_latest
+
+    from prefixflow.serving.canary_watch import version_stats
+
+    watch, bank, _ = _watch(margin=None)
+    for status, version, role in [(200, "1", "champion")] * 30 + [(500, "2", "canary")] * 3 + [(200, "2", "canary")]:
+        watch.record(("acme-rev", version, role), status, 0.2 if role == "canary" else 0.05)
+    watch.prune()  # still running: kept
+    text = generate_latest(watch.metrics.registry).decode()
+    canary, champion = version_stats([text, text], "acme-rev")  # two replicas reporting the same
+    assert (canary.version, canary.role, canary.requests, canary.errors) == ("2", "canary", 8, 6)
+    assert (champion.version, champion.requests, champion.errors) == ("1", 60, 0)
+    assert canary.error_rate == 75.0 and abs(canary.mean_s - 0.2) < 1e-9 and canary.quantile_s(0.95) == 0.25
+    assert champion.quantile_s(0.5) == 0.05
+    bank.active = None  # the canary ended
+    watch.prune()
+    text = generate_latest(watch.metrics.registry).decode()
+    assert "acme-rev" not in text.replace('prefixflow_canary_rollbacks', '') and version_stats([text], "acme-rev") == []
 
 
 # --- the commands ----------------------------------------------------------------------------------------------
@@ -176,6 +284,19 @@ def test_promote_canary_finish_and_rollback_move_the_aliases_as_documented(regis
     assert _cli(env, "promote", "acme/rev/3", "--canary", "20").returncode == 0
     assert _cli(env, "promote", "acme/rev/3").returncode == 0  # promoting the canary itself finishes it
     assert _state(env) == ({"champion": "3", "previous": "1"}, None)
+
+
+def test_a_servers_rollback_ends_only_the_canary_it_measured(registry_home):
+    from prefixflow.services import canary
+
+    env = registry_home
+    assert _cli(env, "promote", "acme/rev/2", "--canary", "10").returncode == 0
+    with patched_environ(env, unset=("MLFLOW_TRACKING_URI",)):
+        assert canary.abort_if("acme-rev", "3") is False  # another version: a newer canary, left alone
+        assert _state(env) == ({"champion": "1", "canary": "2"}, "10")
+        assert canary.abort_if("acme-rev", "2") is True
+        assert _state(env) == ({"champion": "1"}, None)
+        assert canary.abort_if("acme-rev", "2") is False  # another replica was first
 
 
 @pytest.mark.parametrize("args, words", [

@@ -134,6 +134,28 @@ def test_gate_refuses_a_worse_candidate_and_keeps_the_champion(env, first_run):
     assert out.exit_code == 2 and "has no version 9" in out.output and "Traceback" not in out.output
 
 
+def test_a_gate_with_canary_starts_the_passing_version_as_canary(env, first_run):
+    """evaluate.gate.canary: with no champion yet the version becomes champion as usual; with one, a version that
+    passes starts as @canary with the share and the finish rule as tags, and @champion does not move."""
+    from prefixflow.services import canary, registry
+    from prefixflow.services.registration import register
+
+    d = spec_dict(env["model"], env["data"], client="canary")
+    d["evaluate"]["gate"]["canary"] = {"share": 20, "min_requests": 300}
+    spec = parse_spec(d)
+    first = register(spec, first_run.data, first_run.trained, first_run.report, "c-one", first_run.mlflow_run_id)
+    assert first.champion == first.version == "1" and first.canary is None
+    report = first_run.report.model_copy(update={"champion_version": "1"})  # passed, against champion v1
+    second = register(spec, first_run.data, first_run.trained, report, "c-two", first_run.mlflow_run_id)
+    assert (second.version, second.champion, second.canary) == ("2", "1", "2")
+    assert "starts as @canary with 20% of the requests naming @champion (v1)" in second.note
+    assert canary.current("canary-rev") == canary.Canary("canary-rev", "2", 20.0, "1", 300)
+    assert registry.alias_version("canary-rev", "champion") == "1"
+    assert canary.finish_if("canary-rev", "2") and canary.current("canary-rev") is None
+    assert registry.alias_version("canary-rev", "champion") == "2"
+    assert registry.alias_version("canary-rev", "previous") == "1"
+
+
 @pytest.mark.parametrize("problem,message", [
     ("missing", "does not exist"),
     ("column", "no column 'text'"),

@@ -233,12 +233,24 @@ def test_a_canary_takes_its_share_of_champion_requests_until_it_is_rolled_back(s
         served = versions([f"user-{i}" for i in range(400)])
         assert abs(served.count("2") / 4 - 25) <= 5, served.count("2")
         assert versions(["user-1"] * 5) == [served[1]] * 5  # sticky
+        metrics = httpx.get(f"{server}/metrics").text
+        assert 'prefixflow_canary_requests_total{model="acme-rev",role="canary",status="200",version="2"}' in metrics
+        with patched_environ(env, unset=("MLFLOW_TRACKING_URI",)):
+            status = subprocess.run([sys.executable, "-m", "prefixflow.cli", "canary", "status", "acme/rev",
+                                     "--server", server], capture_output=True, text=True)
+        assert status.returncode == 0, status.stderr
+        assert "@canary v2 takes 25% of the requests naming @champion (v1)" in status.stdout
+        cells = (line.replace("│", " ").split() for line in status.stdout.splitlines())
+        rows = {c[0]: c for c in cells if c and c[0] in ("v1", "v2")}  # version role requests 5xx rate ...
+        assert rows["v2"][1] == "canary" and int(rows["v2"][2]) >= served.count("2") and rows["v2"][4] == "0.0%"
+        assert rows["v1"][1] == "champion" and int(rows["v1"][2]) >= served.count("1")
     finally:
         with patched_environ(env, unset=("MLFLOW_TRACKING_URI",)):
             res = subprocess.run([sys.executable, "-m", "prefixflow.cli", "rollback", "acme/rev"],
                                  capture_output=True, text=True)
     assert res.returncode == 0 and "canary v2 ended; @champion stays v1" in res.stdout, res.stderr
     wait_until(lambda: set(versions(probe)) == {"1"}, 30, 0.5, message="the canary still gets requests")
+    assert "prefixflow_canary_requests_total{" not in httpx.get(f"{server}/metrics").text  # ended: series gone
 
 
 @pytest.mark.parametrize("body, status, words", [

@@ -1,7 +1,8 @@
 """The ``prefixflow`` command line: the typer app, its setup, and every command registered in the order
 ``--help`` lists them. The commands live in their modules: :mod:`~prefixflow.cli.pipeline` (demo, run, sweep,
 fleet, deploy), :mod:`~prefixflow.cli.doctor`, :mod:`~prefixflow.cli.registry` (pull, promote, rollback),
-:mod:`~prefixflow.cli.generate`, :mod:`~prefixflow.cli.serving` (serve, keys), :mod:`~prefixflow.cli.usage`, and
+:mod:`~prefixflow.cli.generate`, :mod:`~prefixflow.cli.serving` (serve, keys), :mod:`~prefixflow.cli.usage`,
+:mod:`~prefixflow.cli.canary` (canary status), and
 ``stack`` in
 :mod:`prefixflow.infra.stack`; how they end (exit codes) is :mod:`~prefixflow.cli.guard`, what they print
 :mod:`~prefixflow.cli.render`.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import typer
 
 from prefixflow import processes, settings
-from prefixflow.cli import doctor, generate, pipeline, registry, serving, usage
+from prefixflow.cli import canary, doctor, generate, pipeline, registry, serving, usage
 from prefixflow.flows.embedded import stop_on_termination, stopping
 from prefixflow.infra import stack
 
@@ -59,3 +60,4 @@ COMMANDS = (pipeline.demo, doctor.doctor, pipeline.run, pipeline.sweep, pipeline
 for _command in COMMANDS:
     app.command()(_command)
 app.add_typer(serving.keys_app, name="keys")
+app.add_typer(canary.canary_app, name="canary")

@@ -47,6 +47,9 @@ def serve(
                                                      "hour (default: $PREFIXFLOW_USAGE_DIR, else the state "
                                                      "folder's usage/; `prefixflow usage` reads it)"),
     usage_flush: float = typer.Option(30.0, min=1, help="seconds between appends to the usage log"),
+    canary_error_margin: float = typer.Option(5.0, min=0, help="end a canary whose error rate (5xx) exceeds its "
+                                              "champion's by more than this many points (0: never)"),
+    canary_min_requests: int = typer.Option(50, min=1, help="canary requests answered before that rule applies"),
 ) -> None:
     """Serve registered prefixes over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models), one
     base model for every client, with /health and /metrics."""
@@ -64,7 +67,8 @@ def serve(
                          client_max_running=client_max_running, client_max_queued=client_max_queued,
                          max_tokens=max_tokens, rate_limit=rate_limit, bank_mb=bank_mb, refresh_s=refresh,
                          precision=precision, device=device, max_prefill_rows=max_prefill_rows, threads=threads,
-                         usage_dir=usage_dir or settings.usage_dir(), usage_flush_s=usage_flush)
+                         usage_dir=usage_dir or settings.usage_dir(), usage_flush_s=usage_flush,
+                         canary_error_margin=canary_error_margin or None, canary_min_requests=canary_min_requests)
     try:
         config.torch_device  # noqa: B018 -- refuses a device this machine does not have, before anything starts
     except ValueError as err:

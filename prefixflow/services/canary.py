@@ -8,7 +8,8 @@ before the alias and removed after it, so a replica never sees an alias without 
 
 * :func:`start`: ``@canary`` = VERSION with SHARE percent (another canary is replaced);
 * :func:`finish`: the canary becomes ``@champion``, the old champion ``@previous``; the canary entries go;
-* :func:`abort`: the canary entries go; ``@champion`` and ``@previous`` stay as they were;
+* :func:`abort`: the canary entries go; ``@champion`` and ``@previous`` stay as they were (:func:`abort_if`:
+  only if the canary is still a given version, for a server's automatic rollback);
 * :func:`rollback`: :func:`abort` during a canary, else ``registry.rollback`` (swap champion and previous).
 """
 
@@ -21,6 +22,7 @@ from prefixflow.services.errors import RegistryError
 
 CANARY_ALIAS = "canary"
 SHARE_TAG = "prefixflow.canary.share"
+FINISH_TAG = "prefixflow.canary.finish_after"  # requests after which a server finishes a canary that is no worse
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class Canary:
     version: str
     share: float
     champion: str | None
+    finish_after: int | None = None  # canary requests after which a server finishes it when it is no worse
 
 
 def current(name: str) -> Canary | None:
@@ -39,15 +42,16 @@ def current(name: str) -> Canary | None:
     if model is None:
         return None
     aliases = dict(getattr(model, "aliases", None) or {})
-    version, share = aliases.get(CANARY_ALIAS), (model.tags or {}).get(SHARE_TAG)
+    tags = model.tags or {}
+    version, share = aliases.get(CANARY_ALIAS), tags.get(SHARE_TAG)
     if version is None or share is None:
         return None
     try:
-        share_value = float(share)
+        share_value, finish_after = float(share), int(tags[FINISH_TAG]) if tags.get(FINISH_TAG) else None
     except ValueError:
         return None
     return Canary(name, str(version), share_value, None if aliases.get("champion") is None
-                  else str(aliases["champion"]))
+                  else str(aliases["champion"]), finish_after)
 
 
 def check_share(share: float) -> float:
@@ -57,8 +61,9 @@ def check_share(share: float) -> float:
     return float(share)
 
 
-def start(name: str, version: str, share: float) -> Canary:
-    """Make ``version`` the canary of ``name`` with ``share`` percent of ``@champion``'s requests."""
+def start(name: str, version: str, share: float, finish_after: int | None = None) -> Canary:
+    """Make ``version`` the canary of ``name`` with ``share`` percent of ``@champion``'s requests; with
+    ``finish_after``, a server finishes it after that many canary requests if it is no worse than the champion."""
     share = check_share(share)
     registry.owner(name)  # RegistryError naming the model when it is not registered
     c = tracking.client()
@@ -69,15 +74,24 @@ def start(name: str, version: str, share: float) -> Canary:
                             "without --canary")
     if champion == str(version):
         raise RegistryError(f"v{version} is already {name}@champion: a canary is another version")
+    if finish_after:
+        c.set_registered_model_tag(name, FINISH_TAG, str(int(finish_after)))
+    else:
+        _delete_tag(name, FINISH_TAG)
     c.set_registered_model_tag(name, SHARE_TAG, f"{share:g}")
     c.set_registered_model_alias(name, CANARY_ALIAS, str(version))
-    return Canary(name, str(version), share, champion)
+    return Canary(name, str(version), share, champion, finish_after)
+
+
+def _delete_tag(name: str, key: str) -> None:
+    if key in (registry.registered_model(name).tags or {}):
+        tracking.client().delete_registered_model_tag(name, key)
 
 
 def _remove(name: str) -> None:
-    c = tracking.client()
-    c.delete_registered_model_alias(name, CANARY_ALIAS)
-    c.delete_registered_model_tag(name, SHARE_TAG)
+    tracking.client().delete_registered_model_alias(name, CANARY_ALIAS)
+    _delete_tag(name, SHARE_TAG)
+    _delete_tag(name, FINISH_TAG)
 
 
 def _active(name: str) -> Canary:
@@ -102,6 +116,27 @@ def abort(name: str) -> Canary:
     active = _active(name)
     _remove(name)
     return active
+
+
+def abort_if(name: str, version: str) -> bool:
+    """End ``name``'s canary only if it is still ``version`` (a server's automatic rollback: another replica may
+    have ended it, or a newer canary replaced it). Returns whether it ended it."""
+    active = current(name)
+    if active is None or active.version != str(version):
+        return False
+    _remove(name)
+    return True
+
+
+def finish_if(name: str, version: str) -> bool:
+    """Finish ``name``'s canary only if it is still ``version`` (a server's automatic finish). Returns whether it
+    finished it."""
+    active = current(name)
+    if active is None or active.version != str(version):
+        return False
+    registry.promote(name, active.version)
+    _remove(name)
+    return True
 
 
 def rollback(name: str) -> tuple[Canary | None, tuple[str, str] | None]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from prefixflow.services import registry, tracking
+from prefixflow.services import canary, registry, tracking
 from prefixflow.services.errors import AccessDenied
 from prefixflow.services.evaluation import EvalReport
 from prefixflow.services.mlflow_flavor import write_mlmodel
@@ -35,6 +35,7 @@ class Registration(BaseModel):
     previous: str | None
     gate_passed: bool
     note: str | None = None  # why a version that passed its gate was not made champion
+    canary: str | None = None  # the version that passed and started as @canary (evaluate.gate.canary)
 
 
 def version_tags(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, report: EvalReport,
@@ -78,10 +79,18 @@ def register(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, repo
                      report.gate.reason)
         created = True
     tracking.client().set_registered_model_alias(name, "candidate", mv.version)
-    note = None
+    note = started = None
     if report.gate.passed:
         current = registry.alias_version(name, "champion")
-        if current in (report.champion_version, str(mv.version)):
+        gate_canary = spec.evaluate.gate.canary
+        if current in (report.champion_version, str(mv.version)) and gate_canary is not None \
+                and current not in (None, str(mv.version)):
+            started = canary.start(name, str(mv.version), gate_canary.share, gate_canary.min_requests).version
+            note = (f"v{mv.version} passed its gate and starts as @canary with {gate_canary.share:g}% of the requests "
+                    f"naming @champion (v{current}); a server makes it @champion after {gate_canary.min_requests} of "
+                    f"them if it fails no more often; `prefixflow promote {spec.client}/{spec.task} --finish` or "
+                    f"`prefixflow rollback {spec.client}/{spec.task}` ends it sooner")
+        elif current in (report.champion_version, str(mv.version)):
             registry.promote(name, mv.version)
         else:  # another run of this client/task made a champion since this one was evaluated
             note = (f"@champion moved to v{current} while this run was evaluated against "
@@ -90,7 +99,8 @@ def register(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, repo
                     f"`prefixflow promote {spec.client}/{spec.task}/{mv.version}` if it should serve")
     return Registration(name=name, version=str(mv.version), created=created,
                         model_uri=f"models:/{name}/{mv.version}", champion=registry.alias_version(name, "champion"),
-                        previous=registry.alias_version(name, "previous"), gate_passed=report.gate.passed, note=note)
+                        previous=registry.alias_version(name, "previous"), gate_passed=report.gate.passed, note=note,
+                        canary=started)
 
 
 def ensure_model(name: str, client: str, task: str, description: str) -> None:

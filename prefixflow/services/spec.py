@@ -178,10 +178,17 @@ class TrainSpec(_Strict):
         return self
 
 
+class CanaryGate(_Strict):
+    share: float = Field(10.0, gt=0, lt=100, description="percent of the requests naming @champion it serves first")
+    min_requests: int = Field(200, ge=1, description="canary requests after which a server makes it @champion "
+                                                     "if it fails no more often (docs/serving.md)")
+
+
 class GateSpec(_Strict):
     metric: Metric = "bleu"
     min_gain_over_baseline: float = 0.0
     min_gain_over_champion: float = 0.0
+    canary: CanaryGate | None = Field(None, description="a passing version starts as @canary, not @champion")
 
 
 class EvaluateSpec(_Strict):
@@ -294,13 +301,11 @@ class PipelineSpec(_Strict):
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     schedule: str | None = Field(None, description="cron schedule used by `prefixflow deploy`")
     trigger: Literal["on_new_data"] | None = Field(None, description=(
-        "on_new_data: `prefixflow deploy` watches data.source (and data.test_source) and runs this deployment once "
-        "new data has settled there (S3 ETags under the URI, a local file's size and time)"))
+        "on_new_data: `prefixflow deploy` also runs it when new data settles in data.source or data.test_source"))
     sweep: SweepSpec | None = Field(None, description="search hyperparameters (`prefixflow sweep`)")
     retrain: Literal["always", "on_change"] | None = Field(None, description=(
-        "on_change: end early (no training, no new version) when the data, the base model and the training "
-        "settings equal the champion's; always: train anyway. Default: always for `prefixflow run`, on_change for "
-        "scheduled and fleet runs"))
+        "on_change: end early (no training, no new version) when data, base model and training settings equal the "
+        "champion's; always: train anyway. Default: always for `prefixflow run`, on_change for scheduled and fleet"))
 
     @field_validator("schedule")
     @classmethod

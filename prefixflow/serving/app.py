@@ -62,6 +62,12 @@ def create_app(server: Server) -> FastAPI:
         server.check_ready()
         return server.caller(authorization)
 
+    async def served_prefix(body, caller: Caller, request: Request):
+        """The prefix a generation request uses; a canary model's request is marked for _CountRequests."""
+        prefix = await server.prefix_for(body.model, caller, body.user)
+        request.state.prefixflow_canary = server.canaries.label(prefix)
+        return prefix
+
     @app.get("/health")
     async def health():
         if server.ready.is_set():
@@ -72,6 +78,8 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/metrics", responses=openapi_doc.responses("/metrics"), response_class=PlainTextResponse)
     async def metrics():
+        if server.canaries is not None:
+            server.canaries.prune()
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", responses=openapi_doc.responses("/v1/models"))
@@ -101,7 +109,7 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/completions", responses=openapi_doc.responses("/v1/completions"))
     async def completions(body: oa.CompletionRequest, request: Request, authorization: str | None = Header(None)):
         caller = authorize(authorization)
-        prefix = await server.prefix_for(body.model, caller, body.user)
+        prefix = await served_prefix(body, caller, request)
         prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
         if all(isinstance(p, int) for p in prompts):
             prompts = [prompts]
@@ -118,7 +126,7 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/chat/completions", responses=openapi_doc.responses("/v1/chat/completions"))
     async def chat(body: oa.ChatRequest, request: Request, authorization: str | None = Header(None)):
         caller = authorize(authorization)
-        prefix = await server.prefix_for(body.model, caller, body.user)
+        prefix = await served_prefix(body, caller, request)
         tok = server.tokenizer
         if not getattr(tok, "chat_template", None):
             raise oa.APIError(400, f"the base model {server.base_name!r} has no chat template; use /v1/completions",
@@ -202,7 +210,8 @@ def create_app(server: Server) -> FastAPI:
 
 
 class _CountRequests:
-    """Counts answered ``/v1/`` requests by route and status. A plain ASGI middleware: it leaves ``receive``
+    """Counts answered ``/v1/`` requests by route and status (and, for a canary model, by version:
+    ``serving.canary_watch``). A plain ASGI middleware: it leaves ``receive``
     alone, so handlers still see a client's disconnect."""
 
     def __init__(self, app, server: Server) -> None:
@@ -212,6 +221,7 @@ class _CountRequests:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status: list[int] = []
+        started = time.monotonic()
 
         async def sending(message) -> None:
             if message["type"] == "http.response.start":
@@ -224,6 +234,9 @@ class _CountRequests:
             route = scope.get("route")
             if status and route is not None and route.path.startswith("/v1/"):
                 self.server.metrics.requests.labels(route.path, str(status[0])).inc()
+                canary = scope.get("state", {}).get("prefixflow_canary")
+                if canary is not None:
+                    self.server.canaries.record(canary, status[0], time.monotonic() - started)
 
 
 class _Timing:

@@ -97,10 +97,14 @@ class RegistrySource:
     def load(self, name: str, version: str) -> PrefixArtifact:
         return registry.load_version(tracking.client().get_model_version(name, version))
 
-    def canary(self, name: str) -> tuple[str, float] | None:
-        """The active canary of ``name``: (version, share in percent), or None."""
-        active = canary.current(name)
-        return None if active is None else (active.version, active.share)
+    def canary(self, name: str) -> canary.Canary | None:
+        """The active canary of ``name``, or None."""
+        return canary.current(name)
+
+
+def _settings(active: canary.Canary | None) -> tuple | None:
+    """What of a canary changes routing (not its champion, which the aliases follow)."""
+    return None if active is None else (active.version, active.share, active.finish_after)
 
 
 def in_canary(name: str, user: str | None, share: float, rng: random.Random) -> bool:
@@ -129,7 +133,7 @@ class PrefixBank:
         self._entries: OrderedDict[tuple[str, str], Prefix] = OrderedDict()  # LRU order: oldest first
         self._aliases: dict[tuple[str, str], str] = {}  # (name, alias) -> version, for the aliases in use
         self._owners: dict[str, str | None] = {}
-        self._canaries: dict[str, tuple[str, float] | None] = {}  # name -> (version, share) for champions in use
+        self._canaries: dict[str, canary.Canary | None] = {}  # name -> its canary, for the champions in use
         self._rng = random.Random()
         self._loading: dict[tuple[str, str], threading.Lock] = {}
         self._stop = threading.Event()
@@ -227,6 +231,19 @@ class PrefixBank:
                 self._aliases[(name, alias)] = version
         return version
 
+    def canary_of(self, name: str) -> canary.Canary | None:
+        """The canary this bank routes by for ``name``, or None (no canary, or not read yet)."""
+        with self._lock:
+            return self._canaries.get(name)
+
+    def canary_role(self, name: str, version: str) -> str | None:
+        """``canary`` or ``champion`` when ``name`` has an active canary and ``version`` is one of the two."""
+        with self._lock:
+            active, champion = self._canaries.get(name), self._aliases.get((name, "champion"))
+        if active is None:
+            return None
+        return "canary" if version == active.version else "champion" if version == champion else None
+
     def _canary_pick(self, name: str, champion: str, user: str | None) -> str | None:
         """The canary version when this request goes to ``name``'s canary, else None."""
         with self._lock:
@@ -235,9 +252,9 @@ class PrefixBank:
             active = self.source.canary(name)
             with self._lock:
                 self._canaries[name] = active
-        if active is None or active[0] == champion or not in_canary(name, user, active[1], self._rng):
+        if active is None or active.version == champion or not in_canary(name, user, active.share, self._rng):
             return None
-        return active[0]
+        return active.version
 
     def _load(self, name: str, version: str, owner: str | None) -> Prefix:
         started = time.monotonic()
@@ -298,20 +315,21 @@ class PrefixBank:
         moves = []
         for name, old in known.items():
             new = self.source.canary(name)
-            if new == old:
+            if _settings(new) == _settings(old):
                 continue
-            if new is not None and (old is None or new[0] != old[0]):
+            if new is not None and (old is None or new.version != old.version):
                 try:
-                    self.get(name, new[0])
+                    self.get(name, new.version)
                 except PrefixError as err:
-                    log.warning("canary %s v%s cannot be served (retried at the next refresh): %s", name, new[0], err)
+                    log.warning("canary %s v%s cannot be served (retried at the next refresh): %s", name,
+                                new.version, err)
                     continue
             with self._lock:
                 self._canaries[name] = new
-            moves.append((name, "canary", old and old[0], new and new[0]))
+            moves.append((name, "canary", old and old.version, new and new.version))
             self.on_event("alias_move", 1)
-            log.info("canary of %s: %s -> %s", name, f"v{old[0]} at {old[1]:g}%" if old else "none",
-                     f"v{new[0]} at {new[1]:g}%" if new else "none")
+            log.info("canary of %s: %s -> %s", name, f"v{old.version} at {old.share:g}%" if old else "none",
+                     f"v{new.version} at {new.share:g}%" if new else "none")
         return moves
 
     def start(self) -> None:

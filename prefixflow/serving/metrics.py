@@ -49,6 +49,16 @@ class ServerMetrics:
         self.client_completion_tokens = Counter("prefixflow_client_completion_tokens", "Tokens generated, by client",
                                                 ["client"], registry=r)
 
+        # per version, only for models with an active canary (serving.canary_watch; removed when it ends)
+        self.canary_requests = Counter("prefixflow_canary_requests", "Requests answered for a model with an active "
+                                       "canary, by version, role (canary or champion) and HTTP status",
+                                       ["model", "version", "role", "status"], registry=r)
+        self.canary_latency = Histogram("prefixflow_canary_request_duration_seconds", "Time from request to its "
+                                        "answer's end for a model with an active canary, by version and role",
+                                        ["model", "version", "role"], buckets=_LATENCY, registry=r)
+        self.canary_rollbacks = Counter("prefixflow_canary_rollbacks", "Canaries this server ended for their error "
+                                        "rate", ["model", "version"], registry=r)
+
     def client_usage(self, client: str, requests: int, prompt_tokens: int, completion_tokens: int) -> None:
         for counter, amount in ((self.client_requests, requests), (self.client_prompt_tokens, prompt_tokens),
                                 (self.client_completion_tokens, completion_tokens)):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from prefixflow.services.usage_log import UsageLog
 from prefixflow.serving.bank import BASE, ModelAccessError, Prefix, PrefixBank, PrefixUnusable, UnknownModel
+from prefixflow.serving.canary_watch import CanaryPolicy, CanaryWatch
 from prefixflow.serving.engine_loop import EngineLoop, Overloaded, Row
 from prefixflow.serving.keys import Caller, KeyStore
 from prefixflow.serving.metrics import ServerMetrics
@@ -39,7 +40,8 @@ class ServeConfig:
     aliases are re-read from the registry (0: never); ``precision``: the base's dtype (``auto``: bf16 only where
     it is native); ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N``; ``max_prefill_rows``: new rows prefilled
     together per step (None: all free rows; a bound keeps one big admission wave from stalling the running rows);
-    ``threads``: torch CPU threads (None: torch's default)."""
+    ``threads``: torch CPU threads (None: torch's default); ``canary_error_margin`` / ``canary_min_requests``: the
+    automatic canary rollback (``serving.canary_watch``; None: off)."""
 
     base: str = "smollm2-135m"
     keys_file: Path | None = None
@@ -57,6 +59,8 @@ class ServeConfig:
     threads: int | None = None
     usage_dir: Path | None = None
     usage_flush_s: float = 30.0
+    canary_error_margin: float | None = 5.0
+    canary_min_requests: int = 50
 
     @property
     def torch_device(self) -> str:
@@ -165,7 +169,7 @@ class Server:
         self.ready = threading.Event()
         self.load_error: str | None = None
         self.on_fatal: Callable[[], None] = lambda: None
-        self.base = self.tokenizer = self.bank = self.loop = None
+        self.base = self.tokenizer = self.bank = self.loop = self.canaries = None
         self.base_name = config.base
 
     # --- lifecycle --------------------------------------------------------------------------------------------
@@ -201,6 +205,8 @@ class Server:
         self.base, self.tokenizer = base, tokenizer
         self.bank = PrefixBank(base, max_bytes=int(self.config.bank_mb * 2**20), refresh_s=self.config.refresh_s,
                                on_event=self._bank_event)
+        self.canaries = CanaryWatch(self.metrics, self.bank, CanaryPolicy(self.config.canary_error_margin,
+                                                                          self.config.canary_min_requests))
         self.loop = EngineLoop(engine, self.metrics, self.config.max_queued, self.config.client_max_running,
                                self.config.client_max_queued)
         self.loop.start()
