@@ -77,21 +77,23 @@ def start(name: str, version: str, share: float, finish_after: int | None = None
     if finish_after:
         c.set_registered_model_tag(name, FINISH_TAG, str(int(finish_after)))
     else:
-        _delete_tag(name, FINISH_TAG)
+        _delete_tags(name, FINISH_TAG)
     c.set_registered_model_tag(name, SHARE_TAG, f"{share:g}")
     c.set_registered_model_alias(name, CANARY_ALIAS, str(version))
     return Canary(name, str(version), share, champion, finish_after)
 
 
-def _delete_tag(name: str, key: str) -> None:
-    if key in (registry.registered_model(name).tags or {}):
-        tracking.client().delete_registered_model_tag(name, key)
+def _delete_tags(name: str, *keys: str) -> None:
+    """Delete those of ``keys`` the registered model has (one read of its tags)."""
+    present = registry.registered_model(name).tags or {}
+    for key in keys:
+        if key in present:
+            tracking.client().delete_registered_model_tag(name, key)
 
 
 def _remove(name: str) -> None:
     tracking.client().delete_registered_model_alias(name, CANARY_ALIAS)
-    _delete_tag(name, SHARE_TAG)
-    _delete_tag(name, FINISH_TAG)
+    _delete_tags(name, SHARE_TAG, FINISH_TAG)
 
 
 def _active(name: str) -> Canary:
@@ -102,13 +104,23 @@ def _active(name: str) -> Canary:
     return active
 
 
+def _still(name: str, version: str) -> Canary | None:
+    """``name``'s canary when it is still ``version`` (another replica may have ended it, or a newer canary
+    replaced it), else None."""
+    active = current(name)
+    return active if active is not None and active.version == str(version) else None
+
+
+def _promoted(active: Canary) -> tuple[str | None, str]:
+    old, new = registry.promote(active.name, active.version)
+    _remove(active.name)
+    return old, new
+
+
 def finish(name: str) -> tuple[str | None, str]:
     """Make the canary ``@champion`` (the old champion becomes ``@previous``) and end the canary. Returns
     (old champion, new champion)."""
-    active = _active(name)
-    old, new = registry.promote(name, active.version)
-    _remove(name)
-    return old, new
+    return _promoted(_active(name))
 
 
 def abort(name: str) -> Canary:
@@ -119,29 +131,28 @@ def abort(name: str) -> Canary:
 
 
 def abort_if(name: str, version: str) -> bool:
-    """End ``name``'s canary only if it is still ``version`` (a server's automatic rollback: another replica may
-    have ended it, or a newer canary replaced it). Returns whether it ended it."""
-    active = current(name)
-    if active is None or active.version != str(version):
-        return False
-    _remove(name)
-    return True
+    """End ``name``'s canary only if it is still ``version`` (a server's automatic rollback). Returns whether it
+    ended it."""
+    active = _still(name, version)
+    if active is not None:
+        _remove(name)
+    return active is not None
 
 
 def finish_if(name: str, version: str) -> bool:
     """Finish ``name``'s canary only if it is still ``version`` (a server's automatic finish). Returns whether it
     finished it."""
-    active = current(name)
-    if active is None or active.version != str(version):
-        return False
-    registry.promote(name, active.version)
-    _remove(name)
-    return True
+    active = _still(name, version)
+    if active is not None:
+        _promoted(active)
+    return active is not None
 
 
 def rollback(name: str) -> tuple[Canary | None, tuple[str, str] | None]:
     """During a canary: abort it, ``(canary, None)``; otherwise swap champion and previous, ``(None, (from, to))``."""
     registry.owner(name)
-    if current(name) is not None:
-        return abort(name), None
+    active = current(name)
+    if active is not None:
+        _remove(name)
+        return active, None
     return None, registry.rollback(name)

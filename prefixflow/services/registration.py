@@ -83,15 +83,16 @@ def register(spec: PipelineSpec, data: PreparedData, trained: TrainOutcome, repo
     if report.gate.passed:
         current = registry.alias_version(name, "champion")
         gate_canary = spec.evaluate.gate.canary
-        if current in (report.champion_version, str(mv.version)) and gate_canary is not None \
-                and current not in (None, str(mv.version)):
-            started = canary.start(name, str(mv.version), gate_canary.share, gate_canary.min_requests).version
-            note = (f"v{mv.version} passed its gate and starts as @canary with {gate_canary.share:g}% of the requests "
-                    f"naming @champion (v{current}); a server makes it @champion after {gate_canary.min_requests} of "
-                    f"them if it fails no more often; `prefixflow promote {spec.client}/{spec.task} --finish` or "
-                    f"`prefixflow rollback {spec.client}/{spec.task}` ends it sooner")
-        elif current in (report.champion_version, str(mv.version)):
-            registry.promote(name, mv.version)
+        if current in (report.champion_version, str(mv.version)):
+            if gate_canary is not None and current not in (None, str(mv.version)):
+                started = canary.start(name, str(mv.version), gate_canary.share, gate_canary.min_requests).version
+                note = (f"v{mv.version} passed its gate and starts as @canary with {gate_canary.share:g}% of the "
+                        f"requests naming @champion (v{current}); a server makes it @champion after "
+                        f"{gate_canary.min_requests} of them if it fails no more often; `prefixflow promote "
+                        f"{spec.client}/{spec.task} --finish` or `prefixflow rollback {spec.client}/{spec.task}` "
+                        "ends it sooner")
+            else:
+                registry.promote(name, mv.version)
         else:  # another run of this client/task made a champion since this one was evaluated
             note = (f"@champion moved to v{current} while this run was evaluated against "
                     f"{'v' + report.champion_version if report.champion_version else 'no champion'} (another run of "

@@ -48,7 +48,7 @@ class CanaryWatch:
         self.abort, self.finish = abort, finish
         self._lock = threading.Lock()
         self._tally: dict[tuple[str, str], dict[str, list[int]]] = {}  # (model, canary version) -> role -> [n, err]
-        self._series: dict[str, set[tuple[str, ...]]] = {}  # model -> label values recorded
+        self._series: dict[str, set[tuple[str, str, str]]] = {}  # model -> (version, role, status) recorded
         self._ended: set[tuple[str, str]] = set()  # (model, canary version) this replica ended or finished
 
     def label(self, prefix: Prefix | None) -> tuple[str, str, str] | None:
@@ -65,7 +65,7 @@ class CanaryWatch:
         self.metrics.canary_latency.labels(name, version, role).observe(seconds)
         active = self.bank.canary_of(name)
         with self._lock:
-            self._series.setdefault(name, set()).update({(version, role, str(status)), (version, role)})
+            self._series.setdefault(name, set()).add((version, role, str(status)))
             if active is None:
                 return
             tally = self._tally.setdefault((name, active.version), {})
@@ -115,10 +115,10 @@ class CanaryWatch:
         with self._lock:
             ended = [name for name in self._series if self.bank.canary_of(name) is None]
             for name in ended:
-                for labels in self._series.pop(name):
-                    metric = self.metrics.canary_requests if len(labels) == 3 else self.metrics.canary_latency
-                    with contextlib.suppress(KeyError):
-                        metric.remove(name, *labels)
+                for version, role, status in self._series.pop(name):
+                    self.metrics.canary_requests.remove(name, version, role, status)
+                    with contextlib.suppress(KeyError):  # the latency series of (version, role) goes once
+                        self.metrics.canary_latency.remove(name, version, role)
                 for key in [k for k in self._tally if k[0] == name]:
                     del self._tally[key]
 
