@@ -84,8 +84,12 @@ class PeftEngine:
         self._current: _Request | None = None
 
     # --- the DecodeEngine interface used by prefixflow.serving.engine_loop -----------------------------------
-    def add(self, request_id, prompt_ids, prefix=None, *, max_new_tokens=32, temperature=0.0, top_p=1.0, stop=(),
-            seed=None, ignore_eos=False) -> None:
+    def add(self, request_id, prompt_ids, prefix=None, params=None) -> None:
+        from prefix_core.sampling import SamplingParams
+
+        params = params or SamplingParams()
+        max_new_tokens, temperature, stop, ignore_eos = (params.max_new_tokens, params.temperature, params.stop,
+                                                         params.ignore_eos)
         if temperature != 0:
             raise ValueError("the PEFT baseline engine decodes greedily only: send temperature 0")
         prompt = [int(t) for t in prompt_ids]
@@ -124,7 +128,7 @@ class PeftEngine:
         """The current request's next token (its prefill when it starts: the first request in FIFO order)."""
         from transformers import DynamicCache
 
-        from prefix_core.serving import StepOutput
+        from prefix_core.decode_engine import StepOutput
 
         req = self._current
         if req is None:

@@ -20,7 +20,7 @@ _WHERE = {
     "Geometry": "geometry", "Site": "geometry", "geometry_from_config": "geometry",
     "PrefixModel": "model",
     "MultiPrefixGenerator": "multi",
-    "DecodeEngine": "serving", "EngineConfig": "serving",
+    "DecodeEngine": "decode_engine", "EngineConfig": "decode_engine", "SamplingParams": "sampling",
     "PackedTraining": "packed",
     "TrainResult": "train", "train_prefix": "train",
 }
@@ -40,6 +40,7 @@ __all__ = [
     "PrefixConfig",
     "PrefixError",
     "PrefixModel",
+    "SamplingParams",
     "Site",
     "TrainConfig",
     "TrainResult",
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
     from .base_model import DEFAULT_MODEL, EMBEDDED_MODELS, load_base_model
     from .config import PrefixConfig, TrainConfig
     from .data import Example
+    from .decode_engine import DecodeEngine, EngineConfig
     from .errors import (
         ArtifactError,
         BaseModelMismatchError,
@@ -80,5 +82,5 @@ if TYPE_CHECKING:
     from .model import PrefixModel
     from .multi import MultiPrefixGenerator
     from .packed import PackedTraining
-    from .serving import DecodeEngine, EngineConfig
+    from .sampling import SamplingParams
     from .train import TrainResult, train_prefix

@@ -21,8 +21,10 @@ from transformers.masking_utils import eager_mask, sdpa_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 from transformers.utils.generic import TransformersKwargs
 
+from .slot_attention import slot_attention
+
 SITE_ATTR = "_prefixflow_site"
-PREFIX_KWARGS = ("prefix_kv", "prefix_rows", "prefix_capture")
+PREFIX_KWARGS = ("prefix_kv", "prefix_rows", "prefix_capture", "slot_batch")
 PREFIX_IMPL = {"sdpa": "prefixflow_sdpa", "eager": "prefixflow_eager"}
 
 
@@ -93,8 +95,10 @@ def _make_attention(name: str):
     eager = name == "prefixflow_eager"
 
     def prefix_attention(module, query, key, value, attention_mask, *, prefix_kv=None, prefix_rows=None,
-                         prefix_capture=None, **kwargs):
+                         prefix_capture=None, slot_batch=None, **kwargs):
         site = getattr(module, SITE_ATTR, None)
+        if slot_batch is not None and site is not None:  # the decode engine's forwards: see slot_attention
+            return slot_attention(module, query, key, value, attention_mask, slot_batch, site, kwargs.get("scaling"))
         if prefix_capture is not None and site is not None:
             prefix_capture[site] = (key.detach(), value.detach())
         if prefix_kv is not None and site is not None:

@@ -58,6 +58,9 @@ class _Registry(RegistrySource):
     def canary(self, name):
         return self.active
 
+    def snapshot(self, names):
+        return {name: (dict(self.aliases), self.active) for name in names}
+
 
 @pytest.fixture(scope="module")
 def bank_parts():

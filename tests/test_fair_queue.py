@@ -116,6 +116,33 @@ def test_cancelled_and_drained_rows_leave_the_queue():
     assert {r.id for r in queue.drain()} == {rows[0].id, rows[2].id} and len(queue) == 0
 
 
+def test_a_client_short_of_its_share_names_the_one_to_preempt():
+    """acme holds all 4 rows; globex arrives: acme is over its share (4 // 2 = 2) and globex under it, so acme is
+    the victim until globex has its share; nobody is preempted for a client at its share or its limit."""
+    queue = FairQueue()
+    for _ in range(6):
+        queue.push(Row("acme"))
+    for _ in range(4):
+        queue.take()
+    assert queue.victim(4) is None  # only acme wants rows
+    queue.push(Row("globex"))
+    queue.push(Row("globex"))
+    queue.push(Row("globex"))
+    for _ in range(2):  # the engine loop preempts one acme row at a time and admits globex's next
+        assert queue.victim(4) == ("acme", "globex")
+        queue.ended("acme")
+        queue.push(Row("acme"), front=True)
+        assert queue.take("globex").client == "globex"
+    assert queue.running_of("globex") == 2 and queue.victim(4) is None  # globex has its share: no more
+    limited = FairQueue(max_running=1)
+    limited.push(Row("acme"))
+    limited.take()
+    limited.push(Row("globex"))
+    limited.take()
+    limited.push(Row("globex"))
+    assert limited.victim(2) is None  # globex is at its running limit
+
+
 class _Fifo(FairQueue):
     """First come, first served (the order before fair shares), for comparison."""
 

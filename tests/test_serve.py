@@ -139,6 +139,53 @@ def test_completion_chat_and_stream_with_the_openai_client(server, keys, referen
     assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
 
 
+def test_logprobs_with_the_openai_client(server, keys):
+    """Completions' ``logprobs`` and chat's ``logprobs``/``top_logprobs``, whole and streamed, in OpenAI's shapes:
+    one entry per generated token, the tokens' texts adding up to the answer, the chosen token's log-probability
+    the highest of the alternatives (greedy)."""
+    c = client(server, keys["acme"])
+    r = c.completions.create(model="acme/rev@champion", prompt="red cat", max_tokens=8, temperature=0, logprobs=2,
+                             extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 8
+    assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset[0] == 0
+    for i, (value, top) in enumerate(zip(lp.token_logprobs, lp.top_logprobs, strict=True)):
+        assert lp.text_offset[i] == len("".join(lp.tokens[:i]))
+        assert value <= 0 and len(top) == 2 and max(top.values()) == pytest.approx(value, abs=1e-5)  # greedy: the top
+    streamed = list(c.completions.create(model="acme/rev@champion", prompt="red cat", max_tokens=8, temperature=0,
+                                         logprobs=2, stream=True, extra_body={"ignore_eos": True}))
+    values = [v for ch in streamed if ch.choices and ch.choices[0].logprobs
+              for v in ch.choices[0].logprobs.token_logprobs]
+    assert values == pytest.approx(lp.token_logprobs, abs=1e-6)
+
+    chat = c.chat.completions.create(model="acme/rev@champion", messages=[{"role": "user", "content": "blue sun"}],
+                                     max_tokens=6, temperature=0, logprobs=True, top_logprobs=3,
+                                     extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 6
+    assert "".join(t.token for t in content) == chat.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 3 and bytes(t.bytes).decode() == t.token
+        assert t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-5)
+    plain = c.chat.completions.create(model="acme/rev@champion", messages=[{"role": "user", "content": "blue sun"}],
+                                      max_tokens=6, temperature=0)
+    assert plain.choices[0].logprobs is None
+    r = httpx.post(f"{server}/v1/chat/completions", headers={"Authorization": f"Bearer {keys['acme']}"}, timeout=30,
+                   json={"model": "base", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2})
+    assert r.status_code == 400 and "top_logprobs needs logprobs: true" in r.json()["error"]["message"]
+
+
+def test_the_registry_is_listed_page_by_page(registry_home, monkeypatch):
+    """The bank's refresh and /v1/models read every registered model, a page per call (not only the first page)."""
+    from prefixflow.services import registry
+
+    with patched_environ(registry_home["env"], unset=("MLFLOW_TRACKING_URI",)):
+        whole = sorted(m.name for m in registry.all_models())
+        monkeypatch.setattr(registry, "PAGE", 1)
+        assert sorted(m.name for m in registry.all_models()) == whole == ["acme-other", "acme-rev", "globex-rev"]
+        assert [m.name for m in registry.models("acme")] == ["acme-other", "acme-rev"]
+
+
 def test_mixed_prefix_batches_equal_each_prefix_alone_under_concurrent_load(server, keys, reference):
     c = client(server, keys["*"])
     jobs = [(model, prompt, tokens) for model, prompt, tokens in [
@@ -362,8 +409,8 @@ def test_overload_gets_429_and_every_admitted_request_is_answered(registry_home,
 
 def test_a_flooding_client_does_not_hold_up_another_and_its_own_limit_answers_429(registry_home, keys):
     """Fair shares (serving.fair_queue) through the real server: with 2 batch rows, acme keeps 10 requests in
-    flight and globex sends one request at a time. Each of globex's requests starts at the next free row: at most
-    the 2 acme requests running when it arrived (and one finishing meanwhile) end before its first token, where
+    flight and globex sends one request at a time. Each of globex's requests gets a row at once (one of acme's
+    rows is preempted for it): at most one acme request (finishing meanwhile) ends before its first token, where
     first come, first served would put it behind all of acme's. Past ``--client-max-queued``, acme's requests get
     429 naming acme's limit, while globex is still served."""
     finished: list[float] = []
@@ -393,8 +440,13 @@ def test_a_flooding_client_does_not_hold_up_another_and_its_own_limit_answers_42
                 for _chunk in stream:
                     pass
                 overtaken = sum(sent < t < first for t in finished)
-                assert overtaken <= 3, f"{overtaken} of acme's requests ended before globex's first token"
+                assert overtaken <= 1, f"{overtaken} of acme's requests ended before globex's first token"
             outcomes = [f.result() for f in flooding]
+            text = httpx.get(f"{url}/metrics").text  # queue wait and time to first token, per caller's client
+            assert _counter(text, "prefixflow_preemptions_total") >= 2  # one of acme's rows for each of globex's
+            for name in ("prefixflow_queue_wait_by_client_seconds", "prefixflow_time_to_first_token_by_client_seconds"):
+                assert _counter(text, f'{name}_count{{client="globex"}}') == 2
+                assert _counter(text, f'{name}_count{{client="acme"}}') == outcomes.count("ok")
     refused = [o for o in outcomes if o != "ok"]
     assert refused and all("client 'acme' has" in o and "at most 8 per client" in o for o in refused), outcomes
     assert outcomes.count("ok") >= 8

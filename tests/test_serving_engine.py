@@ -1,11 +1,12 @@
-"""DecodeEngine: continuous batching with each row's prefix in its KV cache equals generating each request alone."""
+"""DecodeEngine: continuous batching of rows with different prefixes (each prefix stored once, each row's tokens in
+its own slot, prompts prefilled in chunks) equals generating each request alone."""
 
 import pytest
 import torch
 
 from prefix_core import BaseModelMismatchError, PrefixConfig, PrefixModel, UnsupportedModelError
 from prefix_core.attention import PrefixKV
-from prefix_core.serving import DecodeEngine, EngineConfig
+from prefix_core.decode_engine import DecodeEngine, EngineConfig
 from support.tiny_models import make_base
 
 EOS = 1
@@ -88,33 +89,113 @@ def test_requests_joining_and_leaving_equal_each_alone(tok, family, attn):
     assert max(pending for _, pending in trace) > 0  # ... and requests waited for a row
     prefix_of = {rid: name for reqs in plan.values() for rid, name, _, _ in reqs}
     assert max(len({prefix_of[rid] for rid in active}) for active, _ in trace) == 4  # a, b, c and none at once
-    assert engine.num_active == 0 and engine._cache is None
+    assert engine.num_active == 0 and engine.pool.in_use == 0
 
 
-def test_prefix_sits_in_the_cache_once(tok):
-    """A row's cache starts with its prefix's keys/values (written at prefill); decode forwards get no prefix."""
+def test_a_prefix_is_stored_once_and_a_decode_step_copies_nothing(tok, monkeypatch):
+    """Rows with one prefix share one pool entry (no per-row copy); each row's own tokens sit in its slot; decode
+    forwards write one column per row into the same storage and attention reads that storage itself (views)."""
+    from prefix_core import slot_attention
+
     base, arts = make_bank("llama")
-    engine = DecodeEngine(base, tok)
-    seen = []
+    engine = DecodeEngine(base, tok, max_batch=4)
+    seen, reads = [], []
     forward = base.forward
     base.forward = lambda *args, **kwargs: seen.append(kwargs) or forward(*args, **kwargs)
+    attend = slot_attention.slot_attention
+    monkeypatch.setattr("prefix_core.attention.slot_attention",
+                        lambda module, q, k, v, *a: reads.append((k, v)) or attend(module, q, k, v, *a))
     prompt = ids(tok, "hello")
     engine.add("x", prompt, arts["c"], max_new_tokens=5)
     engine.add("y", ids(tok, "abc"), None, max_new_tokens=5)
+    engine.add("z", ids(tok, "xy"), arts["c"], max_new_tokens=5)
     keys, values = arts["c"].keys_values()
-    for step in range(3):
+    engine.step()
+    entry = engine.prefix_entry("x")
+    assert entry == engine.prefix_entry("z") != 0 and engine.prefix_entry("y") == 0 and engine.pool.in_use == 1
+    for layer in range(len(keys)):
+        k, v = engine.pool.storage(entry, layer)
+        assert torch.equal(k[:, :8], keys[layer]) and torch.equal(v[:, :8], values[layer])
+    storage = [(k.data_ptr(), v.data_ptr()) for k, v in zip(engine.cache.keys, engine.cache.values, strict=True)]
+    for step in range(1, 3):
+        reads.clear()
+        before = [kv[0][0].clone() for kv in (engine.cached_kv(r) for r in "xyz")]
         engine.step()
-        kv = engine.cached_kv("x")
-        assert len(kv) == len(keys)
-        for layer, (k, v) in enumerate(kv):
-            assert k.shape == (2, 8 + len(prompt) + step, 16)
-            assert torch.equal(k[:, :8], keys[layer]) and torch.equal(v[:, :8], values[layer])
-        assert engine.cached_kv("y")[0][0].shape[1] == 3 + step
+        assert [(k.data_ptr(), v.data_ptr()) for k, v in zip(engine.cache.keys, engine.cache.values,
+                                                              strict=True)] == storage
+        for rid, old in zip("xyz", before, strict=True):  # one more column, the earlier ones untouched
+            k = engine.cached_kv(rid)[0][0]
+            assert k.shape[1] == old.shape[1] + 1 and torch.equal(k[:, :-1], old)
+        assert engine.cached_kv("x")[0][0].shape == (2, len(prompt) + step, 16)
+        assert len(reads) == len(keys)  # one decode forward, one attention call per layer ...
+        for layer, (k, v) in enumerate(reads):  # ... reading the slots' storage itself, not a copy of it
+            assert k.data_ptr() == storage[layer][0] and v.data_ptr() == storage[layer][1]
     assert len(seen) == 3  # one prefill forward, then one decode forward per step
     assert all(not set(kw) & {"prefix_kv", "prefix_rows"} for kw in seen)
-    assert [kw["input_ids"].shape for kw in seen[1:]] == [(2, 1), (2, 1)]
+    assert [kw["input_ids"].shape for kw in seen[1:]] == [(3, 1), (3, 1)]
     with pytest.raises(KeyError, match="not running"):
-        engine.cached_kv("z")
+        engine.cached_kv("nope")
+    engine.run()
+    assert engine.pool.in_use == 0
+    engine.add("again", prompt, arts["c"], max_new_tokens=2)
+    engine.step()
+    assert engine.prefix_entry("again") == entry  # kept while idle: not stored a second time
+
+
+def test_chunked_prefill_equals_unchunked_and_running_rows_keep_their_pace(tok):
+    """A long prompt prefilled 5 tokens a step gives the tokens it gives prefilled at once, and the rows already
+    decoding get a token at every step meanwhile; short prompts share the rest of a step's budget."""
+    base, arts = make_bank("llama")
+    long_prompt = ids(tok, "the quick brown fox jumps over the lazy dog 0123456789")
+    requests = {"run": ("abc", arts["a"], 30), "long": (long_prompt, arts["c"], 6), "long2": (long_prompt, None, 4),
+                "short": ("xy", arts["b"], 5)}
+    engine = DecodeEngine(base, tok, max_batch=4, prefill_chunk=5)
+    engine.add("run", ids(tok, "abc"), arts["a"], max_new_tokens=30)
+    engine.step()
+    for rid in ("long", "long2", "short"):
+        prompt, art, n = requests[rid]
+        engine.add(rid, prompt if isinstance(prompt, list) else ids(tok, prompt), art, max_new_tokens=n)
+    tokens, steps, chunked_kv = {}, 0, None
+    while engine.has_work:
+        out = engine.step()
+        steps += 1
+        if "run" in engine.active_ids:
+            assert "run" in {o.request_id for o in out}  # never held up by the long prefill
+        for o in out:
+            tokens.setdefault(o.request_id, []).append(o.token_id)
+            if o.request_id == "long" and o.index == 0:
+                chunked_kv = [(k.clone(), v.clone()) for k, v in engine.cached_kv("long")]
+    assert steps > 2 * len(long_prompt) // 5  # the two long prompts took several steps each
+    for rid in ("long", "long2", "short"):
+        prompt, art, n = requests[rid]
+        prompt = prompt if isinstance(prompt, list) else ids(tok, prompt)
+        assert tokens[rid] == reference(base, art, prompt, n), rid
+    whole = DecodeEngine(base, tok, max_batch=4)
+    whole.add("long", long_prompt, arts["c"], max_new_tokens=6)
+    whole.step()
+    for (k, v), (k_chunked, v_chunked) in zip(whole.cached_kv("long"), chunked_kv, strict=True):
+        assert k.shape[1] == len(long_prompt)  # the prompt's keys/values: the same whether chunked or not
+        torch.testing.assert_close(k_chunked, k, rtol=0, atol=1e-5)
+        torch.testing.assert_close(v_chunked, v, rtol=0, atol=1e-5)
+    assert whole.run()["long"] == tokens["long"][1:]
+
+
+def test_the_kv_memory_bounds_a_row_and_grows_between_steps(tok):
+    base, arts = make_bank("llama")
+    per_token = 2 * 2 * 2 * 16 * 4  # keys + values, 2 layers, 2 KV heads of 16, float32
+    engine = DecodeEngine(base, tok, max_batch=2, kv_cache_mb=600 * 2 * per_token / 2**20)
+    assert engine.max_columns == 512  # 600 columns fit, the model has 512 positions
+    small = DecodeEngine(base, tok, max_batch=2, kv_cache_mb=300 * 2 * per_token / 2**20)
+    assert small.max_columns == 300
+    with pytest.raises(ValueError, match=r"too long for the KV memory: prompt \(295\) \+ max_new_tokens \(10\)"
+                                         r".*holds 300.*kv-cache-mb"):
+        small.add("big", [5] * 295, max_new_tokens=10)
+    assert small.cache.columns == 256
+    small.add("fits", [5] * 290, arts["a"], max_new_tokens=10)
+    small.step()
+    assert small.cache.columns == 300  # grown (doubling, capped by the budget) when the row was admitted
+    with pytest.raises(ValueError, match="kv_cache_mb"):
+        DecodeEngine(base, tok, max_batch=2, kv_cache_mb=1e-6)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -164,8 +245,7 @@ def test_cancel_frees_the_row(tok):
     assert engine.active_ids == ["a", "b"] and engine.num_pending == 2
     assert engine.cancel("b")
     assert engine.active_ids == ["a"]
-    assert engine._cache.layers[0].keys.shape[0] == 1  # its cache row is gone
-    assert engine._cache.layers[0].keys.shape[2] == 3 + 11 + 1  # and the columns only b needed are trimmed
+    assert engine.scheduler.slots[1] is None  # its slot is free
     assert not engine.cancel("b") and not engine.cancel("nope")
     assert engine.cancel("d") and engine.num_pending == 1  # a queued request can be cancelled too
     tokens, _, trace = drive(engine)
@@ -287,3 +367,67 @@ def test_longest_request_runs_on_gpt2(tok):
 def test_encoder_decoder_is_refused(tok):
     with pytest.raises(UnsupportedModelError, match="encoder-decoder"):
         DecodeEngine(make_base("bart"), tok)
+
+
+def test_logprobs_equal_the_log_softmax_of_a_plain_forward(tok):
+    """Each token's log-probability and its top alternatives, for a prefixed and a bare row decoding together, equal
+    the log-softmax of one plain forward over prompt + generated tokens (fp32, within 1e-4)."""
+    base, arts = make_bank("llama")
+    prompt, bare_prompt = ids(tok, "hello world"), ids(tok, "abc")
+    engine = DecodeEngine(base, tok, max_batch=3, prefill_chunk=4)  # chunked prefill on the way
+    engine.add("p", prompt, arts["b"], max_new_tokens=6, logprobs=3, ignore_eos=True)
+    engine.add("bare", bare_prompt, None, max_new_tokens=5, logprobs=0, ignore_eos=True)
+    engine.add("none", prompt, arts["a"], max_new_tokens=4, ignore_eos=True)
+    outs: dict = {}
+    while engine.has_work:
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).append(o)
+    assert all(o.logprob is None and o.top_logprobs == () for o in outs["none"])
+    model = PrefixModel.from_artifact(base, arts["b"])
+    for rid, forward, start, k in (("p", model, prompt, 3), ("bare", base, bare_prompt, 0)):
+        sequence = torch.tensor([start + [o.token_id for o in outs[rid]]])
+        with torch.no_grad():
+            logits = forward(input_ids=sequence, attention_mask=torch.ones_like(sequence)).logits[0].float()
+        want = torch.log_softmax(logits, dim=-1)[len(start) - 1 :]
+        for j, o in enumerate(outs[rid]):
+            assert abs(o.logprob - float(want[j, o.token_id])) < 1e-4, (rid, j)
+            assert [t for t, _ in o.top_logprobs] == want[j].topk(k).indices.tolist()
+            assert all(abs(v - float(want[j, t])) < 1e-4 for t, v in o.top_logprobs)
+    with pytest.raises(ValueError, match="logprobs must be >= 0"):
+        engine.add("bad", prompt, logprobs=-1)
+
+
+def test_a_preempted_request_goes_on_where_it_stopped(tok):
+    """Preempting frees the row's slot at once; added again, the request is prefilled anew (prompt and the tokens it
+    had) and its tokens go on as if nothing happened: greedy equal to alone, sampled equal to not preempted."""
+    base, arts = make_bank("llama")
+    prompt = ids(tok, "hello world")
+    want = reference(base, arts["c"], prompt, 12)
+    engine = DecodeEngine(base, tok, max_batch=2, prefill_chunk=6)
+    sampled = {"max_new_tokens": 12, "temperature": 1.1, "seed": 3, "ignore_eos": True}
+    engine.add("g", prompt, arts["c"], max_new_tokens=12)
+    engine.add("s", prompt, arts["a"], **sampled)
+    tokens: dict = {}
+
+    def collect(outs):
+        for o in outs:
+            assert o.index == len(tokens.get(o.request_id, []))  # indices go on across the preemption
+            tokens.setdefault(o.request_id, []).append(o.token_id)
+
+    for _ in range(5):
+        collect(engine.step())
+    assert engine.preempt("g") and engine.preempt("s") and not engine.preempt("g") and not engine.preempt("nope")
+    assert engine.num_active == 0 and engine.pool.in_use == 0 and not engine.has_work
+    engine.add("other", ids(tok, "abc"), arts["b"], max_new_tokens=3)  # takes a slot meanwhile
+    collect(engine.step())
+    engine.add("g", [])  # queued again: the arguments are not read
+    engine.add("s", [])
+    while engine.has_work:
+        collect(engine.step())
+    assert tokens["g"] == want
+    alone = DecodeEngine(base, tok, max_batch=2)
+    alone.add("s", prompt, arts["a"], **sampled)
+    assert tokens["s"] == alone.run()["s"]
+    engine.add("x", prompt, max_new_tokens=5)
+    engine.step()
+    assert engine.preempt("x") and engine.cancel("x") and not engine.cancel("x")

@@ -42,6 +42,10 @@ def serve(
     device: str = typer.Option("auto", help="auto (the first GPU if any, else the CPU), cpu, cuda, cuda:N"),
     max_prefill_rows: int | None = typer.Option(None, min=1, help="new rows prefilled together per step "
                                                                   "(default: all free rows)"),
+    prefill_chunk: int = typer.Option(256, min=1, help="prompt tokens prefilled per step (a longer prompt takes "
+                                                       "several steps while running rows go on)"),
+    kv_cache_mb: float = typer.Option(2048, min=1, help="KV memory for the rows' tokens, split between --max-batch "
+                                                        "rows: bounds prompt + max_tokens of a request (else 400)"),
     threads: int | None = typer.Option(None, min=1, help="torch CPU threads (default: torch's choice)"),
     usage_dir: Path | None = typer.Option(None, help="folder of the usage log, requests and tokens per client and "
                                                      "hour (default: $PREFIXFLOW_USAGE_DIR, else the state "
@@ -67,6 +71,7 @@ def serve(
                          client_max_running=client_max_running, client_max_queued=client_max_queued,
                          max_tokens=max_tokens, rate_limit=rate_limit, bank_mb=bank_mb, refresh_s=refresh,
                          precision=precision, device=device, max_prefill_rows=max_prefill_rows, threads=threads,
+                         prefill_chunk=prefill_chunk, kv_cache_mb=kv_cache_mb,
                          usage_dir=usage_dir or settings.usage_dir(), usage_flush_s=usage_flush,
                          canary_error_margin=canary_error_margin or None, canary_min_requests=canary_min_requests)
     try:

@@ -39,8 +39,12 @@ class Canary:
 def current(name: str) -> Canary | None:
     """The active canary of registered model ``name``, or None (no ``@canary`` alias, or no share tag)."""
     model = registry.registered_model(name)
-    if model is None:
-        return None
+    return None if model is None else of(model)
+
+
+def of(model) -> Canary | None:
+    """The active canary of a RegisteredModel read already (its aliases and tags), or None."""
+    name = model.name
     aliases = dict(getattr(model, "aliases", None) or {})
     tags = model.tags or {}
     version, share = aliases.get(CANARY_ALIAS), tags.get(SHARE_TAG)

@@ -153,10 +153,23 @@ def owner(name: str) -> str | None:
 
 
 def models(client: str | None = None) -> list:
-    """Registered models (all, or one client's by its ``client`` tag), with their tags and aliases."""
-    found = tracking.client().search_registered_models(
-        filter_string=f"tags.client = '{client}'" if client else None, max_results=1000)
-    return sorted(found, key=lambda m: m.name)
+    """Registered models (all, or one client's by its ``client`` tag), with their tags and aliases, by name."""
+    return sorted(all_models(f"tags.client = '{client}'" if client else None), key=lambda m: m.name)
+
+
+PAGE = 1000  # registered models per registry call (MLflow's largest page)
+
+
+def all_models(filter_string: str | None = None) -> list:
+    """Every registered model matching ``filter_string`` (None: all), read ``PAGE`` per call."""
+    found, token = [], None
+    while True:
+        page = tracking.client().search_registered_models(filter_string=filter_string, max_results=PAGE,
+                                                          page_token=token)
+        found += list(page)
+        token = page.token
+        if not token:
+            return found
 
 
 def versions_for_run(name: str, run_key: str) -> list:

@@ -135,8 +135,9 @@ def create_app(server: Server) -> FastAPI:
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = list(tok(text, add_special_tokens=False)["input_ids"])
         limit = body.limit
-        if limit is None:  # as much as fits, up to the server's limit
+        if limit is None:  # as much as fits (the model's positions, a row's KV memory), up to the server's limit
             room = _positions(server) - (prefix.num_virtual_tokens if prefix else 0) - len(ids)
+            room = min(room, getattr(server.loop.engine, "max_columns", room) - len(ids))
             limit = max(1, min(server.config.max_tokens, room))
         return await _generate(request, body, caller, prefix, [ids], limit, chat=True)
 
@@ -148,14 +149,13 @@ def create_app(server: Server) -> FastAPI:
         if any(not p for p in prompts):
             raise oa.APIError(400, "the prompt is empty", param="prompt")
         rid = server.request_id(chat)
-        rows = server.rows(prompts, body.n, prefix, max_tokens, body.temperature, body.top_p, body.stops,
-                           body.seed, rid, ignore_eos=body.ignore_eos, client=share_of(caller))
+        rows = server.rows(prompts, body.n, prefix, body.sampling(max_tokens), rid, client=share_of(caller))
         started = time.monotonic()
         await server.admit(rows)
         prompt_tokens = sum(len(p) for p in prompts)
         server.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in rows))
         choices = [Choice(server.tokenizer, body.stops) for _ in rows]
-        timing = _Timing(server, started, len(rows))
+        timing = _Timing(server, started, len(rows), share_of(caller))
         # what the client used, as its responses' usage says (prompt tokens once per prompt, every completion token
         # returned, also of a request cut short by a disconnect): counted when the request ends
         counted = _Counted(server, usage_client(caller, prefix), prompt_tokens, choices)
@@ -170,9 +170,10 @@ def create_app(server: Server) -> FastAPI:
                         if choices[i].finish:
                             continue
                         timing.token(i, out.finished)
-                        text = choices[i].add(out.token_id, out.finished, out.finish_reason)
+                        text = choices[i].add(out)
                         if text or choices[i].finish:
-                            yield oa.chunk(rid, body.model, i, text, choices[i].finish, chat)
+                            yield oa.chunk(rid, body.model, i, text, choices[i].finish, chat,
+                                           logprobs=choices[i].logprobs(chat, new=True))
                 except oa.APIError as err:
                     yield oa.sse(err.body())
                     return
@@ -189,7 +190,7 @@ def create_app(server: Server) -> FastAPI:
             async for i, out in server.tokens(rows):
                 if not choices[i].finish:
                     timing.token(i, out.finished)
-                    choices[i].add(out.token_id, out.finished, out.finish_reason)
+                    choices[i].add(out)
 
         task = asyncio.create_task(collect())
         try:
@@ -203,8 +204,8 @@ def create_app(server: Server) -> FastAPI:
             task.result()
         finally:
             counted()
-        return oa.completion(rid, body.model, [(c.text, c.finish) for c in choices], _usage(prompt_tokens, choices),
-                             chat)
+        return oa.completion(rid, body.model, [(c.text, c.finish, c.logprobs(chat)) for c in choices],
+                             _usage(prompt_tokens, choices), chat)
 
     return app
 
@@ -242,8 +243,8 @@ class _CountRequests:
 class _Timing:
     """Per-row time to first token, time per output token and latency, into the server's histograms."""
 
-    def __init__(self, server: Server, started: float, rows: int) -> None:
-        self.metrics, self.started = server.metrics, started
+    def __init__(self, server: Server, started: float, rows: int, client: str) -> None:
+        self.metrics, self.started, self.client = server.metrics, started, client
         self.first: list[float | None] = [None] * rows
         self.count = [0] * rows
 
@@ -254,6 +255,7 @@ class _Timing:
         if self.first[i] is None:
             self.first[i] = now
             self.metrics.ttft.observe(now - self.started)
+            self.metrics.client_ttft.labels(self.client).observe(now - self.started)
         if finished:
             self.metrics.latency.observe(now - self.started)
             if self.count[i] > 1:

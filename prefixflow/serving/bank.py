@@ -6,8 +6,10 @@ base identity: a prefix trained on another base is refused) and folded into per-
 dtype and device. Only a completely loaded and verified prefix enters the bank; loads of one version happen once
 however many requests wait for it.
 
-Aliases are remembered once used and polled every ``refresh_s`` seconds; when one moves, the new version is
-loaded first and the alias switched after, so requests never wait on a load because of a move. A request keeps
+Aliases are remembered once used and polled every ``refresh_s`` seconds, all of them (and the canaries) from one
+listing of the registry per round (``RegistrySource.snapshot``: one call per 1,000 registered models, however many
+aliases are in use); when one moves, the new version is loaded first and the alias switched after, so requests
+never wait on a load because of a move. A request keeps
 the ``Prefix`` it started with (its tensors stay alive while it runs), so it finishes on that version even if
 the alias moves or the entry is evicted meanwhile. Eviction is least-recently-used over ``max_bytes``.
 
@@ -100,6 +102,13 @@ class RegistrySource:
     def canary(self, name: str) -> canary.Canary | None:
         """The active canary of ``name``, or None."""
         return canary.current(name)
+
+    def snapshot(self, names: list[str]) -> dict[str, tuple[dict[str, str], canary.Canary | None]]:
+        """The aliases (alias -> version) and canary of each of ``names`` that still exists, from one listing of
+        the registry (one call per ``registry.PAGE`` registered models), not one call per alias."""
+        wanted = set(names)
+        return {m.name: ({a: str(v) for a, v in (m.aliases or {}).items()}, canary.of(m))
+                for m in registry.all_models() if m.name in wanted}
 
 
 def _settings(active: canary.Canary | None) -> tuple | None:
@@ -283,13 +292,15 @@ class PrefixBank:
 
     # --- alias refresh ----------------------------------------------------------------------------------------
     def refresh(self) -> list[tuple[str, str, str, str]]:
-        """Check every alias in use once; load each moved alias's new version, then switch the alias. Returns
-        the moves ``(name, alias, old, new)``; an alias that was removed is forgotten (its next use is a 404)."""
+        """Check every alias and canary in use (one snapshot of the registry); load each moved alias's new
+        version, then switch the alias. Returns the moves ``(name, alias, old, new)``; an alias that was removed
+        is forgotten (its next use is a 404)."""
         with self._lock:
-            aliases = dict(self._aliases)
+            aliases, known = dict(self._aliases), dict(self._canaries)
+        state = self.source.snapshot(sorted({name for name, _ in aliases} | set(known)))
         moves = []
         for (name, alias), old in aliases.items():
-            new = self.source.version_of(name, alias)
+            new = state.get(name, ({}, None))[0].get(alias)
             if new == old:
                 continue
             if new is not None:
@@ -306,15 +317,14 @@ class PrefixBank:
             moves.append((name, alias, old, new))
             self.on_event("alias_move", 1)
             log.info("alias %s@%s moved: v%s -> v%s", name, alias, old, new)
-        return moves + self._refresh_canaries()
+        return moves + self._refresh_canaries(known, {name: c for name, (_, c) in state.items()})
 
-    def _refresh_canaries(self) -> list[tuple[str, str, str | None, str | None]]:
-        """Check the canary of every champion in use; a new canary version is loaded before it gets requests."""
-        with self._lock:
-            known = dict(self._canaries)
+    def _refresh_canaries(self, known: dict, now: dict) -> list[tuple[str, str, str | None, str | None]]:
+        """Apply the canaries read now (``now``: name -> canary) to the champions in use (``known``: name -> the
+        canary routed by); a new canary version is loaded before it gets requests."""
         moves = []
         for name, old in known.items():
-            new = self.source.canary(name)
+            new = now.get(name)
             if _settings(new) == _settings(old):
                 continue
             if new is not None and (old is None or new.version != old.version):

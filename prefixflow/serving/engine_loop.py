@@ -3,7 +3,8 @@
 A row is one generated sequence (a request with ``n`` choices or several prompts submits several rows). Between
 steps the thread checks submitted rows, queues them per client (:class:`~prefixflow.serving.fair_queue.FairQueue`:
 when a batch row is free, the next row comes from the client that got the least service so far, so one client's
-flood does not hold up the others), hands the engine as many as it has free rows, applies cancellations (a client
+flood does not hold up the others; a client short of its share gets a row preempted from one over it), hands the
+engine as many as it has free rows, applies cancellations (a client
 that went away frees its row at once), runs ``engine.step()`` while there is work and sends each row's events to
 its asyncio queue:
 
@@ -26,6 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from prefix_core.sampling import SamplingParams
 from prefixflow.serving.bank import Prefix
 from prefixflow.serving.fair_queue import FairQueue
 from prefixflow.serving.metrics import ServerMetrics
@@ -49,16 +51,12 @@ class Row:
     id: str
     prompt_ids: list[int]
     prefix: Prefix | None
-    max_tokens: int
-    temperature: float
-    top_p: float
-    stop: tuple[str, ...]
-    seed: int | None
+    params: SamplingParams
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     submitted: float = field(default_factory=time.monotonic)
-    ignore_eos: bool = False
     client: str = "-"
+    generated: int = 0  # tokens sent so far
 
 
 class EngineLoop:
@@ -141,14 +139,15 @@ class EngineLoop:
                 if engine.cancel(row_id):
                     self._ended(self._rows.pop(row_id))  # the engine held it, so the loop did
             free, admitted = self.batch - engine.num_active - engine.num_pending, []
-            with self._cond:  # the fairest rows first, as many as the batch has room for
+            short = self._preempt() if free <= 0 and len(self._fair) and hasattr(engine, "preempt") else None
+            with self._cond:  # the row a preemption was for, then the fairest, as many as the batch has room for
+                if short is not None and (row := self._fair.take(short)) is not None:
+                    admitted.append(row)
                 while len(admitted) < free and (row := self._fair.take()) is not None:
                     admitted.append(row)
             for row in admitted:
                 try:
-                    engine.add(row.id, row.prompt_ids, row.prefix.kv if row.prefix else None,
-                               max_new_tokens=row.max_tokens, temperature=row.temperature, top_p=row.top_p,
-                               stop=row.stop, seed=row.seed, ignore_eos=row.ignore_eos)
+                    engine.add(row.id, row.prompt_ids, row.prefix.kv if row.prefix else None, row.params)
                 except ValueError as err:  # checked on arrival; kept for an engine that checks more
                     self._send(row, "error", str(err))
                     self._ended(row)
@@ -167,13 +166,30 @@ class EngineLoop:
         if not hasattr(self.engine, "validate"):
             return True
         try:
-            self.engine.validate(row.id, row.prompt_ids, row.prefix.kv if row.prefix else None,
-                                 max_new_tokens=row.max_tokens, temperature=row.temperature, top_p=row.top_p,
-                                 stop=row.stop)
+            self.engine.validate(row.id, row.prompt_ids, row.prefix.kv if row.prefix else None, row.params)
         except ValueError as err:
             self._send(row, "error", str(err))
             return False
         return True
+
+    def _preempt(self) -> str | None:
+        """Preempt one running row for a client short of its share (``FairQueue.victim``); returns that client
+        (its next row takes the freed row), or None when nothing was preempted."""
+        with self._cond:
+            pair = self._fair.victim(self.batch)
+        if pair is None:
+            return None
+        over, short = pair
+        rows = [r for r in self._rows.values() if r.client == over]
+        row = min(rows, key=lambda r: r.generated) if rows else None  # the cheapest to recompute
+        if row is None or not self.engine.preempt(row.id):
+            return None
+        del self._rows[row.id]
+        with self._cond:
+            self._fair.ended(over)
+            self._fair.push(row, front=True)
+        self.metrics.preemptions.inc()
+        return short
 
     def _ended(self, row: Row) -> None:
         with self._cond:
@@ -200,8 +216,11 @@ class EngineLoop:
             if row is None:
                 continue
             if out.index == 0:
-                self.metrics.queue_wait.observe(max(0.0, started - row.submitted))
+                wait = max(0.0, started - row.submitted)
+                self.metrics.queue_wait.observe(wait)
+                self.metrics.client_queue_wait.labels(row.client).observe(wait)
             self._send(row, "token", out)
+            row.generated += 1
             served.append(row)
             if out.finished:
                 del self._rows[out.request_id]

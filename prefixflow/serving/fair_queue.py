@@ -10,6 +10,13 @@ earns no credit; and a client with nothing waiting or running is forgotten, so p
 a client that sends ten times more requests than another gets its share of the tokens and no more, and the other's
 requests do not wait behind the flood.
 
+Preemption (:meth:`FairQueue.victim`): when every batch row is taken and a client with rows waiting runs fewer rows
+than its share of the batch (the batch divided by the clients running or waiting) while another runs more, the
+engine loop preempts the running row with the fewest tokens (the cheapest to recompute) of the client running most
+(the engine drops its cache; the row waits at the front of its client's queue and, taken again, is prefilled anew
+and goes on). Without it a newcomer waits for a row to end, and rows admitted together end together: a whole
+request's time behind a flood.
+
 Per-client limits (``None``: none): ``max_running`` rows of one client in the batch at once (its other rows wait
 even if rows are free, leaving room for others), ``max_queued`` rows of one client waiting (beyond it the server
 answers 429, see :mod:`prefixflow.serving.engine_loop`). Not thread-safe: the engine loop holds its lock around
@@ -52,23 +59,41 @@ class FairQueue:
     def counter(self, client: str) -> float:
         return self._counters.get(client, 0.0)
 
-    def push(self, row: _Queued) -> None:
-        """A row arrives (its checks passed); it waits behind the rows of its own client only."""
+    def push(self, row: _Queued, front: bool = False) -> None:
+        """A row arrives (its checks passed); it waits behind the rows of its own client only (``front``: ahead of
+        them: a preempted row)."""
         queue = self._queues.get(row.client)
         if not queue:
             floor = self._floor(exclude=row.client)
             self._counters[row.client] = max(self.counter(row.client), floor)
             queue = self._queues.setdefault(row.client, deque())
-        queue.append(row)
+        if front:
+            queue.appendleft(row)
+        else:
+            queue.append(row)
 
-    def take(self) -> _Queued | None:
+    def victim(self, batch: int) -> tuple[str, str] | None:
+        """``(over, short)`` when the ``batch`` rows are all taken: ``over`` runs more than its share and one of its
+        rows is to be preempted for ``short``, which has rows waiting and runs fewer (and is below its running
+        limit); the client running most for the one running least. None when no client is short of its share."""
+        demanding = set(self._running) | set(self._queues)
+        share = max(1, batch // max(1, len(demanding)))
+        short = [c for c in self._queues if self.running_of(c) < share
+                 and (self.max_running is None or self.running_of(c) < self.max_running)]
+        over = [c for c in self._running if self.running_of(c) > share]
+        if not short or not over:
+            return None
+        return max(over, key=self.running_of), min(short, key=self.running_of)
+
+    def take(self, client: str | None = None) -> _Queued | None:
         """The next row to admit (its client's counter charged for its prompt), or None when no client with rows
-        waiting is below its running limit."""
+        waiting is below its running limit. ``client``: that client's next row (the one a preemption was for)."""
         ready = [c for c, q in self._queues.items() if q and (self.max_running is None
                                                               or self.running_of(c) < self.max_running)]
-        if not ready:
+        if client is None and ready:
+            client = min(ready, key=lambda c: (self.counter(c), self.running_of(c)))  # a tie: the one running less
+        if client not in ready:
             return None
-        client = min(ready, key=lambda c: (self.counter(c), self.running_of(c)))  # a tie: the one running less
         row = self._queues[client].popleft()
         if not self._queues[client]:
             del self._queues[client]

@@ -39,6 +39,8 @@ class ServerMetrics:
                                 registry=r)
         self.bank = Counter("prefixflow_prefix_bank_events", "Prefix bank hits, loads, evictions and alias moves",
                             ["event"], registry=r)
+        self.preemptions = Counter("prefixflow_preemptions", "Running rows preempted for another client's share "
+                                   "(recomputed when admitted again)", registry=r)
         self.rejected = Counter("prefixflow_requests_rejected", "Requests refused before admission, by reason",
                                 ["reason"], registry=r)
         # per client (one series per client: the owner of the prefix used, else the caller's client, else "-")
@@ -48,6 +50,11 @@ class ServerMetrics:
                                             ["client"], registry=r)
         self.client_completion_tokens = Counter("prefixflow_client_completion_tokens", "Tokens generated, by client",
                                                 ["client"], registry=r)
+        # per caller's client (the share the fair queue balances: the key's client, each admin key its own)
+        self.client_queue_wait = Histogram("prefixflow_queue_wait_by_client_seconds", "Time from admission to a batch "
+                                           "row, by the caller's client", ["client"], buckets=_LATENCY, registry=r)
+        self.client_ttft = Histogram("prefixflow_time_to_first_token_by_client_seconds", "Time from request to its "
+                                     "first token, by the caller's client", ["client"], buckets=_LATENCY, registry=r)
 
         # per version, only for models with an active canary (serving.canary_watch; removed when it ends)
         self.canary_requests = Counter("prefixflow_canary_requests", "Requests answered for a model with an active "

@@ -13,6 +13,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from prefix_core.sampling import SamplingParams
+
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # engine reason -> OpenAI finish_reason
 
 
@@ -84,6 +86,17 @@ class _Sampling(BaseModel):
     def stops(self) -> tuple[str, ...]:
         return tuple(self.stop or ())
 
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        """The request's sampling, as the engine takes it (one object from here to the sampler)."""
+        return SamplingParams(max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              stop=self.stops, seed=self.seed, ignore_eos=self.ignore_eos,
+                              logprobs=self.logprob_count)
+
+    @property
+    def logprob_count(self) -> int | None:
+        """Alternatives to report per token with its log-probability (None: no log-probabilities)."""
+        return None
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -97,7 +110,8 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=5, description="log-probabilities of each token and of the "
+                                 "`logprobs` most likely alternatives")
     best_of: int | None = None
     suffix: str | None = None
 
@@ -105,8 +119,6 @@ class CompletionRequest(_Sampling):
     def _supported(self):
         if self.echo:
             raise ValueError("echo is not supported by prefixflow serve; leave it unset")
-        if self.logprobs is not None:
-            raise ValueError("logprobs is not supported by prefixflow serve; leave it unset")
         if self.best_of not in (None, 1, self.n):
             raise ValueError("best_of is not supported by prefixflow serve; use n")
         if self.suffix:
@@ -114,6 +126,10 @@ class CompletionRequest(_Sampling):
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt is empty")
         return self
+
+    @property
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -141,14 +157,16 @@ class ChatRequest(_Sampling):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="most likely alternatives per token (needs "
+                                     "logprobs: true)")
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
 
     @model_validator(mode="after")
     def _supported(self):
-        if self.logprobs:
-            raise ValueError("logprobs is not supported by prefixflow serve; leave it unset")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         if self.tools:
             raise ValueError("tools are not supported by prefixflow serve; leave them unset")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
@@ -160,6 +178,10 @@ class ChatRequest(_Sampling):
     @property
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
@@ -188,30 +210,46 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion(rid: str, model: str, choices: list[tuple[str, str | None]], use: dict, chat: bool) -> dict:
-    """The whole response; ``choices``: ``(text, finish_reason)`` in index order."""
+def completion(rid: str, model: str, choices: list[tuple[str, str | None, dict | None]], use: dict,
+               chat: bool) -> dict:
+    """The whole response; ``choices``: ``(text, finish_reason, logprobs)`` in index order."""
     created = int(time.time())
     if chat:
         return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                             "finish_reason": fin} for i, (text, fin) in enumerate(choices)], "usage": use}
+                "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+                             "finish_reason": fin} for i, (text, fin, lp) in enumerate(choices)], "usage": use}
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": fin}
-                        for i, (text, fin) in enumerate(choices)], "usage": use}
+            "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": fin}
+                        for i, (text, fin, lp) in enumerate(choices)], "usage": use}
 
 
 def chunk(rid: str, model: str, index: int, text: str | None, finish: str | None, chat: bool,
-          first: bool = False) -> str:
+          first: bool = False, logprobs: dict | None = None) -> str:
     """One server-sent event of a stream (``text`` None with ``first``: the chat role announcement)."""
     created = int(time.time())
     if chat:
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
         body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
     else:
         body = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}]}
     return sse(body)
+
+
+def logprobs_body(pieces: list[str], entries: list[tuple[float, list[tuple[str, float]]]], chat: bool,
+                  offset: int = 0) -> dict:
+    """OpenAI's ``logprobs`` object of a choice (or of a stream chunk): ``pieces`` the tokens' text, ``entries``
+    each token's ``(log-probability, [(alternative's text, its log-probability), ...])``; ``offset``: characters of
+    the completion before the first token (completions' ``text_offset``)."""
+    if chat:
+        return {"content": [{"token": piece, "logprob": lp, "bytes": list(piece.encode()),
+                             "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top]}
+                            for piece, (lp, top) in zip(pieces, entries, strict=True)]}
+    offsets = [offset + sum(len(p) for p in pieces[:i]) for i in range(len(pieces))]
+    return {"tokens": pieces, "token_logprobs": [lp for lp, _ in entries],
+            "top_logprobs": [dict(top) for _, top in entries] if any(top for _, top in entries) else None,
+            "text_offset": offsets}
 
 
 def usage_chunk(rid: str, model: str, use: dict, chat: bool) -> str:

@@ -13,16 +13,18 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from prefix_core.decode_engine import StepOutput
+from prefix_core.sampling import SamplingParams
 from prefixflow.services.usage_log import UsageLog
 from prefixflow.serving.bank import BASE, ModelAccessError, Prefix, PrefixBank, PrefixUnusable, UnknownModel
 from prefixflow.serving.canary_watch import CanaryPolicy, CanaryWatch
 from prefixflow.serving.engine_loop import EngineLoop, Overloaded, Row
 from prefixflow.serving.keys import Caller, KeyStore
 from prefixflow.serving.metrics import ServerMetrics
-from prefixflow.serving.openai_api import FINISH, APIError
+from prefixflow.serving.openai_api import FINISH, APIError, logprobs_body
 
 # Deferred imports: torch, prefix_core and starlette are deferred to the calls: the CLI validates a ServeConfig before
 # loading them.
@@ -40,6 +42,9 @@ class ServeConfig:
     aliases are re-read from the registry (0: never); ``precision``: the base's dtype (``auto``: bf16 only where
     it is native); ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N``; ``max_prefill_rows``: new rows prefilled
     together per step (None: all free rows; a bound keeps one big admission wave from stalling the running rows);
+    ``prefill_chunk``: prompt tokens prefilled per step (a longer prompt takes several steps, so running rows keep
+    their pace); ``kv_cache_mb``: KV memory for the rows' own tokens, split between the ``max_batch`` rows (it
+    bounds prompt + max_tokens of one request; larger requests get 400);
     ``threads``: torch CPU threads (None: torch's default); ``canary_error_margin`` / ``canary_min_requests``: the
     automatic canary rollback (``serving.canary_watch``; None: off)."""
 
@@ -56,6 +61,8 @@ class ServeConfig:
     precision: str = "auto"
     device: str = "auto"
     max_prefill_rows: int | None = None
+    prefill_chunk: int = 256
+    kv_cache_mb: float = 2048.0
     threads: int | None = None
     usage_dir: Path | None = None
     usage_flush_s: float = 30.0
@@ -92,7 +99,8 @@ def decode_engine(base, tokenizer, config: ServeConfig):
 
     # its own tokenizer: the engine thread decodes for stop strings while handlers tokenize
     return DecodeEngine(base, copy.deepcopy(tokenizer), max_batch=config.max_batch,
-                        max_prefill_rows=config.max_prefill_rows)
+                        max_prefill_rows=config.max_prefill_rows, prefill_chunk=config.prefill_chunk,
+                        kv_cache_mb=config.kv_cache_mb)
 
 
 class _RateLimiter:
@@ -117,21 +125,30 @@ class _RateLimiter:
 
 @dataclass
 class Choice:
-    """The text of one generated row as it grows. Stop sequences are cut off (OpenAI's semantics); while the row
-    runs, the tail that could still become a stop sequence (or an incomplete UTF-8 character) is held back."""
+    """The text of one generated row as it grows. The engine decides when a stop sequence ended the row (the one
+    place they are searched); the text is then cut before it (OpenAI's semantics). While the row runs, the tail
+    that could still become a stop sequence (or an incomplete UTF-8 character) is held back."""
 
     tokenizer: object
     stops: tuple[str, ...]
     ids: list[int] = field(default_factory=list)
     sent: int = 0  # characters already emitted
     finish: str | None = None
+    scores: list[tuple[float, list[tuple[str, float]]]] = field(default_factory=list)  # per token, with logprobs
+    pieces: list[str] = field(default_factory=list)  # each scored token's text: what it added to the decoded text
+    scores_sent: int = 0  # of them already emitted in a stream chunk
 
-    def add(self, token_id: int, finished: bool, reason: str | None) -> str:
-        """Add a token; returns the new text that can be emitted."""
-        self.ids.append(token_id)
-        text, stopped = self._decoded()
-        if stopped:
-            finished, reason = True, reason or "stop"
+    def add(self, out: StepOutput) -> str:
+        """Add a token (and its log-probabilities, when asked for); returns the new text that can be emitted."""
+        finished, reason = out.finished, out.finish_reason
+        before = len(self._decoded(cut=False)) if out.logprob is not None and self.ids else 0
+        self.ids.append(out.token_id)
+        text = self._decoded(cut=False)
+        if out.logprob is not None:  # alternatives: each decoded alone (a token's text may depend on the ones before)
+            self.scores.append((out.logprob, [(self.tokenizer.decode([t]), v) for t, v in out.top_logprobs]))
+            self.pieces.append(text[before:])
+        if finished and reason == "stop":
+            text = self._decoded(cut=True)
         if finished:
             self.finish = FINISH.get(reason or "stop", "stop")
         else:
@@ -142,16 +159,26 @@ class Choice:
         self.sent = max(self.sent, len(text))
         return new
 
+    def logprobs(self, chat: bool, new: bool = False) -> dict | None:
+        """OpenAI's ``logprobs`` of the choice (None when not asked for); ``new``: only of the tokens not yet sent
+        in a stream chunk (and mark them sent)."""
+        if not self.scores:
+            return None
+        start = self.scores_sent if new else 0
+        if new:
+            self.scores_sent = len(self.scores)
+        return logprobs_body(self.pieces[start:], self.scores[start:], chat, sum(map(len, self.pieces[:start])))
+
     @property
     def text(self) -> str:
-        """The whole text so far, cut at the first stop sequence."""
-        return self._decoded()[0]
+        """The whole text so far (cut before the stop sequence that ended it)."""
+        return self._decoded(cut=self.finish == "stop")
 
-    def _decoded(self) -> tuple[str, bool]:
-        """The decoded text cut at the first stop sequence, and whether one was found."""
+    def _decoded(self, cut: bool) -> str:
+        """The decoded text; with ``cut``, up to the first stop sequence in it."""
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        return (text[:cut], True) if cut >= 0 else (text, False)
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0] if cut else []
+        return text[: min(found)] if found else text
 
 
 class Server:
@@ -214,6 +241,9 @@ class Server:
         self.ready.set()
         log.info("base %s loaded in %.1f s on %s (%s); serving", self.config.base, time.monotonic() - started,
                  device, chosen.reason)
+        if hasattr(engine, "max_columns"):
+            log.info("KV memory: %d rows of up to %d tokens (prompt + max_tokens) in %g MB", self.config.max_batch,
+                     engine.max_columns, self.config.kv_cache_mb)
 
     def stop(self) -> None:
         if self.bank is not None:
@@ -274,18 +304,17 @@ class Server:
                            param="model", code="model_not_found") from None
 
     # --- generation -------------------------------------------------------------------------------------------
-    def rows(self, prompts: list[list[int]], n: int, prefix: Prefix | None, max_tokens: int, temperature: float,
-             top_p: float, stops: tuple[str, ...], seed: int | None, rid: str, ignore_eos: bool = False,
+    def rows(self, prompts: list[list[int]], n: int, prefix: Prefix | None, params: SamplingParams, rid: str,
              client: str = "-") -> list[Row]:
-        """``n`` rows per prompt, in choice-index order (prompt i, choice j -> index i * n + j); ``client``: whose
-        share of the server they use."""
+        """``n`` rows per prompt, in choice-index order (prompt i, choice j -> index i * n + j), choice i seeded
+        ``seed + i`` when the request has a seed; ``client``: whose share of the server they use."""
         loop = asyncio.get_running_loop()
         out = []
         for i, ids in enumerate(prompts):
             for j in range(n):
                 index = i * n + j
-                out.append(Row(f"{rid}-{index}", ids, prefix, max_tokens, temperature, top_p, stops,
-                               None if seed is None else seed + index, loop, ignore_eos=ignore_eos, client=client))
+                seeded = params if params.seed is None else replace(params, seed=params.seed + index)
+                out.append(Row(f"{rid}-{index}", ids, prefix, seeded, loop, client=client))
         return out
 
     async def admit(self, rows: list[Row]) -> None:
