@@ -17,7 +17,7 @@ Not thread-safe: one driver loop calls ``add``/``cancel``/``step``.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, replace
 
@@ -265,15 +265,26 @@ class DecodeEngine:
 
     # --- stepping ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self) -> list[StepOutput]:
-        """One decode forward for the rows that have their first token, then the admission of waiting requests
-        into free slots and up to ``prefill_chunk`` prompt tokens of prefill. Finished rows leave before this
-        returns. Returns the new token of each row: decoding rows first (slot order), then rows whose prompt was
-        completed now."""
-        outputs: list[StepOutput] = []
+    def step(self, emit: Callable[[list[StepOutput]], None] | None = None) -> list[StepOutput]:
+        """Admit waiting requests into free slots and prefill up to ``prefill_chunk`` context tokens (a row whose
+        prompt is now complete gives its first token), then one decode forward for the rows that had their first
+        token before this step. Finished rows leave before this returns. ``emit``: called with each forward's new
+        tokens as soon as they are chosen, so a new row's first token goes out before the decode forward runs.
+        Returns every new token of the step: first tokens, then the decoding rows' (slot order)."""
         decode = [s for s in self.scheduler.running if not s.prefilling]
+        outputs = self._prefill()
+        if emit is not None and outputs:
+            emit(outputs)
         if decode:
-            outputs += self._emit(decode, self.runner.decode(decode))
+            decoded = self._emit(decode, self.runner.decode(decode))
+            if emit is not None:
+                emit(decoded)
+            outputs += decoded
+        return outputs
+
+    def _prefill(self) -> list[StepOutput]:
+        """Admission and this step's prefill chunks; the first tokens of the rows whose prompt they completed."""
+        outputs: list[StepOutput] = []
         for seq in self.scheduler.admit():
             self.cache.reserve(seq.columns)
             seq.entry = self.pool.acquire(seq.keys, seq.values)

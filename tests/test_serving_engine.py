@@ -73,7 +73,7 @@ def test_requests_joining_and_leaving_equal_each_alone(tok, family, attn):
     # join steps and lengths; more requests than rows, so some wait for a row that another one frees.
     plan = {
         0: [("r0", "a", "hello world", 9), ("r1", None, "abc def", 4), ("r2", "c", "xy", 7)],
-        2: [("r3", "b", "the quick brown fox", 6), ("r4", "a", "q", 1), ("r5", "c", "what is 22 ?", 8)],
+        2: [("r3", "b", "the quick brown fox", 9), ("r4", "a", "q", 1), ("r5", "c", "what is 22 ?", 8)],
         5: [("r6", None, "zz top", 5), ("r7", "b", "a", 6)],
     }
     schedule = {s: [((rid, ids(tok, text), arts.get(name)), {"max_new_tokens": n}) for rid, name, text, n in reqs]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import math
 import threading
@@ -76,6 +77,7 @@ class EngineLoop:
         self._stopping = False
         self._mean_latency = 1.0  # seconds per finished row, smoothed: for Retry-After
         self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
+        self._streams = "emit" in inspect.signature(engine.step).parameters
 
     def start(self) -> None:
         self._thread.start()
@@ -201,7 +203,10 @@ class EngineLoop:
             self.metrics.batch_size.observe(engine.num_active)
         started = time.monotonic()
         try:
-            outputs = engine.step()
+            if self._streams:  # each forward's tokens go out as soon as they are chosen
+                engine.step(emit=lambda outputs: self._deliver(outputs, started))
+            else:
+                self._deliver(engine.step(), started)
         except Exception as err:  # a failed step fails its rows, never the server
             log.exception("decode step failed; failing its %d rows", len(self._rows))
             for row_id, row in list(self._rows.items()):
@@ -209,7 +214,9 @@ class EngineLoop:
                 self._send(row, "error", f"generation failed: {type(err).__name__}: {err}")
                 self._ended(row)
             self._rows.clear()
-            return
+
+    def _deliver(self, outputs: list, started: float) -> None:
+        """Send new tokens to their rows' queues; finished rows leave the loop's books."""
         now, served = time.monotonic(), []
         for out in outputs:
             row = self._rows.get(out.request_id)
