@@ -30,7 +30,7 @@ def ours(base, prompts: torch.Tensor, tokens: int) -> float:
 
     engine = DecodeEngine(base, None, max_batch=prompts.shape[0], eos_token_ids=(-1,))
     b, length = prompts.shape
-    prefill_steps = b * -(-length // engine.config.prefill_chunk)  # rows that start early decode meanwhile
+    prefill_steps = b * -(-length // engine.prefill_chunk)  # rows that start early decode meanwhile
     for i, p in enumerate(prompts):
         engine.add(i, p.tolist(), max_new_tokens=tokens + prefill_steps + 2, ignore_eos=True)
     started = set()

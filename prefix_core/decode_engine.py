@@ -44,7 +44,10 @@ class EngineConfig:
 
     ``max_batch``: rows (slots) decoding together at most; further requests wait in FIFO order for a free slot.
     ``max_prefill_rows``: new rows admitted per step; ``None``: as many as there are free slots.
-    ``prefill_chunk``: prompt tokens prefilled per step at most (a longer prompt takes several steps).
+    ``prefill_chunk``: prompt tokens prefilled per step at most (a longer prompt takes several steps); ``None``:
+    ``2 x max_batch`` on a CPU (where a token of prefill costs about what a row's decode step does, so a chunk
+    costs about two steps of a full batch and a running row's gap between tokens stays within about 3x), 512 on a
+    GPU (where a decode step is bound by memory and a chunk of prefill costs little beside it).
     ``kv_cache_mb``: KV memory for the rows' own tokens (prefixes are stored apart), split evenly between the
     ``max_batch`` slots: it sets the longest prompt + ``max_new_tokens`` a request may have.
     ``eos_token_ids``: tokens that end a request (``"eos"``); ``None``: the model's generation config, else its
@@ -53,7 +56,7 @@ class EngineConfig:
 
     max_batch: int = 8
     max_prefill_rows: int | None = None
-    prefill_chunk: int = 256
+    prefill_chunk: int | None = None
     kv_cache_mb: float = 2048.0
     eos_token_ids: tuple[int, ...] | None = None
 
@@ -62,7 +65,7 @@ class EngineConfig:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_prefill_rows is not None and self.max_prefill_rows < 1:
             raise ValueError(f"max_prefill_rows must be >= 1 or None, got {self.max_prefill_rows}")
-        if self.prefill_chunk < 1 or self.kv_cache_mb <= 0:
+        if (self.prefill_chunk is not None and self.prefill_chunk < 1) or self.kv_cache_mb <= 0:
             raise ValueError(f"prefill_chunk must be >= 1 and kv_cache_mb > 0, got {self.prefill_chunk} and "
                              f"{self.kv_cache_mb}")
 
@@ -139,7 +142,8 @@ class DecodeEngine:
         self.cache = SlotCache(self.geometry, rows, self.max_columns, self.dtype, self.device,
                                columns=_FIRST_COLUMNS)
         self.pool = PrefixPool(self.geometry, self.dtype, self.device, entries=2 * rows + 1)
-        self.scheduler = Scheduler(rows, self.config.prefill_chunk, self.config.max_prefill_rows)
+        self.prefill_chunk = self.config.prefill_chunk or (2 * rows if self.device.type == "cpu" else 512)
+        self.scheduler = Scheduler(rows, self.prefill_chunk, self.config.max_prefill_rows)
         self.runner = ModelRunner(base, self.cache, self.pool)
         self._preempted: dict[Hashable, Sequence] = {}
 

@@ -9,9 +9,10 @@ it had generated are prefilled anew (recomputation, as vLLM's default) and it go
 
 Each step (see :meth:`Scheduler.plan`): at most ``prefill_chunk`` prompt tokens are prefilled (their rows' first
 tokens go out at once), then every row that had its first token decodes one more; so a long prompt is prefilled
-over several steps and the running rows keep their pace. At most one row is part-way through its prompt at a time: it takes its chunk first (a
-forward of its own, reading its slot), then rows starting their prompt share one forward in admission order; a
-row whose prompt does not fit in what is left of the budget takes a part only when no other row is part-way.
+over several steps and the running rows keep their pace. At most one row is part-way through its prompt at a
+time: it takes its chunk first (a forward of its own, reading its slot), then rows starting their prompt share one
+forward in admission order; a row whose prompt does not fit in what is left of the budget takes a part only when
+no other row is part-way.
 """
 
 from __future__ import annotations

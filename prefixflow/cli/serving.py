@@ -42,8 +42,9 @@ def serve(
     device: str = typer.Option("auto", help="auto (the first GPU if any, else the CPU), cpu, cuda, cuda:N"),
     max_prefill_rows: int | None = typer.Option(None, min=1, help="new rows prefilled together per step "
                                                                   "(default: all free rows)"),
-    prefill_chunk: int = typer.Option(256, min=1, help="prompt tokens prefilled per step (a longer prompt takes "
-                                                       "several steps while running rows go on)"),
+    prefill_chunk: int | None = typer.Option(None, min=1, help="prompt tokens prefilled per step: a longer prompt "
+                                             "takes several steps while running rows go on (default: 2 x --max-batch "
+                                             "on a CPU, 512 on a GPU)"),
     kv_cache_mb: float = typer.Option(2048, min=1, help="KV memory for the rows' tokens, split between --max-batch "
                                                         "rows: bounds prompt + max_tokens of a request (else 400)"),
     threads: int | None = typer.Option(None, min=1, help="torch CPU threads (default: torch's choice)"),

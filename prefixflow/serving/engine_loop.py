@@ -134,7 +134,10 @@ class EngineLoop:
             with self._cond:
                 for row in checked:
                     self._fair.push(row)
-                cancels -= {row_id for row_id in cancels if self._fair.remove(row_id)}
+                waiting = {row_id for row_id in cancels if self._fair.remove(row_id)}
+            cancels -= waiting
+            for row_id in waiting:  # a preempted row that waited: the engine still keeps its state
+                engine.cancel(row_id)
             for row in checked:
                 self._send(row, "accepted", None)
             for row_id in cancels:

@@ -43,8 +43,8 @@ class ServeConfig:
     it is native); ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N``; ``max_prefill_rows``: new rows prefilled
     together per step (None: all free rows; a bound keeps one big admission wave from stalling the running rows);
     ``prefill_chunk``: prompt tokens prefilled per step (a longer prompt takes several steps, so running rows keep
-    their pace); ``kv_cache_mb``: KV memory for the rows' own tokens, split between the ``max_batch`` rows (it
-    bounds prompt + max_tokens of one request; larger requests get 400);
+    their pace; None: 2 x max_batch on a CPU, 512 on a GPU); ``kv_cache_mb``: KV memory for the rows' own tokens,
+    split between the ``max_batch`` rows (it bounds prompt + max_tokens of one request; larger requests get 400);
     ``threads``: torch CPU threads (None: torch's default); ``canary_error_margin`` / ``canary_min_requests``: the
     automatic canary rollback (``serving.canary_watch``; None: off)."""
 
@@ -61,7 +61,7 @@ class ServeConfig:
     precision: str = "auto"
     device: str = "auto"
     max_prefill_rows: int | None = None
-    prefill_chunk: int = 256
+    prefill_chunk: int | None = None
     kv_cache_mb: float = 2048.0
     threads: int | None = None
     usage_dir: Path | None = None
@@ -242,8 +242,8 @@ class Server:
         log.info("base %s loaded in %.1f s on %s (%s); serving", self.config.base, time.monotonic() - started,
                  device, chosen.reason)
         if hasattr(engine, "max_columns"):
-            log.info("KV memory: %d rows of up to %d tokens (prompt + max_tokens) in %g MB", self.config.max_batch,
-                     engine.max_columns, self.config.kv_cache_mb)
+            log.info("KV memory: %d rows of up to %d tokens (prompt + max_tokens) in %g MB; prefill in chunks of %d "
+                     "tokens", self.config.max_batch, engine.max_columns, self.config.kv_cache_mb, engine.prefill_chunk)
 
     def stop(self) -> None:
         if self.bank is not None:
