@@ -68,7 +68,7 @@ def drive(engine, schedule=None):
                                               ("mistral", "sdpa"), ("gpt2", "sdpa")])
 def test_requests_joining_and_leaving_equal_each_alone(tok, family, attn):
     base, arts = make_bank(family, attn)
-    engine = DecodeEngine(base, tok, max_batch=4)
+    engine = DecodeEngine(base, tok, max_batch=4, prefill_chunk=64)  # whole prompts: the schedule below assumes it
     # step -> (request id, prefix name, prompt, max_new_tokens): different prefixes (and none), prompt lengths,
     # join steps and lengths; more requests than rows, so some wait for a row that another one frees.
     plan = {
@@ -98,7 +98,7 @@ def test_a_prefix_is_stored_once_and_a_decode_step_copies_nothing(tok, monkeypat
     from prefix_core import slot_attention
 
     base, arts = make_bank("llama")
-    engine = DecodeEngine(base, tok, max_batch=4)
+    engine = DecodeEngine(base, tok, max_batch=4, prefill_chunk=64)
     seen, reads = [], []
     forward = base.forward
     base.forward = lambda *args, **kwargs: seen.append(kwargs) or forward(*args, **kwargs)
@@ -170,7 +170,7 @@ def test_chunked_prefill_equals_unchunked_and_running_rows_keep_their_pace(tok):
         prompt, art, n = requests[rid]
         prompt = prompt if isinstance(prompt, list) else ids(tok, prompt)
         assert tokens[rid] == reference(base, art, prompt, n), rid
-    whole = DecodeEngine(base, tok, max_batch=4)
+    whole = DecodeEngine(base, tok, max_batch=4, prefill_chunk=len(long_prompt))
     whole.add("long", long_prompt, arts["c"], max_new_tokens=6)
     whole.step()
     for (k, v), (k_chunked, v_chunked) in zip(whole.cached_kv("long"), chunked_kv, strict=True):
@@ -178,6 +178,7 @@ def test_chunked_prefill_equals_unchunked_and_running_rows_keep_their_pace(tok):
         torch.testing.assert_close(k_chunked, k, rtol=0, atol=1e-5)
         torch.testing.assert_close(v_chunked, v, rtol=0, atol=1e-5)
     assert whole.run()["long"] == tokens["long"][1:]
+    assert DecodeEngine(base, tok, max_batch=3).prefill_chunk == 6  # the CPU default: 2 x max_batch
 
 
 def test_the_kv_memory_bounds_a_row_and_grows_between_steps(tok):
@@ -235,7 +236,7 @@ def test_every_prefix_form_gives_the_same_tokens(tok):
 
 def test_cancel_frees_the_row(tok):
     base, arts = make_bank("llama")
-    engine = DecodeEngine(base, tok, max_batch=2)
+    engine = DecodeEngine(base, tok, max_batch=2, prefill_chunk=64)
     engine.add("a", ids(tok, "hello world"), arts["a"], max_new_tokens=10)
     engine.add("b", ids(tok, "the quick brown fox"), arts["c"], max_new_tokens=10)
     engine.add("c", ids(tok, "abc"), None, max_new_tokens=5)
