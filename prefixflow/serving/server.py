@@ -137,16 +137,17 @@ class Choice:
     scores: list[tuple[float, list[tuple[str, float]]]] = field(default_factory=list)  # per token, with logprobs
     pieces: list[str] = field(default_factory=list)  # each scored token's text: what it added to the decoded text
     scores_sent: int = 0  # of them already emitted in a stream chunk
+    decoded: int = 0  # characters of the whole decoded text before the newest token
 
     def add(self, out: StepOutput) -> str:
         """Add a token (and its log-probabilities, when asked for); returns the new text that can be emitted."""
         finished, reason = out.finished, out.finish_reason
-        before = len(self._decoded(cut=False)) if out.logprob is not None and self.ids else 0
         self.ids.append(out.token_id)
         text = self._decoded(cut=False)
         if out.logprob is not None:  # alternatives: each decoded alone (a token's text may depend on the ones before)
             self.scores.append((out.logprob, [(self.tokenizer.decode([t]), v) for t, v in out.top_logprobs]))
-            self.pieces.append(text[before:])
+            self.pieces.append(text[self.decoded:])
+        self.decoded = len(text)
         if finished and reason == "stop":
             text = self._decoded(cut=True)
         if finished:
