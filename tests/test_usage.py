@@ -14,7 +14,8 @@ import openai
 import pytest
 
 from prefixflow.services.usage import parse_since
-from prefixflow.services.usage_log import UsageLog, read_usage
+from prefixflow.services.usage_log import UsageLog, most_used_models, read_usage
+from support.harness import wait_until
 from support.pipeline import patched_environ
 from support.serving import register_random_prefix, serve_process, served_model_dir
 
@@ -54,6 +55,23 @@ def test_replicas_logs_add_up_and_a_torn_last_line_is_skipped(tmp_path):
     assert read_usage(tmp_path / "missing") == {}
 
 
+def test_the_most_used_models_are_read_from_every_replicas_log(tmp_path):
+    one, two = UsageLog(tmp_path, flush_s=3600), UsageLog(tmp_path, flush_s=3600)
+    two.path = tmp_path / "serving-other-host.jsonl"
+    one.add("acme", 3, 1, 1, model="acme/a@champion")
+    two.add("acme", 2, 1, 1, model="acme/a@champion")
+    two.add("acme", 4, 1, 1, model="acme/b/2")
+    one.add("globex", 9, 1, 1, model="base")  # the bare base: not a prefix to preload
+    one.add("globex", 1, 1, 1, model="globex/c@champion")
+    one.add("initech", 7, 1, 1)  # no model (as older servers wrote)
+    one.flush()
+    two.flush()
+    assert most_used_models(tmp_path) == ["acme/a@champion", "acme/b/2", "globex/c@champion"]
+    assert most_used_models(tmp_path, limit=1) == ["acme/a@champion"]
+    assert most_used_models(tmp_path, since=datetime(2999, 1, 1, tzinfo=UTC).timestamp()) == []
+    assert read_usage(tmp_path)["acme"]["requests"] == 9  # per client as before, whatever the model
+
+
 def test_a_log_that_cannot_be_written_keeps_its_counts_for_the_next_flush(tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
@@ -64,6 +82,15 @@ def test_a_log_that_cannot_be_written_keeps_its_counts_for_the_next_flush(tmp_pa
     log.path = log.folder / log.path.name
     log.flush()
     assert read_usage(log.folder) == {"acme": {"requests": 1, "prompt_tokens": 2, "completion_tokens": 3}}
+
+
+def _bank_events(url: str) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("prefixflow_prefix_bank_events_total{"):
+            name, value = line.rsplit(" ", 1)
+            out[name.split('"')[1]] = float(value)
+    return out
 
 
 def _client_counters(url: str) -> dict[tuple[str, str], float]:
@@ -122,8 +149,16 @@ def test_two_replicas_and_a_restart_count_each_clients_requests_and_tokens(tmp_p
         for url in (first, second):  # one series per client that used the server, equal to its responses' usage
             assert _client_counters(url) == by_server[url]
         assert by_server[second][("prefixflow_client_requests", "globex")] == 2
+    logged = [json.loads(line) for f in sorted((tmp_path / "usage").glob("*.jsonl"))
+              for line in f.read_text().splitlines()]
+    assert {(r["client"], r.get("model")) for r in logged} == {("acme", "acme/rev@champion"), ("acme", "base"),
+                                                              ("globex", "globex/rev@champion")}
     with serve_process(model, env, *args) as restarted:
+        # the models the usage log names most are loaded at start-up (the bare base is not a prefix)
+        wait_until(lambda: _bank_events(restarted).get("preload") == 2, 60,
+                   message=lambda: f"not preloaded: {_bank_events(restarted)}")
         ask(restarted, "globex", "globex/rev@champion", stream=True)
+        assert _bank_events(restarted)["load"] == 2 and _bank_events(restarted)["hit"] >= 1
     env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **env}  # the embedded store
     res = subprocess.run([sys.executable, "-m", "prefixflow.cli", "usage", "--format", "json"], capture_output=True,
                          text=True, env=env, timeout=300)

@@ -36,7 +36,13 @@ def serve(
                                                                    "requests get 429 (default: --max-queued)"),
     max_tokens: int = typer.Option(512, min=1, help="most tokens one request may generate"),
     rate_limit: float = typer.Option(0.0, min=0, help="requests per second per key (0: no limit)"),
-    bank_mb: float = typer.Option(1024, min=1, help="memory for loaded prefixes (least recently used leave first)"),
+    bank_mb: float = typer.Option(1024, min=1, help="device memory for loaded prefixes (least recently used leave "
+                                                    "first, to host memory or out)"),
+    host_bank_mb: float | None = typer.Option(None, min=0, help="host memory for prefixes pushed out of the device "
+                                              "(default: 4 x --bank-mb on a GPU, 0 on a CPU)"),
+    preload: list[str] = typer.Option([], help="a model to load at start-up (CLIENT/TASK@ALIAS, ...; repeatable)"),
+    preload_top: int = typer.Option(32, min=0, help="then load the N models most requested in the usage log's last 7 "
+                                                    "days, as far as --bank-mb holds them (0: none)"),
     refresh: float = typer.Option(5.0, min=0, help="seconds between registry checks of the aliases in use"),
     precision: str = typer.Option("auto", help="dtype of the base: auto (bf16 only where native), fp32, bf16"),
     device: str = typer.Option("auto", help="auto (the first GPU if any, else the CPU), cpu, cuda, cuda:N"),
@@ -71,6 +77,7 @@ def serve(
     config = ServeConfig(base=base, keys_file=keys, max_batch=max_batch, max_queued=max_queued,
                          client_max_running=client_max_running, client_max_queued=client_max_queued,
                          max_tokens=max_tokens, rate_limit=rate_limit, bank_mb=bank_mb, refresh_s=refresh,
+                         host_bank_mb=host_bank_mb, preload=tuple(preload), preload_top=preload_top,
                          precision=precision, device=device, max_prefill_rows=max_prefill_rows, threads=threads,
                          prefill_chunk=prefill_chunk, kv_cache_mb=kv_cache_mb,
                          usage_dir=usage_dir or settings.usage_dir(), usage_flush_s=usage_flush,

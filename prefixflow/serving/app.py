@@ -158,7 +158,7 @@ def create_app(server: Server) -> FastAPI:
         timing = _Timing(server, started, len(rows), share_of(caller))
         # what the client used, as its responses' usage says (prompt tokens once per prompt, every completion token
         # returned, also of a request cut short by a disconnect): counted when the request ends
-        counted = _Counted(server, usage_client(caller, prefix), prompt_tokens, choices)
+        counted = _Counted(server, usage_client(caller, prefix), prompt_tokens, choices, body.model)
 
         if body.stream:
             async def events():
@@ -263,16 +263,17 @@ class _Timing:
 
 
 class _Counted:
-    """Counts one admitted request for its client (``Server.count_usage``) once, when called at its end."""
+    """Counts one admitted request for its client and ``model`` (as named) once, when called at its end."""
 
-    def __init__(self, server: Server, client: str, prompt_tokens: int, choices: list[Choice]) -> None:
+    def __init__(self, server: Server, client: str, prompt_tokens: int, choices: list[Choice], model: str) -> None:
         self.server, self.client, self.prompt_tokens, self.choices = server, client, prompt_tokens, choices
-        self.done = False
+        self.model, self.done = model, False
 
     def __call__(self) -> None:
         if not self.done:
             self.done = True
-            self.server.count_usage(self.client, 1, self.prompt_tokens, sum(len(c.ids) for c in self.choices))
+            self.server.count_usage(self.client, 1, self.prompt_tokens, sum(len(c.ids) for c in self.choices),
+                                    model=self.model)
 
 
 def share_of(caller: Caller) -> str:

@@ -11,7 +11,11 @@ listing of the registry per round (``RegistrySource.snapshot``: one call per 1,0
 aliases are in use); when one moves, the new version is loaded first and the alias switched after, so requests
 never wait on a load because of a move. A request keeps
 the ``Prefix`` it started with (its tensors stay alive while it runs), so it finishes on that version even if
-the alias moves or the entry is evicted meanwhile. Eviction is least-recently-used over ``max_bytes``.
+the alias moves or the entry is evicted meanwhile.
+
+Tiers (``serving.bank_tiers``): the base's device (``max_bytes``), then host memory (``host_max_bytes``), then
+the registry; least recently used leave first. ``preload`` fills the bank at start-up with the most used models
+(from the usage log) or a given list, and stops before it would push out what it loaded.
 
 Canaries (``services.canary``): a request naming ``@champion`` of a model with an active canary is served by the
 canary version with the canary's share (sticky per OpenAI ``user``: one user sees one version; without ``user``,
@@ -29,7 +33,6 @@ import logging
 import random
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,6 +43,7 @@ from prefix_core import PrefixArtifact
 from prefix_core.errors import PrefixError
 from prefixflow.services import canary, registry, tracking
 from prefixflow.services.errors import RegistryError
+from prefixflow.serving.bank_tiers import BankTiers
 
 log = logging.getLogger(__name__)
 BASE = "base"
@@ -127,19 +131,19 @@ def in_canary(name: str, user: str | None, share: float, rng: random.Random) -> 
 
 class PrefixBank:
     """Registered prefixes in memory for one ``base``. ``on_event(kind, amount)`` feeds the server's metrics:
-    kinds ``hit``, ``load``, ``evict``, ``alias_move``."""
+    kinds ``hit``, ``host_hit``, ``load``, ``evict``, ``host_evict``, ``preload``, ``alias_move``."""
 
     def __init__(self, base: nn.Module, source: RegistrySource | None = None, max_bytes: int = 1 << 30,
-                 refresh_s: float = 5.0, on_event: Callable[[str, int], None] | None = None) -> None:
+                 refresh_s: float = 5.0, on_event: Callable[[str, int], None] | None = None,
+                 host_max_bytes: int = 0) -> None:
         self.base = base
         self.source = source or RegistrySource()
-        self.max_bytes = max_bytes
         self.refresh_s = refresh_s
         self.on_event = on_event or (lambda kind, amount: None)
         param = next(base.parameters())
         self._cast = {"dtype": param.dtype, "device": param.device}
         self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple[str, str], Prefix] = OrderedDict()  # LRU order: oldest first
+        self._tiers = BankTiers(max_bytes, host_max_bytes, param.device)
         self._aliases: dict[tuple[str, str], str] = {}  # (name, alias) -> version, for the aliases in use
         self._owners: dict[str, str | None] = {}
         self._canaries: dict[str, canary.Canary | None] = {}  # name -> its canary, for the champions in use
@@ -179,47 +183,52 @@ class PrefixBank:
         """The loaded prefix of ``name`` version ``version`` (loaded now if needed; one load per version)."""
         key = (name, version)
         with self._lock:
-            entry = self._touch(key)
+            entry = self._tiers.get(key)
             gate = self._loading.setdefault(key, threading.Lock())
+            events = self._tiers.drain()
+        self._emit(events)
         if entry is not None:
-            self.on_event("hit", 1)
             return entry
         with gate:
             with self._lock:
-                entry = self._touch(key)  # loaded by the request we waited for
+                entry = self._tiers.get(key)  # loaded by the request we waited for
+                events = self._tiers.drain()
+            self._emit(events)
             if entry is not None:
-                self.on_event("hit", 1)
                 return entry
             entry = self._load(name, version, owner if owner is not None else self._owner(name))
             with self._lock:
-                self._entries[key] = entry
+                self._tiers.put(key, entry)
                 self._loading.pop(key, None)
-                evicted = self._evict()
-        self.on_event("load", 1)
-        if evicted:
-            self.on_event("evict", evicted)
+                events = self._tiers.drain()
+        self._emit([("load", 1), *events])
         return entry
 
-    def _touch(self, key: tuple[str, str]) -> Prefix | None:
-        """The entry at ``key`` marked most recently used, or None (call with the lock held)."""
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-        return entry
+    def _emit(self, events: list[tuple[str, int]]) -> None:
+        for kind, amount in events:
+            self.on_event(kind, amount)
 
     @property
     def loaded(self) -> list[Prefix]:
+        """The prefixes in the device tier."""
         with self._lock:
-            return list(self._entries.values())
+            return self._tiers.loaded
 
     @property
     def nbytes(self) -> int:
+        """Bytes in the device tier."""
         with self._lock:
-            return sum(e.nbytes for e in self._entries.values())
+            return self._tiers.nbytes
+
+    @property
+    def host(self) -> tuple[int, int]:
+        """Prefixes and bytes in the host tier."""
+        with self._lock:
+            return self._tiers.host_count, self._tiers.host_nbytes
 
     def _has(self, name: str, version: str) -> bool:
         with self._lock:
-            return (name, version) in self._entries
+            return (name, version) in self._tiers
 
     def _owner(self, name: str) -> str | None:
         if name not in self._owners:
@@ -280,15 +289,23 @@ class PrefixBank:
                  time.monotonic() - started)
         return Prefix(name, str(version), owner, keys, values, art.prompt_template, nbytes)
 
-    def _evict(self) -> int:
-        """Drop least-recently-used entries over the byte budget (the newest entry always stays); returns how
-        many (call with the lock held)."""
-        total, dropped = sum(e.nbytes for e in self._entries.values()), 0
-        while total > self.max_bytes and len(self._entries) > 1:
-            _, entry = self._entries.popitem(last=False)
-            total -= entry.nbytes
-            dropped += 1
-        return dropped
+    def preload(self, models: list[str]) -> int:
+        """Load ``models`` (request ``model`` names, most wanted first) until the device tier is full; one that
+        cannot be loaded is logged and skipped. Returns how many were loaded."""
+        done, size = 0, 0  # size: the last one's bytes, the guess for the next
+        for model in models:
+            with self._lock:
+                if not self._tiers.has_room(size):
+                    break
+            try:
+                prefix = self.resolve(model, None)
+            except (PrefixError, RegistryError) as err:
+                log.warning("preload of %s skipped: %s", model, err)
+                continue
+            if prefix is not None:
+                done, size = done + 1, prefix.nbytes
+                self.on_event("preload", 1)
+        return done
 
     # --- alias refresh ----------------------------------------------------------------------------------------
     def refresh(self) -> list[tuple[str, str, str, str]]:

@@ -37,8 +37,11 @@ class ServerMetrics:
         self.prefixes_loaded = Gauge("prefixflow_prefixes_loaded", "Prefix versions held in the bank", registry=r)
         self.bank_bytes = Gauge("prefixflow_prefix_bank_bytes", "Bytes of prefix keys/values in the bank",
                                 registry=r)
-        self.bank = Counter("prefixflow_prefix_bank_events", "Prefix bank hits, loads, evictions and alias moves",
-                            ["event"], registry=r)
+        self.host_prefixes = Gauge("prefixflow_prefixes_in_host_memory", "Prefix versions pushed out of the device "
+                                   "to host memory (the bank's second tier)", registry=r)
+        self.host_bytes = Gauge("prefixflow_prefix_bank_host_bytes", "Bytes of prefixes in host memory", registry=r)
+        self.bank = Counter("prefixflow_prefix_bank_events", "Prefix bank events: hit, host_hit, load, evict, "
+                            "host_evict, preload, alias_move", ["event"], registry=r)
         self.preemptions = Counter("prefixflow_preemptions", "Running rows preempted for another client's share "
                                    "(recomputed when admitted again)", registry=r)
         self.rejected = Counter("prefixflow_requests_rejected", "Requests refused before admission, by reason",

@@ -8,13 +8,11 @@ import asyncio
 import copy
 import logging
 import math
-import re
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from prefix_core.decode_engine import StepOutput
 from prefix_core.sampling import SamplingParams
@@ -25,70 +23,12 @@ from prefixflow.serving.engine_loop import EngineLoop, Overloaded, Row
 from prefixflow.serving.keys import Caller, KeyStore
 from prefixflow.serving.metrics import ServerMetrics
 from prefixflow.serving.openai_api import FINISH, APIError, logprobs_body
+from prefixflow.serving.serve_config import ServeConfig
 
 # Deferred imports: torch, prefix_core and starlette are deferred to the calls: the CLI validates a ServeConfig before
 # loading them.
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """Settings of one server. ``max_batch``: rows decoding together; ``max_queued``: rows waiting for a batch row
-    before new requests get 429; ``client_max_running`` / ``client_max_queued``: the same per client (None: no
-    limit; rows are taken in fair order between clients either way, ``serving.fair_queue``); ``max_tokens``: the
-    most tokens one request may ask for (and the chat default); ``rate_limit``: requests per second per key (0:
-    none; bursts up to max(1, rate)); ``bank_mb``: memory for prefix keys/values; ``refresh_s``: how often used
-    aliases are re-read from the registry (0: never); ``precision``: the base's dtype (``auto``: bf16 only where
-    it is native); ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N``; ``max_prefill_rows``: new rows prefilled
-    together per step (None: all free rows; a bound keeps one big admission wave from stalling the running rows);
-    ``prefill_chunk``: prompt tokens prefilled per step (a longer prompt takes several steps, so running rows keep
-    their pace; None: 2 x max_batch on a CPU, 512 on a GPU); ``kv_cache_mb``: KV memory for the rows' own tokens,
-    split between the ``max_batch`` rows (it bounds prompt + max_tokens of one request; larger requests get 400);
-    ``threads``: torch CPU threads (None: torch's default); ``canary_error_margin`` / ``canary_min_requests``: the
-    automatic canary rollback (``serving.canary_watch``; None: off)."""
-
-    base: str = "smollm2-135m"
-    keys_file: Path | None = None
-    max_batch: int = 16
-    max_queued: int = 256
-    client_max_running: int | None = None
-    client_max_queued: int | None = None
-    max_tokens: int = 512
-    rate_limit: float = 0.0
-    bank_mb: float = 1024
-    refresh_s: float = 5.0
-    precision: str = "auto"
-    device: str = "auto"
-    max_prefill_rows: int | None = None
-    prefill_chunk: int | None = None
-    kv_cache_mb: float = 2048.0
-    threads: int | None = None
-    usage_dir: Path | None = None
-    usage_flush_s: float = 30.0
-    canary_error_margin: float | None = 5.0
-    canary_min_requests: int = 50
-
-    @property
-    def torch_device(self) -> str:
-        """``auto``: the first GPU when there is one, else the CPU. ValueError saying what this machine has
-        when the device asked for is not one of its devices."""
-
-        import torch
-
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if self.device == "auto":
-            return "cuda" if gpus else "cpu"
-        if self.device == "cpu":
-            return "cpu"
-        found = re.fullmatch(r"cuda(?::(\d+))?", self.device)
-        if found is None:
-            raise ValueError(f"--device {self.device!r} is not a device: use auto, cpu, cuda or cuda:N")
-        index = int(found.group(1) or 0)
-        if index >= gpus:
-            have = f"{gpus} GPU(s): cuda:0..cuda:{gpus - 1}" if gpus else "no CUDA GPU this torch can use"
-            raise ValueError(f"--device {self.device}: this machine has {have}; use --device auto or cpu")
-        return self.device
 
 
 EngineFactory = Callable[..., object]  # (base, tokenizer, config) -> an engine with DecodeEngine's interface
@@ -232,7 +172,7 @@ class Server:
             return
         self.base, self.tokenizer = base, tokenizer
         self.bank = PrefixBank(base, max_bytes=int(self.config.bank_mb * 2**20), refresh_s=self.config.refresh_s,
-                               on_event=self._bank_event)
+                               on_event=self._bank_event, host_max_bytes=int(self.config.host_mb(device) * 2**20))
         self.canaries = CanaryWatch(self.metrics, self.bank, CanaryPolicy(self.config.canary_error_margin,
                                                                           self.config.canary_min_requests))
         self.loop = EngineLoop(engine, self.metrics, self.config.max_queued, self.config.client_max_running,
@@ -240,11 +180,32 @@ class Server:
         self.loop.start()
         self.bank.start()
         self.ready.set()
+        threading.Thread(target=self._preload, name="preload", daemon=True).start()
         log.info("base %s loaded in %.1f s on %s (%s); serving", self.config.base, time.monotonic() - started,
                  device, chosen.reason)
         if hasattr(engine, "max_columns"):
             log.info("KV memory: %d rows of up to %d tokens (prompt + max_tokens) in %g MB; prefill in chunks of %d "
                      "tokens", self.config.max_batch, engine.max_columns, self.config.kv_cache_mb, engine.prefill_chunk)
+
+    def _preload(self) -> None:
+        """Fill the bank with ``config.preload`` and then the most used models of the usage log's last 7 days
+        (``config.preload_top`` of them), while requests are already served."""
+        from prefixflow.services.usage_log import most_used_models
+
+        wanted = list(self.config.preload)
+        if self.config.preload_top and self.config.usage_dir is not None:
+            try:
+                used = most_used_models(self.config.usage_dir, time.time() - 7 * 86400, self.config.preload_top)
+            except OSError as err:
+                log.warning("usage log %s not read for preloading: %s", self.config.usage_dir, err)
+                used = []
+            wanted += [m for m in used if m not in wanted]
+        if not wanted:
+            return
+        started = time.monotonic()
+        done = self.bank.preload(wanted)
+        log.info("preloaded %d of %d prefixes in %.1f s (%d MB in the bank)", done, len(wanted),
+                 time.monotonic() - started, self.bank.nbytes >> 20)
 
     def stop(self) -> None:
         if self.bank is not None:
@@ -254,17 +215,22 @@ class Server:
         if self.usage_log is not None:
             self.usage_log.stop()  # its last counts
 
-    def count_usage(self, client: str, requests: int = 0, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
-        """What ``client`` used: into ``/metrics`` (label ``client``) and the usage log."""
+    def count_usage(self, client: str, requests: int = 0, prompt_tokens: int = 0, completion_tokens: int = 0,
+                    model: str | None = None) -> None:
+        """What ``client`` used (through ``model``, as the request named it): into ``/metrics`` (label ``client``)
+        and the usage log."""
         self.metrics.client_usage(client, requests, prompt_tokens, completion_tokens)
         if self.usage_log is not None:
-            self.usage_log.add(client, requests, prompt_tokens, completion_tokens)
+            self.usage_log.add(client, requests, prompt_tokens, completion_tokens, model=model)
 
     def _bank_event(self, kind: str, amount: int) -> None:
         self.metrics.bank_event(kind, amount)
         if self.bank is not None:
             self.metrics.prefixes_loaded.set(len(self.bank.loaded))
             self.metrics.bank_bytes.set(self.bank.nbytes)
+            count, nbytes = self.bank.host
+            self.metrics.host_prefixes.set(count)
+            self.metrics.host_bytes.set(nbytes)
 
     def check_ready(self) -> None:
         if not self.ready.is_set():
