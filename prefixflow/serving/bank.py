@@ -34,16 +34,14 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from prefix_core import PrefixArtifact
 from prefix_core.errors import PrefixError
 from prefixflow.services import canary, registry, tracking
 from prefixflow.services.errors import RegistryError
-from prefixflow.serving.bank_tiers import BankTiers
+from prefixflow.serving.bank_tiers import BankTiers, Prefix
 
 log = logging.getLogger(__name__)
 BASE = "base"
@@ -59,28 +57,6 @@ class UnknownModel(RegistryError):
 
 class PrefixUnusable(PrefixError):
     """The named version exists but cannot be served here: wrong base, corrupt artifact (HTTP 400)."""
-
-
-@dataclass(frozen=True)
-class Prefix:
-    """A verified prefix ready to serve. ``keys``/``values``: per attention layer ``[kv_heads, P, head_dim]`` in
-    the base's dtype and device (never modified). ``nbytes``: their size in memory."""
-
-    name: str
-    version: str
-    client: str | None
-    keys: tuple[torch.Tensor, ...]
-    values: tuple[torch.Tensor, ...]
-    template: str | None
-    nbytes: int
-
-    @property
-    def kv(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        return list(self.keys), list(self.values)
-
-    @property
-    def num_virtual_tokens(self) -> int:
-        return self.keys[0].shape[1]
 
 
 class RegistrySource:

@@ -1,4 +1,5 @@
-"""The prefix bank's memory in two tiers: the base's device, then host memory, each least-recently-used first.
+"""A loaded ``Prefix``, and the prefix bank's memory in two tiers: the base's device, then host memory, each
+least recently used first.
 
 A prefix evicted from the device tier moves to the host tier (when it has room: ``host_max_bytes`` > 0) instead of
 being dropped, so its next use copies it back (a ``host_hit``) instead of downloading and verifying it again from
@@ -11,13 +12,32 @@ Not thread-safe on its own: ``PrefixBank`` calls it with its lock held.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
 
 import torch
 
-if TYPE_CHECKING:
-    from prefixflow.serving.bank import Prefix
+
+@dataclass(frozen=True)
+class Prefix:
+    """A verified prefix ready to serve. ``keys``/``values``: per attention layer ``[kv_heads, P, head_dim]`` in
+    the base's dtype and device (never modified). ``nbytes``: their size in memory."""
+
+    name: str
+    version: str
+    client: str | None
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    template: str | None
+    nbytes: int
+
+    @property
+    def kv(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return list(self.keys), list(self.values)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.keys[0].shape[1]
+
 
 Key = tuple[str, str]  # (registered model name, version)
 
@@ -28,7 +48,7 @@ def moved(prefix: Prefix, device: torch.device | str, pin: bool = False) -> Pref
         return prefix
 
     def to(t: torch.Tensor) -> torch.Tensor:
-        t = t.to(device, non_blocking=True)
+        t = t.to(device)  # blocking: a pushed-out prefix is small and must be whole before the original goes
         return t.pin_memory() if pin else t
 
     return replace(prefix, keys=tuple(map(to, prefix.keys)), values=tuple(map(to, prefix.values)))
