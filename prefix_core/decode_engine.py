@@ -172,7 +172,8 @@ class DecodeEngine:
             raise ValueError(f"request {request_id!r} is already queued or running")
         prompt, keys, values, params = self.validate(request_id, prompt_ids, prefix, params, **fields)
         self.scheduler.queue(Sequence(request_id, prompt, keys, values, params, params.generator(self.device),
-                                      StopCheck(params, self.eos_token_ids, self.tokenizer)))
+                                      StopCheck(params, self.eos_token_ids, self.tokenizer),
+                                      constraint=params.constraint() if params.constraint else None))
 
     def validate(self, request_id: Hashable, prompt_ids: Seq[int] | torch.Tensor | str, prefix=None,
                  params: SamplingParams | None = None, **fields
@@ -313,13 +314,23 @@ class DecodeEngine:
         return tokens
 
     def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
-        """Choose each row's token from ``logits [n, V]``; a row that finished leaves its slot."""
+        """Choose each row's token from ``logits [n, V]`` (among those its constraint allows); a row that finished
+        leaves its slot."""
         greedy = logits.argmax(-1).tolist()
         outputs = []
         for i, seq in enumerate(seqs):
-            token = greedy[i] if seq.params.temperature == 0 else sample(logits[i], seq.params, seq.generator)
+            row, complete = logits[i], False
+            if seq.constraint is not None:
+                row = row.clone()
+                seq.constraint.mask(row)
+                greedy[i] = int(row.argmax())
+            token = greedy[i] if seq.params.temperature == 0 else sample(row, seq.params, seq.generator)
             seq.generated.append(token)
+            if seq.constraint is not None:
+                complete = seq.constraint.accept(token)
             reason = seq.stop(seq.generated)
+            if complete and reason in (None, "length"):
+                reason = "stop"
             outputs.append(StepOutput(seq.request_id, token, len(seq.generated) - 1, reason is not None, reason,
                                       *logprobs(logits[i], token, seq.params.logprobs)))
             if reason is not None:

@@ -3,10 +3,22 @@ to the engine, as vLLM's), the sampler, and the one place stop tokens and stop s
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
+
+
+class TokenConstraint(Protocol):
+    """One request's constraint on the tokens it may generate (e.g. a JSON-schema grammar); the engine holds one
+    per request. ``mask(logits)``: set the logits ``[V]`` (float32) of every token it forbids next to ``-inf``, in
+    place. ``accept(token)``: advance by the chosen token; True when the constrained output is complete (the
+    request then ends with ``"stop"``)."""
+
+    def mask(self, logits: torch.Tensor) -> None: ...
+
+    def accept(self, token: int) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -17,7 +29,8 @@ class SamplingParams:
     token that completes a stop is emitted. ``ignore_eos``: EOS does not end the request (vLLM's option: load tests
     that must do the same work per request). ``logprobs``: report each token's log-probability under the model
     (the log-softmax of its logits, before temperature and top_p) and that many most likely alternatives (None:
-    none)."""
+    none). ``constraint``: makes a ``TokenConstraint`` for the request when it is queued (None: none); tokens are
+    then chosen among those it allows (logprobs stay the model's)."""
 
     max_new_tokens: int = 32
     temperature: float = 0.0
@@ -27,6 +40,7 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    constraint: Callable[[], TokenConstraint] | None = None
 
     @classmethod
     def of(cls, *, stop: str | Sequence[str] = (), stop_token_ids: Sequence[int] = (), **fields) -> SamplingParams:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sampling import SamplingParams, StopCheck
+from .sampling import SamplingParams, StopCheck, TokenConstraint
 
 
 @dataclass(eq=False)
@@ -44,6 +44,7 @@ class Sequence:
     entry: int = 0
     cached: int = 0
     order: int = 0  # arrival order
+    constraint: TokenConstraint | None = None
 
     @property
     def prefix_len(self) -> int:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
@@ -149,7 +150,10 @@ def create_app(server: Server) -> FastAPI:
         if any(not p for p in prompts):
             raise oa.APIError(400, "the prompt is empty", param="prompt")
         rid = server.request_id(chat)
-        rows = server.rows(prompts, body.n, prefix, body.sampling(max_tokens), rid, client=share_of(caller))
+        params = body.sampling(max_tokens)
+        if body.response_format is not None and body.response_format.type != "text":
+            params = replace(params, constraint=await server.constraint(body.response_format.wire()))
+        rows = server.rows(prompts, body.n, prefix, params, rid, client=share_of(caller))
         started = time.monotonic()
         await server.admit(rows)
         prompt_tokens = sum(len(p) for p in prompts)

@@ -42,6 +42,37 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema", description="the JSON Schema the output "
+                                                  "follows")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: ``text``, ``json_object`` (any JSON object) or ``json_schema`` (an output that
+    follows the schema: see ``serving.structured`` for the keywords enforced)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self):
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("response_format of type json_schema needs json_schema.schema: the JSON Schema the "
+                             "output must follow")
+        return self
+
+    def wire(self) -> dict:
+        """As OpenAI spells it (``schema``, not ``schema_``)."""
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
 class _Sampling(BaseModel):
     """Fields shared by both endpoints."""
 
@@ -62,6 +93,7 @@ class _Sampling(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -159,7 +191,6 @@ class ChatRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20, description="most likely alternatives per token (needs "
                                      "logprobs: true)")
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
 
@@ -169,8 +200,6 @@ class ChatRequest(_Sampling):
             raise ValueError("top_logprobs needs logprobs: true")
         if self.tools:
             raise ValueError("tools are not supported by prefixflow serve; leave them unset")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("response_format other than text is not supported by prefixflow serve")
         for m in self.messages:
             m.text()  # refuses non-text parts here, as a 400
         return self

@@ -139,6 +139,8 @@ class Server:
         self.on_fatal: Callable[[], None] = lambda: None
         self.base = self.tokenizer = self.bank = self.loop = self.canaries = None
         self.base_name = config.base
+        self._structured = None  # serving.structured.StructuredOutput, made at the first response_format
+        self._structured_lock = threading.Lock()
 
     # --- lifecycle --------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -250,6 +252,24 @@ class Server:
                            code="invalid_api_key")
         self.limiter.check(caller.key_id)
         return caller
+
+    async def constraint(self, response_format: dict):
+        """The per-request constraint factory of a ``response_format`` (compiled in a worker thread, cached); a
+        format that cannot be honoured is a 400 saying why."""
+        from starlette.concurrency import run_in_threadpool
+
+        from prefixflow.serving.structured import StructuredOutput, StructuredOutputError
+
+        def compile_format():
+            with self._structured_lock:
+                if self._structured is None:
+                    self._structured = StructuredOutput(self.tokenizer, self.base.config.get_text_config().vocab_size)
+            return self._structured.constraint(response_format)
+
+        try:
+            return await run_in_threadpool(compile_format)
+        except StructuredOutputError as err:
+            raise APIError(400, str(err), param="response_format") from None
 
     async def prefix_for(self, model: str, caller: Caller, user: str | None = None) -> Prefix | None:
         """The bank entry a request uses (None: the bare base; ``user``: the request's OpenAI ``user``, which keeps
