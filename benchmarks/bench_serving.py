@@ -381,6 +381,8 @@ def main() -> None:
                     help="torch threads of every server process (OMP_NUM_THREADS; 0: torch's default). 1 by default: "
                          "on a 2-core machine shared with other jobs, 2 OpenMP threads per forward stall whenever "
                          "another process takes a core (decode steps measured 2-10x slower and erratic)")
+    ap.add_argument("--server-args", default="", help="more `prefixflow serve` options for ours and base, e.g. "
+                    "'--prefill-chunk 512'")
     ap.add_argument("--home", default=None, help="PREFIXFLOW_HOME to create (default: a new temporary folder)")
     ap.add_argument("--keep-home", action="store_true", help="keep the temporary PREFIXFLOW_HOME (logs, registry)")
     ap.add_argument("--out", default=str(RESULTS / "serving_cpu.json"))
@@ -435,7 +437,7 @@ def main() -> None:
 
     serve_cmd = [sys.executable, "-m", "prefixflow.cli", "serve", "--base", args.base, "--device", args.device,
                  "--max-queued", "512", "--max-tokens", str(max(64, args.max_tokens)), "--refresh", "0",
-                 "--precision", args.precision]
+                 "--precision", args.precision, *args.server_args.split()]
     peft_cmd = [sys.executable, str(HERE / "peft_engine.py"), "--adapters", str(home / "peft"), "--base", args.base,
                 "--max-queued", "512", "--max-tokens", str(max(64, args.max_tokens)), "--precision", args.precision]
     runs: dict[str, dict] = {}

@@ -23,7 +23,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from prefix_core.template import render
-from prefixflow.services import registry
 from prefixflow.serving import openai_api as oa
 from prefixflow.serving import openapi_doc
 from prefixflow.serving.bank import BASE, Prefix
@@ -97,7 +96,7 @@ def create_app(server: Server) -> FastAPI:
 
     def _models(caller: Caller) -> list[dict]:
         data = [{"id": BASE, "object": "model", "created": 0, "owned_by": "prefixflow"}]
-        for m in registry.models(None if caller.is_admin else caller.client):
+        for m in server.registered_models():
             client, task = m.tags.get("client"), m.tags.get("task")
             if not caller.may_use(client):
                 continue

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from prefix_core.decode_engine import StepOutput
 from prefix_core.sampling import SamplingParams
+from prefixflow.services import registry
 from prefixflow.services.usage_log import UsageLog
 from prefixflow.serving.bank import BASE, ModelAccessError, Prefix, PrefixBank, PrefixUnusable, UnknownModel
 from prefixflow.serving.canary_watch import CanaryPolicy, CanaryWatch
@@ -141,6 +142,8 @@ class Server:
         self.base_name = config.base
         self._structured = None  # serving.structured.StructuredOutput, made at the first response_format
         self._structured_lock = threading.Lock()
+        self._listing: tuple[float, list | None] = (0.0, None)
+        self._listing_lock = threading.Lock()
 
     # --- lifecycle --------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -252,6 +255,17 @@ class Server:
                            code="invalid_api_key")
         self.limiter.check(caller.key_id)
         return caller
+
+    def registered_models(self) -> list:
+        """Every registered model (``registry.all_models``), read at most once per ``refresh_s`` seconds however
+        many callers list them (``/v1/models`` with a thousand models: one registry read, not one per call);
+        ``refresh_s`` 0: read at every call."""
+        with self._listing_lock:
+            read_at, models = self._listing
+            if models is None or time.monotonic() - read_at >= self.config.refresh_s:
+                models = sorted(registry.all_models(), key=lambda m: m.name)
+                self._listing = (time.monotonic(), models)
+            return models
 
     async def constraint(self, response_format: dict):
         """The per-request constraint factory of a ``response_format`` (compiled in a worker thread, cached); a
