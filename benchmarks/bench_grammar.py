@@ -1050,6 +1050,7 @@ def main() -> None:
     # Warm the model once so the first library does not pay for lazy initialisation.
     model.forward(model.prompt_ids(schemas[0][1]), None)
 
+    machine = cpu_info()  # load average at the start
     started = time.perf_counter()
     per_key: dict[tuple[str, str], list[RunResult]] = {}
     for rep in range(args.repeats):
@@ -1078,7 +1079,7 @@ def main() -> None:
 
     payload = {
         "meta": {
-            **cpu_info(),
+            **machine,
             "loadavg_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "model": args.model,
             "model_config_vocab_size": int(model.model.config.vocab_size),
