@@ -87,14 +87,16 @@ class GrammarConstraint:
 
 
 class StructuredOutput:
-    """Compiles response formats for one tokenizer. ``vocab_size``: the width of the model's logits. Compiled
-    grammars are cached by schema text; thread-safe (request handlers compile in worker threads)."""
+    """Compiles response formats for one tokenizer. ``vocab_size``: the width of the model's logits. Factories
+    are cached by schema text (a refused schema is checked again at its next use); thread-safe (request handlers
+    compile in worker threads)."""
 
     def __init__(self, tokenizer, vocab_size: int) -> None:
         self.vocab_size = vocab_size
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=2, cache_enabled=True)
         self._lock = threading.Lock()
+        self._factories: dict[str, Callable[[], GrammarConstraint]] = {}  # schema text -> factory
 
     def constraint(self, response_format: dict) -> Callable[[], GrammarConstraint] | None:
         """A factory of per-request constraints for an OpenAI ``response_format`` (None for ``text``);
@@ -113,9 +115,15 @@ class StructuredOutput:
         else:
             raise StructuredOutputError(f"response_format type {kind!r} is not supported; use text, json_object "
                                         "or json_schema")
+        text = json.dumps(schema, sort_keys=True)
+        with self._lock:  # checked, compiled and probed once per schema, not once per request
+            if text not in self._factories:
+                self._factories[text] = self._compile(text)
+            return self._factories[text]
+
+    def _compile(self, text: str) -> Callable[[], GrammarConstraint]:
         try:
-            with self._lock:
-                compiled = self.compiler.compile_json_schema(json.dumps(schema, sort_keys=True), any_whitespace=False)
+            compiled = self.compiler.compile_json_schema(text, any_whitespace=False)
         except Exception as err:  # xgrammar raises RuntimeError/ValueError with its parser's message
             raise StructuredOutputError(f"response_format.json_schema.schema cannot be compiled: "
                                         f"{str(err).strip().splitlines()[0][:300]}") from None
